@@ -1,0 +1,220 @@
+//! The consumer loop: bounded concurrency (a semaphore permit before each delivery,
+//! prefetch = permits), a reconnect loop with jittered backoff, and settling each
+//! message exactly once from the pipeline's [`Disposition`].
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::BasicProperties;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::{connect, declare_topology, AmqpError, Publisher};
+use crate::pipeline::{Disposition, Incoming, Pipeline};
+
+/// What `/healthz` and `/readyz` read.
+#[derive(Default)]
+pub struct ConsumerHealth {
+    /// Connected and consuming the work queue.
+    pub consuming: AtomicBool,
+    /// Unix seconds of the loop's last sign of life.
+    pub heartbeat: AtomicU64,
+}
+
+impl ConsumerHealth {
+    fn beat(&self) {
+        self.heartbeat
+            .store(crate::apns::token::unix_now(), Ordering::Relaxed);
+    }
+}
+
+pub struct Consumer {
+    pub pipeline: Arc<Pipeline>,
+    /// Publishes dead letters (with their reason) on the publisher connection.
+    pub publisher: Arc<Publisher>,
+    pub health: Arc<ConsumerHealth>,
+}
+
+impl Consumer {
+    /// Consumes until `shutdown`, reconnecting after any broker failure, then drains.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let cfg = self.pipeline.cfg.clone();
+        let permits = Arc::new(Semaphore::new(cfg.worker.concurrency as usize));
+        let mut tasks = JoinSet::new();
+        // No attempt cap: a worker waits for its broker as long as it takes.
+        let backoff = ExponentialBuilder::new()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(10))
+            .with_jitter()
+            .without_max_times();
+        let mut delays = backoff.build();
+        self.health.beat();
+
+        'connection: while !shutdown.is_cancelled() {
+            let session = async {
+                let conn = connect(&cfg.amqp, "consumer").await?;
+                let ch = conn.create_channel().await?;
+                declare_topology(&ch, &cfg.amqp).await?;
+                ch.basic_qos(cfg.worker.concurrency, BasicQosOptions::default()).await?;
+                let consumer = ch
+                    .basic_consume(
+                        cfg.amqp.work_queue.as_str().into(),
+                        "".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                Ok::<_, AmqpError>((conn, ch, consumer))
+            }
+            .await;
+            let (conn, ch, mut consumer) = match session {
+                Ok(s) => s,
+                Err(e) => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot consume; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break 'connection,
+                        _ = tokio::time::sleep(delay) => continue 'connection,
+                    }
+                }
+            };
+            delays = backoff.build();
+            self.health.consuming.store(true, Ordering::Relaxed);
+            info!(queue = %cfg.amqp.work_queue, concurrency = cfg.worker.concurrency, "consuming");
+
+            loop {
+                self.health.beat();
+                // Reap finished tasks so the set does not grow without bound.
+                while tasks.try_join_next().is_some() {}
+                let permit = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+                };
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    // Wake up now and then so the heartbeat shows the loop is alive.
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => { drop(permit); continue; }
+                    n = consumer.next() => n,
+                };
+                let delivery = match next {
+                    Some(Ok(d)) => d,
+                    Some(Err(e)) => {
+                        warn!(error = %e, "consumer failed; reconnecting");
+                        break;
+                    }
+                    None => {
+                        warn!("broker cancelled the consumer or closed the channel; reconnecting");
+                        break;
+                    }
+                };
+                let pipeline = self.pipeline.clone();
+                let publisher = self.publisher.clone();
+                tasks.spawn(async move {
+                    let _permit = permit;
+                    pipeline.metrics.in_flight.inc();
+                    let msg = incoming(&delivery);
+                    let disposition = pipeline.handle(&msg).await;
+                    settle(&pipeline, &publisher, &delivery, disposition).await;
+                    pipeline.metrics.in_flight.dec();
+                });
+            }
+            self.health.consuming.store(false, Ordering::Relaxed);
+
+            if shutdown.is_cancelled() {
+                // Stop deliveries first, let in-flight work finish, then close: what is
+                // still unacknowledged returns to the queue for another worker.
+                let _ = ch
+                    .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                    .await;
+                drain(&mut tasks, Duration::from_secs(cfg.worker.drain_timeout_secs)).await;
+                let _ = ch.close(200, "shutdown".into()).await;
+                let _ = conn.close(200, "shutdown".into()).await;
+                return;
+            }
+            let _ = conn.close(200, "reconnecting".into()).await;
+        }
+        drain(&mut tasks, Duration::from_secs(cfg.worker.drain_timeout_secs)).await;
+    }
+}
+
+async fn drain(tasks: &mut JoinSet<()>, timeout: Duration) {
+    if tasks.is_empty() {
+        return;
+    }
+    info!(in_flight = tasks.len(), "draining in-flight events");
+    let all = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(timeout, all).await.is_err() {
+        warn!(left = tasks.len(), "drain deadline passed; unfinished events return to the queue");
+        tasks.abort_all();
+    }
+}
+
+fn incoming(d: &Delivery) -> Incoming {
+    Incoming {
+        body: d.data.clone(),
+        message_id: d.properties.message_id().as_ref().map(|m| m.as_str().to_string()),
+        timestamp: *d.properties.timestamp(),
+    }
+}
+
+/// Settles one message, exactly once.
+async fn settle(pipeline: &Pipeline, publisher: &Publisher, d: &Delivery, disposition: Disposition) {
+    let cfg = &pipeline.cfg;
+    let result = match disposition {
+        Disposition::Ack => d.acker.ack(BasicAckOptions::default()).await,
+        Disposition::Retry(reason) => {
+            // A pause before the requeue: a database outage must not become a hot loop.
+            warn!(%reason, "returning the event to the queue");
+            tokio::time::sleep(Duration::from_millis(cfg.worker.retry_delay_ms)).await;
+            d.acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+        }
+        Disposition::DeadLetter { kind, message } => {
+            // Publish it ourselves so the dead letter carries its reason; fall back to
+            // the broker's dead-lettering if that fails.
+            let mut headers = d.properties.headers().clone().unwrap_or_default();
+            headers.insert("x-vpw-reason".into(), AMQPValue::LongString(LongString::from(kind)));
+            headers.insert("x-vpw-error".into(), AMQPValue::LongString(LongString::from(message.as_str())));
+            let props = BasicProperties::default()
+                .with_headers(headers)
+                .with_content_type(
+                    d.properties
+                        .content_type()
+                        .clone()
+                        .unwrap_or_else(|| "application/octet-stream".into()),
+                );
+            match publisher
+                .publish(&cfg.amqp.dead_letter_exchange, d.routing_key.as_str(), &d.data, props)
+                .await
+            {
+                Ok(()) => d.acker.ack(BasicAckOptions::default()).await,
+                Err(e) => {
+                    warn!(error = %e, "could not publish the dead letter; rejecting to the broker's DLX");
+                    d.acker
+                        .nack(BasicNackOptions {
+                            requeue: false,
+                            ..Default::default()
+                        })
+                        .await
+                }
+            }
+        }
+    };
+    match result {
+        Ok(true) => {}
+        Ok(false) => warn!("the broker did not take the acknowledgement; the message will be redelivered"),
+        Err(e) => error!(error = %e, "could not settle the message; it will be redelivered"),
+    }
+}

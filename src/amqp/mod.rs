@@ -1,0 +1,105 @@
+//! RabbitMQ: connections, the topology of CONTRACT §3, and the result publisher.
+
+pub mod consumer;
+pub mod publisher;
+pub mod watch;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+
+pub use publisher::Publisher;
+
+use crate::config::{redact_url, AmqpConfig};
+
+/// After this many deliveries a message that keeps failing (a poison message that
+/// crashes workers, say) goes to the dead-letter queue instead of looping forever.
+pub const DELIVERY_LIMIT: i64 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    #[error("RabbitMQ at {url}: {source}")]
+    Connect { url: String, source: lapin::Error },
+    #[error("RabbitMQ: {0}")]
+    Protocol(#[from] lapin::Error),
+    #[error("RabbitMQ refused (nack) a published message")]
+    Nacked,
+}
+
+impl AmqpError {
+    pub fn is_retryable(&self) -> bool {
+        true
+    }
+}
+
+/// Opens a connection named after its role, so `rabbitmqctl list_connections`
+/// shows which is which.
+pub async fn connect(cfg: &AmqpConfig, role: &str) -> Result<Connection, AmqpError> {
+    let props = ConnectionProperties::default().with_connection_name(format!("voip-push-worker {role}").into());
+    Connection::connect(&cfg.url, props).await.map_err(|source| AmqpError::Connect {
+        url: redact_url(&cfg.url),
+        source,
+    })
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+/// Declares every object of the topology. Idempotent: replicas starting together
+/// all declare the same thing.
+pub async fn declare_topology(ch: &Channel, cfg: &AmqpConfig) -> Result<(), AmqpError> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(cfg.call_exchange.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
+        .await?;
+    ch.exchange_declare(
+        cfg.dead_letter_exchange.as_str().into(),
+        ExchangeKind::Fanout,
+        durable,
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_declare(
+        cfg.results_exchange.as_str().into(),
+        ExchangeKind::Topic,
+        durable,
+        FieldTable::default(),
+    )
+    .await?;
+
+    let queue_opts = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let mut dead_args = FieldTable::default();
+    dead_args.insert("x-queue-type".into(), text("quorum"));
+    ch.queue_declare(cfg.dead_letter_queue.as_str().into(), queue_opts, dead_args)
+        .await?;
+    ch.queue_bind(
+        cfg.dead_letter_queue.as_str().into(),
+        cfg.dead_letter_exchange.as_str().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+
+    let mut work_args = FieldTable::default();
+    work_args.insert("x-queue-type".into(), text("quorum"));
+    work_args.insert("x-dead-letter-exchange".into(), text(&cfg.dead_letter_exchange));
+    work_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+    ch.queue_declare(cfg.work_queue.as_str().into(), queue_opts, work_args)
+        .await?;
+    ch.queue_bind(
+        cfg.work_queue.as_str().into(),
+        cfg.call_exchange.as_str().into(),
+        "call.*".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,394 @@
+//! A small HTTP/2 client for APNs: a base URL per environment (so a simulator or
+//! staging host can stand in for Apple), extra trusted roots, a few long-lived
+//! connections per environment with PING keep-alive, and every answer returned as
+//! a value — a rejected push is data, not an error.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http2::SendRequest;
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, warn};
+
+use super::outcome::{code_label, reason_label};
+use crate::event::Environment;
+use crate::metrics::Metrics;
+
+/// Apple's error bodies are a few dozen bytes; anything larger is not APNs.
+const MAX_RESPONSE_BODY: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("cannot connect to APNs {environment}: {detail}")]
+    Connect { environment: &'static str, detail: String },
+    #[error("APNs {environment} did not answer within {timeout_ms} ms")]
+    Timeout { environment: &'static str, timeout_ms: u128 },
+    #[error("APNs {environment} connection failed mid-request: {detail}")]
+    Transport { environment: &'static str, detail: String },
+}
+
+impl SendError {
+    /// Every transport failure is worth a retry on a fresh connection, within the
+    /// call's ring deadline.
+    pub fn is_retryable(&self) -> bool {
+        true
+    }
+
+    /// Bounded label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            SendError::Connect { .. } => "connect",
+            SendError::Timeout { .. } => "timeout",
+            SendError::Transport { .. } => "transport",
+        }
+    }
+}
+
+/// One push request, ready to send.
+#[derive(Clone, Debug)]
+pub struct PushRequest {
+    pub token: String,
+    pub topic: String,
+    pub provider_token: Arc<str>,
+    pub apns_id: uuid::Uuid,
+    /// UNIX seconds; 0 = deliver now or never.
+    pub expiration: u64,
+    pub priority: u8,
+    pub collapse_id: String,
+    pub payload: Bytes,
+}
+
+/// APNs' answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApnsResponse {
+    pub status: u16,
+    pub reason: Option<String>,
+    pub apns_id: Option<String>,
+    /// On 410: when APNs learned the token was no longer valid (ms since epoch).
+    pub timestamp_ms: Option<i64>,
+    pub latency: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClientSettings {
+    pub production_url: String,
+    pub sandbox_url: String,
+    pub extra_roots_pem: Option<Vec<u8>>,
+    pub connections_per_environment: usize,
+    pub request_timeout: Duration,
+    /// PING interval and answer timeout: a connection whose peer vanished is found
+    /// and dropped within interval + timeout instead of at the next TCP timeout.
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+}
+
+struct Endpoint {
+    environment: Environment,
+    /// `https://host:port` as configured, used to build request URIs.
+    base: String,
+    host: String,
+    port: u16,
+    slots: Vec<tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>>,
+    next: AtomicUsize,
+}
+
+pub struct ApnsClient {
+    endpoints: [Endpoint; 2],
+    tls: TlsConnector,
+    settings: ClientSettings,
+    metrics: Metrics,
+}
+
+/// Splits `https://host[:port][/]` into host and port.
+fn parse_base_url(url: &str) -> Result<(String, String, u16), String> {
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| format!("{url:?} is not an https:// URL"))?;
+    let authority = rest.trim_end_matches('/');
+    if authority.contains('/') {
+        return Err(format!("{url:?} must be a bare origin without a path"));
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, p) = v6.split_once(']').ok_or_else(|| format!("{url:?}: unclosed ["))?;
+        (h.to_string(), p.strip_prefix(':').unwrap_or(""))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p),
+            None => (authority.to_string(), ""),
+        }
+    };
+    let port = if port.is_empty() {
+        443
+    } else {
+        port.parse().map_err(|_| format!("{url:?}: bad port"))?
+    };
+    if host.is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    Ok((format!("https://{authority}"), host, port))
+}
+
+impl ApnsClient {
+    pub fn new(settings: ClientSettings, metrics: Metrics) -> Result<Self, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(pem) = &settings.extra_roots_pem {
+            use rustls_pki_types::pem::PemObject;
+            let mut added = 0;
+            for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| format!("CA file is not PEM certificates: {e}"))?;
+                roots.add(cert).map_err(|e| format!("CA file certificate rejected: {e}"))?;
+                added += 1;
+            }
+            if added == 0 {
+                return Err("CA file holds no certificate".into());
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+
+        let endpoint = |environment, url: &str| -> Result<Endpoint, String> {
+            let (base, host, port) = parse_base_url(url)?;
+            Ok(Endpoint {
+                environment,
+                base,
+                host,
+                port,
+                slots: (0..settings.connections_per_environment.max(1))
+                    .map(|_| tokio::sync::Mutex::new(None))
+                    .collect(),
+                next: AtomicUsize::new(0),
+            })
+        };
+        Ok(Self {
+            endpoints: [
+                endpoint(Environment::Production, &settings.production_url)?,
+                endpoint(Environment::Sandbox, &settings.sandbox_url)?,
+            ],
+            tls: TlsConnector::from(Arc::new(tls)),
+            settings,
+            metrics,
+        })
+    }
+
+    fn endpoint(&self, env: Environment) -> &Endpoint {
+        match env {
+            Environment::Production => &self.endpoints[0],
+            Environment::Sandbox => &self.endpoints[1],
+        }
+    }
+
+    /// Opens a TLS + HTTP/2 connection and checks that `h2` was negotiated.
+    async fn connect(&self, ep: &Endpoint) -> Result<SendRequest<Full<Bytes>>, SendError> {
+        let environment = ep.environment.as_str();
+        let fail = |detail: String| SendError::Connect { environment, detail };
+        let tcp = TcpStream::connect((ep.host.as_str(), ep.port))
+            .await
+            .map_err(|e| fail(format!("{}:{}: {e}", ep.host, ep.port)))?;
+        let _ = tcp.set_nodelay(true);
+        let server_name = ServerName::try_from(ep.host.clone()).map_err(|e| fail(e.to_string()))?;
+        let tls = self
+            .tls
+            .connect(server_name, tcp)
+            .await
+            .map_err(|e| fail(format!("TLS: {e}")))?;
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2".as_slice()) {
+            return Err(fail("the server did not negotiate HTTP/2 (ALPN h2)".into()));
+        }
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(self.settings.ping_interval)
+            .keep_alive_timeout(self.settings.ping_timeout)
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| fail(format!("HTTP/2 handshake: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(environment, error = %e, "APNs connection closed");
+            }
+        });
+        self.metrics.apns_connections_opened.with_label_values(&[environment]).inc();
+        debug!(environment, host = %ep.host, port = ep.port, "APNs connection opened");
+        Ok(sender)
+    }
+
+    /// A live connection of `ep`, round robin over its slots, opening one if the
+    /// slot is empty or its connection has closed.
+    async fn sender(&self, ep: &Endpoint) -> Result<(usize, SendRequest<Full<Bytes>>), SendError> {
+        let idx = ep.next.fetch_add(1, Ordering::Relaxed) % ep.slots.len();
+        let mut slot = ep.slots[idx].lock().await;
+        if let Some(s) = slot.as_ref() {
+            if !s.is_closed() {
+                return Ok((idx, s.clone()));
+            }
+        }
+        let fresh = self.connect(ep).await?;
+        *slot = Some(fresh.clone());
+        Ok((idx, fresh))
+    }
+
+    /// Forgets a connection that failed, unless it was already replaced.
+    async fn discard(&self, ep: &Endpoint, idx: usize) {
+        let mut slot = ep.slots[idx].lock().await;
+        if slot.as_ref().is_some_and(|s| s.is_closed() || !s.is_ready()) {
+            *slot = None;
+        }
+    }
+
+    /// Drops every connection of `env`, so the next request opens a new one
+    /// (after GOAWAY, `Shutdown`, `IdleTimeout`, `UnrelatedKeyIdInToken`).
+    pub async fn reset(&self, env: Environment) {
+        for slot in &self.endpoint(env).slots {
+            *slot.lock().await = None;
+        }
+    }
+
+    /// Sends one push. `Ok` carries whatever APNs answered; `Err` means there was no
+    /// answer (connect failure, timeout, connection lost).
+    /// `timeout` is capped at the configured request timeout; callers pass the time
+    /// left before the call's ring deadline.
+    pub async fn send(&self, env: Environment, req: &PushRequest, timeout: Duration) -> Result<ApnsResponse, SendError> {
+        let ep = self.endpoint(env);
+        let environment = env.as_str();
+        let timeout = timeout.min(self.settings.request_timeout);
+        let started = Instant::now();
+        let attempt = async {
+            let (idx, mut sender) = self.sender(ep).await?;
+            let request = build_request(&ep.base, req);
+            let result = async {
+                let response = sender.send_request(request).await?;
+                let status = response.status().as_u16();
+                let apns_id = response
+                    .headers()
+                    .get("apns-id")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let body = Limited::new(response.into_body(), MAX_RESPONSE_BODY)
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                Ok::<_, hyper::Error>((status, apns_id, body))
+            }
+            .await;
+            match result {
+                Ok(r) => Ok(r),
+                Err(e) => {
+                    self.discard(ep, idx).await;
+                    Err(SendError::Transport {
+                        environment,
+                        detail: e.to_string(),
+                    })
+                }
+            }
+        };
+        let outcome = match tokio::time::timeout(timeout, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(SendError::Timeout {
+                environment,
+                timeout_ms: timeout.as_millis(),
+            }),
+        };
+        let latency = started.elapsed();
+        self.metrics
+            .apns_request_duration
+            .with_label_values(&[environment])
+            .observe(latency.as_secs_f64());
+        match outcome {
+            Ok((status, apns_id, body)) => {
+                let (reason, timestamp_ms) = parse_error_body(&body);
+                self.metrics
+                    .apns_requests
+                    .with_label_values(&[environment, code_label(status), reason_label(reason.as_deref())])
+                    .inc();
+                Ok(ApnsResponse {
+                    status,
+                    reason,
+                    apns_id,
+                    timestamp_ms,
+                    latency,
+                })
+            }
+            Err(e) => {
+                self.metrics
+                    .apns_requests
+                    .with_label_values(&[environment, "error", e.label()])
+                    .inc();
+                warn!(environment, error = %e, "APNs request got no answer");
+                Err(e)
+            }
+        }
+    }
+}
+
+fn build_request(base: &str, req: &PushRequest) -> Request<Full<Bytes>> {
+    Request::post(format!("{base}/3/device/{}", req.token))
+        .header("authorization", format!("bearer {}", req.provider_token))
+        .header("apns-push-type", "voip")
+        .header("apns-topic", &req.topic)
+        .header("apns-priority", req.priority.to_string())
+        .header("apns-expiration", req.expiration.to_string())
+        .header("apns-collapse-id", &req.collapse_id)
+        .header("apns-id", req.apns_id.hyphenated().to_string())
+        .header("content-type", "application/json")
+        .body(Full::new(req.payload.clone()))
+        .expect("request parts are valid header values")
+}
+
+/// Apple's error body: `{"reason": "...", "timestamp": 1234}`. Anything unparseable
+/// yields no reason, and the status code decides.
+fn parse_error_body(body: &[u8]) -> (Option<String>, Option<i64>) {
+    if body.is_empty() {
+        return (None, None);
+    }
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return (None, None);
+    };
+    (
+        v.get("reason").and_then(|r| r.as_str()).map(str::to_string),
+        v.get("timestamp").and_then(|t| t.as_i64()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls_parse() {
+        assert_eq!(
+            parse_base_url("https://api.push.apple.com").unwrap(),
+            ("https://api.push.apple.com".into(), "api.push.apple.com".into(), 443)
+        );
+        assert_eq!(
+            parse_base_url("https://127.0.0.1:2197/").unwrap(),
+            ("https://127.0.0.1:2197".into(), "127.0.0.1".into(), 2197)
+        );
+        assert_eq!(parse_base_url("https://[::1]:2197").unwrap().1, "::1");
+        assert!(parse_base_url("http://api.push.apple.com").is_err());
+        assert!(parse_base_url("https://host/3/device").is_err());
+    }
+
+    #[test]
+    fn error_bodies_parse() {
+        assert_eq!(
+            parse_error_body(br#"{"reason":"Unregistered","timestamp":1700000000000}"#),
+            (Some("Unregistered".into()), Some(1_700_000_000_000))
+        );
+        assert_eq!(parse_error_body(b""), (None, None));
+        assert_eq!(parse_error_body(b"<html>"), (None, None));
+    }
+}

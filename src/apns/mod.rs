@@ -1,0 +1,295 @@
+//! APNs delivery: the HTTP/2 client, provider tokens, the response table, and the
+//! attempt loop for one device (environment fallback, retries within the ring).
+
+pub mod client;
+pub mod outcome;
+pub mod token;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tracing::{info, warn};
+
+pub use client::{ApnsClient, ApnsResponse, ClientSettings, PushRequest, SendError};
+pub use outcome::{classify, Action};
+pub use token::{ProviderToken, SigningKey};
+
+use crate::config::{AppConfig, Config};
+use crate::event::Environment;
+use crate::metrics::Metrics;
+
+/// How retries are spaced. A value, so tests can make it fast and deterministic.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    pub min_delay: Duration,
+    pub max_delay: Duration,
+    pub jitter: bool,
+}
+
+impl Default for RetryPolicy {
+    /// 250 ms doubling to 5 s: a 45 s ring gets about a dozen tries, and a device
+    /// Apple throttles (429) is not hammered.
+    fn default() -> Self {
+        Self {
+            min_delay: Duration::from_millis(250),
+            max_delay: Duration::from_secs(5),
+            jitter: true,
+        }
+    }
+}
+
+impl RetryPolicy {
+    fn delays(&self) -> impl Iterator<Item = Duration> {
+        let mut b = ExponentialBuilder::new()
+            .with_min_delay(self.min_delay)
+            .with_max_delay(self.max_delay)
+            .with_factor(2.0)
+            .without_max_times();
+        if self.jitter {
+            b = b.with_jitter();
+        }
+        b.build()
+    }
+}
+
+/// A configured app with its shared provider token.
+pub struct App {
+    pub config: AppConfig,
+    pub topic: String,
+    pub tokens: Arc<ProviderToken>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Key(#[from] token::KeyError),
+    #[error("APNs client: {0}")]
+    Client(String),
+    #[error("cannot read APNs CA file {path}: {source}")]
+    CaFile { path: String, source: std::io::Error },
+}
+
+/// Everything needed to push: the client and each app's provider token.
+pub struct Apns {
+    pub client: ApnsClient,
+    apps: Vec<App>,
+    pub default_environment: Environment,
+    pub retry: RetryPolicy,
+}
+
+/// The final word on one (event, device) after every attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeliveryOutcome {
+    pub action: FinalAction,
+    /// The environment that answered last (the one that accepted, on success).
+    pub environment: Environment,
+    pub fallback_used: bool,
+    pub attempts: u32,
+    pub last: Option<ApnsResponse>,
+    /// Why the last attempt got no answer, when it got none.
+    pub last_error: Option<String>,
+    pub apns_id: uuid::Uuid,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinalAction {
+    Delivered,
+    /// Both environments said `BadDeviceToken`, or `DeviceTokenNotForTopic`.
+    Invalidate,
+    /// 410 — the caller compares Apple's timestamp with the registration.
+    Unregistered,
+    /// Rejected for a reason retrying cannot fix.
+    Failed,
+    /// The ring deadline came before a success.
+    Expired,
+}
+
+impl Apns {
+    pub fn from_config(cfg: &Config, metrics: Metrics) -> Result<Self, SetupError> {
+        let extra_roots_pem = match &cfg.apns.ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|source| SetupError::CaFile {
+                path: path.display().to_string(),
+                source,
+            })?),
+            None => None,
+        };
+        let client = ApnsClient::new(
+            ClientSettings {
+                production_url: cfg.apns.production_url.clone(),
+                sandbox_url: cfg.apns.sandbox_url.clone(),
+                extra_roots_pem,
+                connections_per_environment: cfg.apns.connections_per_environment,
+                request_timeout: Duration::from_millis(cfg.apns.request_timeout_ms),
+                ping_interval: Duration::from_secs(cfg.apns.ping_interval_secs),
+                ping_timeout: Duration::from_secs(cfg.apns.ping_timeout_secs),
+            },
+            metrics.clone(),
+        )
+        .map_err(SetupError::Client)?;
+        // One provider token per signing key, shared by every app signed with it.
+        let mut by_key: HashMap<(String, String), Arc<ProviderToken>> = HashMap::new();
+        let mut apps = Vec::new();
+        for app in cfg.apps() {
+            let id = (app.team_id.clone(), app.key_id.clone());
+            let tokens = match by_key.get(&id) {
+                Some(t) => t.clone(),
+                None => {
+                    let key = SigningKey::from_p8_file(&app.key_file, &app.team_id, &app.key_id)?;
+                    let t = Arc::new(ProviderToken::new(key, metrics.clone()));
+                    by_key.insert(id, t.clone());
+                    t
+                }
+            };
+            apps.push(App {
+                topic: app.voip_topic(),
+                config: app,
+                tokens,
+            });
+        }
+        Ok(Self {
+            client,
+            apps,
+            default_environment: cfg.apns.default_environment,
+            retry: RetryPolicy {
+                min_delay: Duration::from_millis(cfg.worker.retry_min_delay_ms),
+                max_delay: Duration::from_millis(cfg.worker.retry_max_delay_ms),
+                jitter: true,
+            },
+        })
+    }
+
+    /// The app an event names, or the first configured one.
+    pub fn app(&self, bundle_id: Option<&str>) -> Option<&App> {
+        match bundle_id {
+            Some(b) => self.apps.iter().find(|a| a.config.bundle_id == b),
+            None => self.apps.first(),
+        }
+    }
+
+    pub fn apps(&self) -> &[App] {
+        &self.apps
+    }
+
+    /// Pushes to one device until APNs accepts, refuses for good, or the deadline
+    /// passes. Falls back to the other environment once on `BadDeviceToken`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn deliver(
+        &self,
+        app: &App,
+        token: &str,
+        environment: Option<Environment>,
+        apns_id: uuid::Uuid,
+        collapse_id: &str,
+        payload: bytes::Bytes,
+        deadline: Instant,
+        expiration_unix: u64,
+        metrics: &Metrics,
+    ) -> DeliveryOutcome {
+        let mut env = environment.unwrap_or(self.default_environment);
+        let mut out = DeliveryOutcome {
+            action: FinalAction::Expired,
+            environment: env,
+            fallback_used: false,
+            attempts: 0,
+            last: None,
+            last_error: None,
+            apns_id,
+        };
+        let mut delays = self.retry.delays();
+        let mut refreshed_provider_token = false;
+        // The attempt that went to the other environment, to count its result once.
+        let mut fallback_attempt: Option<u32> = None;
+        let suffix = crate::event::token_suffix(token);
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                out.action = FinalAction::Expired;
+                return out;
+            }
+            let provider_token = app.tokens.current();
+            let request = PushRequest {
+                token: token.to_string(),
+                topic: app.topic.clone(),
+                provider_token: provider_token.clone(),
+                apns_id,
+                expiration: expiration_unix,
+                priority: 10,
+                collapse_id: collapse_id.to_string(),
+                payload: payload.clone(),
+            };
+            out.attempts += 1;
+            out.environment = env;
+            let retry_reason: &'static str = match self.client.send(env, &request, deadline - now).await {
+                Ok(resp) => {
+                    let action = classify(resp.status, resp.reason.as_deref());
+                    let reason_label = outcome::reason_label(resp.reason.as_deref());
+                    out.last = Some(resp);
+                    out.last_error = None;
+                    if fallback_attempt == Some(out.attempts) {
+                        let result = match action {
+                            Action::Delivered => "delivered",
+                            Action::TryOtherEnvironment => "rejected",
+                            _ => "other",
+                        };
+                        metrics
+                            .environment_fallbacks
+                            .with_label_values(&[env.other().as_str(), env.as_str(), result])
+                            .inc();
+                    }
+                    match action {
+                        Action::Delivered => {
+                            out.action = FinalAction::Delivered;
+                            return out;
+                        }
+                        Action::TryOtherEnvironment if !out.fallback_used => {
+                            info!(token = %suffix, from = env.as_str(), to = env.other().as_str(),
+                                "BadDeviceToken: trying the other APNs environment");
+                            out.fallback_used = true;
+                            fallback_attempt = Some(out.attempts + 1);
+                            env = env.other();
+                            continue;
+                        }
+                        Action::TryOtherEnvironment | Action::InvalidateToken => {
+                            out.action = FinalAction::Invalidate;
+                            return out;
+                        }
+                        Action::Unregistered => {
+                            out.action = FinalAction::Unregistered;
+                            return out;
+                        }
+                        Action::RefreshProviderToken if !refreshed_provider_token => {
+                            refreshed_provider_token = true;
+                            app.tokens.refresh_if_current(&provider_token);
+                            metrics.retries.with_label_values(&["ExpiredProviderToken"]).inc();
+                            continue;
+                        }
+                        Action::Reconnect => {
+                            self.client.reset(env).await;
+                            reason_label
+                        }
+                        Action::Retry => reason_label,
+                        Action::RefreshProviderToken | Action::Fatal => {
+                            warn!(token = %suffix, environment = env.as_str(), status = out.last.as_ref().map(|r| r.status),
+                                reason = reason_label, "APNs refused the push for a reason retrying cannot fix; check the configuration");
+                            out.action = FinalAction::Failed;
+                            return out;
+                        }
+                    }
+                }
+                Err(e) => {
+                    out.last_error = Some(e.to_string());
+                    e.label()
+                }
+            };
+            let delay = delays.next().unwrap_or(self.retry.max_delay);
+            if Instant::now() + delay >= deadline {
+                out.action = FinalAction::Expired;
+                return out;
+            }
+            metrics.retries.with_label_values(&[retry_reason]).inc();
+            tokio::time::sleep(delay).await;
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! The simulator's certificates: a CA generated at start (its PEM is what the
+//! worker trusts through `VPW__APNS__CA_FILE`) and a server certificate it signs
+//! for the local addresses and Apple's host names.
+
+use std::sync::Arc;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+pub struct SimTls {
+    pub ca_pem: String,
+    pub server: Arc<rustls::ServerConfig>,
+}
+
+pub fn generate() -> Result<SimTls, String> {
+    let e = |e: rcgen::Error| e.to_string();
+    let ca_key = KeyPair::generate().map_err(e)?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "voip-push-worker APNs simulator CA");
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca_params.self_signed(&ca_key).map_err(e)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let names = [
+        "localhost",
+        "127.0.0.1",
+        "::1",
+        "api.push.apple.com",
+        "api.sandbox.push.apple.com",
+        "api.development.push.apple.com",
+        "apns-sim",
+    ];
+    let server_key = KeyPair::generate().map_err(e)?;
+    let mut params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).map_err(e)?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "voip-push-worker APNs simulator");
+    let server_cert = params.signed_by(&server_key, &issuer).map_err(e)?;
+
+    let chain: Vec<CertificateDer<'static>> = vec![server_cert.der().clone(), ca_cert.der().clone()];
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der()));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| e.to_string())?;
+    // HTTP/2 only, like APNs.
+    server.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(SimTls {
+        ca_pem: ca_cert.pem(),
+        server: Arc::new(server),
+    })
+}

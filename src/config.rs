@@ -1,0 +1,401 @@
+//! The configuration tree: built-in defaults, then an optional TOML file, then
+//! `VPW__SECTION__KEY` environment variables. Validation happens once, here, so a
+//! bad deployment fails at start with one clear line instead of at the first call.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::Environment;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration could not be read: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Config {
+    pub amqp: AmqpConfig,
+    pub postgres: PostgresConfig,
+    pub http: HttpConfig,
+    pub apns: ApnsConfig,
+    pub worker: WorkerConfig,
+}
+
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct AmqpConfig {
+    pub url: String,
+    pub call_exchange: String,
+    pub work_queue: String,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    pub results_exchange: String,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            call_exchange: "voip.calls".into(),
+            work_queue: "voip-push.calls".into(),
+            dead_letter_exchange: "voip.calls.dlx".into(),
+            dead_letter_queue: "voip-push.calls.dead".into(),
+            results_exchange: "voip.push.results".into(),
+        }
+    }
+}
+
+impl fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &redact_url(&self.url))
+            .field("call_exchange", &self.call_exchange)
+            .field("work_queue", &self.work_queue)
+            .field("dead_letter_exchange", &self.dead_letter_exchange)
+            .field("dead_letter_queue", &self.dead_letter_queue)
+            .field("results_exchange", &self.results_exchange)
+            .finish()
+    }
+}
+
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct PostgresConfig {
+    pub url: String,
+    pub pool_size: usize,
+    /// How long a query waits for a pooled connection before the event is retried.
+    pub pool_timeout_ms: u64,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/voip_push".into(),
+            pool_size: 16,
+            pool_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &redact_url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .field("pool_timeout_ms", &self.pool_timeout_ms)
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default)]
+pub struct HttpConfig {
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:9464".into(),
+        }
+    }
+}
+
+/// One app that can receive calls: its bundle id and the team key that signs for it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct AppConfig {
+    pub bundle_id: String,
+    pub team_id: String,
+    pub key_id: String,
+    /// Path of the `.p8` (PKCS#8 P-256) signing key. Its contents never enter logs.
+    pub key_file: PathBuf,
+}
+
+impl AppConfig {
+    /// The APNs topic for VoIP pushes of this app.
+    pub fn voip_topic(&self) -> String {
+        format!("{}.voip", self.bundle_id)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ApnsConfig {
+    pub production_url: String,
+    pub sandbox_url: String,
+    pub ca_file: Option<PathBuf>,
+    /// Shorthand for a single app; merged into `apps` by [`Config::apps`].
+    pub team_id: String,
+    pub key_id: String,
+    pub key_file: Option<PathBuf>,
+    pub bundle_id: String,
+    pub apps: Vec<AppConfig>,
+    pub default_environment: Environment,
+    /// Upper bound of one APNs request (connect + answer). Apple usually answers in
+    /// well under a second; 10 s leaves room for a congested link without letting a
+    /// dead connection eat a whole 45 s ring.
+    pub request_timeout_ms: u64,
+    /// HTTP/2 connections kept per environment, spread over round robin.
+    pub connections_per_environment: usize,
+    /// HTTP/2 PING period and answer timeout: a connection whose peer vanished
+    /// silently is dropped within interval + timeout, not at the next TCP timeout.
+    pub ping_interval_secs: u64,
+    pub ping_timeout_secs: u64,
+}
+
+impl Default for ApnsConfig {
+    fn default() -> Self {
+        Self {
+            production_url: "https://api.push.apple.com".into(),
+            sandbox_url: "https://api.sandbox.push.apple.com".into(),
+            ca_file: None,
+            team_id: String::new(),
+            key_id: String::new(),
+            key_file: None,
+            bundle_id: String::new(),
+            apps: Vec::new(),
+            default_environment: Environment::Production,
+            request_timeout_ms: 10_000,
+            connections_per_environment: 2,
+            ping_interval_secs: 15,
+            ping_timeout_secs: 5,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default)]
+pub struct WorkerConfig {
+    /// A call older than this is not pushed. 45 s is about how long a caller waits
+    /// before giving up, and what CallKit apps commonly use as their ring time.
+    pub ring_timeout_secs: u64,
+    /// Events handled at once; also the AMQP prefetch, so the broker never hands us
+    /// more than we can work on.
+    pub concurrency: u16,
+    /// Pause before an event that could not be handled (database or broker trouble)
+    /// is returned to the queue, so a fault does not become a hot requeue loop.
+    pub retry_delay_ms: u64,
+    /// How long shutdown waits for in-flight events before returning the rest;
+    /// above the APNs request timeout so a request under way can finish.
+    pub drain_timeout_secs: u64,
+    /// APNs retry spacing: exponential with jitter between these bounds.
+    pub retry_min_delay_ms: u64,
+    pub retry_max_delay_ms: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            ring_timeout_secs: 45,
+            concurrency: 64,
+            retry_delay_ms: 1_000,
+            drain_timeout_secs: 15,
+            retry_min_delay_ms: 250,
+            retry_max_delay_ms: 5_000,
+        }
+    }
+}
+
+impl WorkerConfig {
+    pub fn ring_timeout(&self) -> Duration {
+        Duration::from_secs(self.ring_timeout_secs)
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if any), then `VPW__*` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, None)
+    }
+
+    /// Like [`Config::load`] with the environment given explicitly (tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: Option<config::Map<String, String>>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+        }
+        // No try_parsing: a bundle id or team id made of digits must stay a string.
+        let env_source = config::Environment::with_prefix("VPW")
+            .prefix_separator("__")
+            .separator("__")
+            .source(env);
+        let cfg: Config = builder.add_source(env_source).build()?.try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Every configured app: the `[[apns.apps]]` list plus the single-app shorthand.
+    pub fn apps(&self) -> Vec<AppConfig> {
+        let mut apps = self.apns.apps.clone();
+        if !self.apns.bundle_id.is_empty() && !apps.iter().any(|a| a.bundle_id == self.apns.bundle_id) {
+            apps.insert(
+                0,
+                AppConfig {
+                    bundle_id: self.apns.bundle_id.clone(),
+                    team_id: self.apns.team_id.clone(),
+                    key_id: self.apns.key_id.clone(),
+                    key_file: self.apns.key_file.clone().unwrap_or_default(),
+                },
+            );
+        }
+        apps
+    }
+
+    /// Checks what can be checked without touching the network.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.worker.concurrency == 0 {
+            return invalid("worker.concurrency must be at least 1".into());
+        }
+        if self.worker.ring_timeout_secs == 0 {
+            return invalid("worker.ring_timeout_secs must be at least 1".into());
+        }
+        if self.apns.connections_per_environment == 0 {
+            return invalid("apns.connections_per_environment must be at least 1".into());
+        }
+        if self.postgres.pool_size == 0 {
+            return invalid("postgres.pool_size must be at least 1".into());
+        }
+        for url in [&self.apns.production_url, &self.apns.sandbox_url] {
+            if !url.starts_with("https://") {
+                return invalid(format!("APNs URL {url:?} must start with https://"));
+            }
+        }
+        if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            return invalid(format!("http.listen {:?} is not an address like 0.0.0.0:9464", self.http.listen));
+        }
+        for app in self.apps() {
+            if app.bundle_id.is_empty() {
+                return invalid("an app in apns.apps has no bundle_id".into());
+            }
+            if app.bundle_id.ends_with(".voip") {
+                return invalid(format!(
+                    "bundle id {:?} must not end in .voip: the worker adds the suffix to make the VoIP topic",
+                    app.bundle_id
+                ));
+            }
+            for (name, value) in [("team_id", &app.team_id), ("key_id", &app.key_id)] {
+                if value.is_empty() {
+                    return invalid(format!("app {:?} has no {name}", app.bundle_id));
+                }
+            }
+            if app.key_file.as_os_str().is_empty() {
+                return invalid(format!("app {:?} has no key_file", app.bundle_id));
+            }
+        }
+        Ok(())
+    }
+
+    /// Like [`Config::validate`], and additionally requires at least one app: what
+    /// `run` needs to push anything at all.
+    pub fn validate_for_push(&self) -> Result<(), ConfigError> {
+        self.validate()?;
+        if self.apps().is_empty() {
+            return Err(ConfigError::Invalid(
+                "no APNs app configured: set VPW__APNS__BUNDLE_ID, VPW__APNS__TEAM_ID, VPW__APNS__KEY_ID and VPW__APNS__KEY_FILE, or [[apns.apps]] in the config file".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Hides the password of a URL like `amqp://user:secret@host/`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> config::Map<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let cfg = Config::load_from(None, Some(env(&[]))).unwrap();
+        assert_eq!(cfg.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(cfg.postgres.url, "postgres://postgres@127.0.0.1:5432/voip_push");
+        assert_eq!(cfg.http.listen, "0.0.0.0:9464");
+        assert_eq!(cfg.apns.production_url, "https://api.push.apple.com");
+        assert_eq!(cfg.apns.sandbox_url, "https://api.sandbox.push.apple.com");
+        assert_eq!(cfg.apns.default_environment, Environment::Production);
+        assert_eq!(cfg.worker.ring_timeout_secs, 45);
+        assert_eq!(cfg.amqp.work_queue, "voip-push.calls");
+    }
+
+    #[test]
+    fn env_vars_override_with_double_underscores_and_keep_digit_strings() {
+        let cfg = Config::load_from(
+            None,
+            Some(env(&[
+                ("VPW__WORKER__RING_TIMEOUT_SECS", "30"),
+                ("VPW__APNS__TEAM_ID", "0123456789"),
+                ("VPW__APNS__KEY_ID", "ABC123DEFG"),
+                ("VPW__APNS__KEY_FILE", "/keys/AuthKey.p8"),
+                ("VPW__APNS__BUNDLE_ID", "com.example.app"),
+                ("VPW__APNS__DEFAULT_ENVIRONMENT", "sandbox"),
+            ])),
+        )
+        .unwrap();
+        assert_eq!(cfg.worker.ring_timeout_secs, 30);
+        assert_eq!(cfg.apns.default_environment, Environment::Sandbox);
+        let apps = cfg.apps();
+        assert_eq!(apps.len(), 1);
+        assert_eq!(apps[0].team_id, "0123456789");
+        assert_eq!(apps[0].voip_topic(), "com.example.app.voip");
+    }
+
+    #[test]
+    fn inconsistent_app_is_rejected_with_a_reason() {
+        let err = Config::load_from(None, Some(env(&[("VPW__APNS__BUNDLE_ID", "com.example.app")]))).unwrap_err();
+        assert!(err.to_string().contains("has no team_id"), "{err}");
+        let err = Config::load_from(
+            None,
+            Some(env(&[
+                ("VPW__APNS__BUNDLE_ID", "com.example.app.voip"),
+                ("VPW__APNS__TEAM_ID", "T"),
+                ("VPW__APNS__KEY_ID", "K"),
+                ("VPW__APNS__KEY_FILE", "/k.p8"),
+            ])),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("must not end in .voip"), "{err}");
+    }
+
+    #[test]
+    fn non_numeric_value_is_a_clear_error() {
+        let err = Config::load_from(None, Some(env(&[("VPW__WORKER__RING_TIMEOUT_SECS", "soon")]))).unwrap_err();
+        assert!(err.to_string().contains("ring_timeout_secs"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_redacts_passwords() {
+        let mut cfg = Config::default();
+        cfg.amqp.url = "amqp://user:hunter2@rabbit:5672/%2f".into();
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("hunter2"));
+        assert!(shown.contains("user:***@rabbit"));
+    }
+}

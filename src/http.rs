@@ -1,0 +1,66 @@
+//! The worker's HTTP listener: `/metrics`, `/healthz`, `/readyz`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+
+use crate::amqp::consumer::ConsumerHealth;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// The consumer loop wakes at least every 5 s; three missed beats mean it is stuck.
+const HEARTBEAT_STALE_SECS: u64 = 15;
+/// `/readyz` answers within this even when Postgres hangs.
+const READY_DB_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub metrics: Metrics,
+    pub health: Arc<ConsumerHealth>,
+    pub store: Store,
+}
+
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        s.metrics.render(),
+    )
+}
+
+async fn healthz(State(s): State<HttpState>) -> impl IntoResponse {
+    let last = s.health.heartbeat.load(Ordering::Relaxed);
+    let age = crate::apns::token::unix_now().saturating_sub(last);
+    if age <= HEARTBEAT_STALE_SECS {
+        (StatusCode::OK, "ok\n".to_string())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("consumer loop silent for {age} s\n"),
+        )
+    }
+}
+
+async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
+    if !s.health.consuming.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not consuming from RabbitMQ\n".to_string());
+    }
+    match tokio::time::timeout(READY_DB_TIMEOUT, s.store.ping()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n".to_string()),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("postgres: {e}\n")),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "postgres did not answer\n".to_string()),
+    }
+}

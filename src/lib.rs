@@ -1,0 +1,142 @@
+//! voip-push-worker: consumes "call started" events from RabbitMQ, rings the
+//! callee's iPhones with APNs VoIP pushes, and publishes each outcome.
+//!
+//! [`start`] wires the parts together; `main.rs` and the tests both call it.
+
+pub mod amqp;
+pub mod apns;
+pub mod apns_sim;
+pub mod cli;
+pub mod config;
+pub mod event;
+pub mod http;
+pub mod metrics;
+pub mod pipeline;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::amqp::consumer::{Consumer, ConsumerHealth};
+use crate::amqp::Publisher;
+use crate::apns::Apns;
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Apns(#[from] apns::SetupError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+}
+
+/// A running worker.
+pub struct Worker {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (the real port when the
+    /// configuration asked for port 0).
+    pub http_addr: SocketAddr,
+    pub metrics: Metrics,
+    pub health: Arc<ConsumerHealth>,
+    consumer: JoinHandle<()>,
+    http: JoinHandle<()>,
+    shutdown: CancellationToken,
+}
+
+impl Worker {
+    /// Waits until `shutdown` is cancelled and in-flight work has drained.
+    pub async fn wait(self) {
+        let _ = self.consumer.await;
+        self.shutdown.cancel();
+        let _ = self.http.await;
+    }
+
+    /// Cancels and waits.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.wait().await;
+    }
+}
+
+/// Starts the worker: HTTP listener, APNs client, publisher and consumer loop.
+/// Nothing here waits for RabbitMQ or Postgres: the consumer loop connects (and
+/// reconnects) by itself, and `/readyz` tells when it is consuming.
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker, StartError> {
+    config.validate_for_push()?;
+    let cfg = Arc::new(config);
+    let metrics = Metrics::new();
+    let store = Store::connect(&cfg.postgres)?;
+    let apns = Arc::new(Apns::from_config(&cfg, metrics.clone())?);
+    for app in apns.apps() {
+        info!(bundle_id = %app.config.bundle_id, topic = %app.topic, team_id = %app.config.team_id,
+            key_id = %app.config.key_id, "APNs app configured");
+    }
+    let publisher = Arc::new(Publisher::new(cfg.amqp.clone(), "publisher"));
+    let health = Arc::new(ConsumerHealth::default());
+
+    let listener = tokio::net::TcpListener::bind(&cfg.http.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: cfg.http.listen.clone(),
+            source,
+        })?;
+    let http_addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: cfg.http.listen.clone(),
+        source,
+    })?;
+    let router = http::router(http::HttpState {
+        metrics: metrics.clone(),
+        health: health.clone(),
+        store: store.clone(),
+    });
+    let http_shutdown = shutdown.clone();
+    let http = tokio::spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+            .await;
+    });
+    info!(%http_addr, "serving /metrics, /healthz, /readyz");
+
+    let pipeline = Arc::new(Pipeline {
+        cfg: cfg.clone(),
+        store,
+        apns,
+        publisher: publisher.clone(),
+        metrics: metrics.clone(),
+    });
+    let consumer = Consumer {
+        pipeline,
+        publisher: publisher.clone(),
+        health: health.clone(),
+    };
+    let consumer_shutdown = shutdown.clone();
+    let consumer = tokio::spawn(async move {
+        consumer.run(consumer_shutdown).await;
+        publisher.close().await;
+    });
+    Ok(Worker {
+        http_addr,
+        metrics,
+        health,
+        consumer,
+        http,
+        shutdown,
+    })
+}
+
+/// Runs until `shutdown` is cancelled (SIGTERM/SIGINT in `main`).
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
+    let worker = start(config, shutdown).await?;
+    worker.wait().await;
+    Ok(())
+}

@@ -1,0 +1,136 @@
+//! Every metric name and label set, in one place. Label values come from closed
+//! sets (enums' `as_str`/`label`), never from user data: no user ids, tokens or
+//! call ids ever become a label.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Buckets for APNs round trips and end-to-end latency: a ring should be on the
+/// phone in well under a second, so resolution is finest there.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub events: IntCounterVec,
+    pub deliveries: IntCounterVec,
+    pub apns_requests: IntCounterVec,
+    pub apns_request_duration: HistogramVec,
+    pub end_to_end: Histogram,
+    pub environment_fallbacks: IntCounterVec,
+    pub tokens_invalidated: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub in_flight: IntGauge,
+    pub provider_tokens_signed: IntCounter,
+    pub apns_connections_opened: IntCounterVec,
+    pub results_published: IntCounterVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(format!("voip_push_{name}"), help), labels).expect("metric");
+            registry.register(Box::new(c.clone())).expect("register");
+            c
+        };
+        let events = counter(
+            "events_total",
+            "Call events taken from the queue, by how they ended.",
+            &["outcome"],
+        );
+        let deliveries = counter(
+            "deliveries_total",
+            "Per-device delivery results, by status and the environment that answered last.",
+            &["status", "environment"],
+        );
+        let apns_requests = counter(
+            "apns_requests_total",
+            "APNs requests by environment, HTTP status code and reason.",
+            &["environment", "code", "reason"],
+        );
+        let environment_fallbacks = counter(
+            "environment_fallbacks_total",
+            "Retries in the other APNs environment after BadDeviceToken, by result.",
+            &["from", "to", "result"],
+        );
+        let tokens_invalidated = counter(
+            "tokens_invalidated_total",
+            "Device tokens marked invalid, by APNs reason.",
+            &["reason"],
+        );
+        let retries = counter("retries_total", "APNs request retries, by reason.", &["reason"]);
+        let apns_connections_opened = counter(
+            "apns_connections_opened_total",
+            "HTTP/2 connections opened to APNs, by environment.",
+            &["environment"],
+        );
+        let results_published = counter(
+            "results_published_total",
+            "Result events confirmed by the broker, by status.",
+            &["status"],
+        );
+        let apns_request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "voip_push_apns_request_duration_seconds",
+                "Time from sending an APNs request to its answer.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["environment"],
+        )
+        .expect("metric");
+        registry.register(Box::new(apns_request_duration.clone())).expect("register");
+        let end_to_end = Histogram::with_opts(
+            HistogramOpts::new(
+                "voip_push_end_to_end_seconds",
+                "Time from the event's sentAt to APNs' answer for a delivered push.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("metric");
+        registry.register(Box::new(end_to_end.clone())).expect("register");
+        let in_flight = IntGauge::new("voip_push_in_flight", "Call events being worked on now.").expect("metric");
+        registry.register(Box::new(in_flight.clone())).expect("register");
+        let provider_tokens_signed = IntCounter::new(
+            "voip_push_provider_tokens_signed_total",
+            "APNs provider tokens (JWTs) signed; one per key per ~50 minutes is healthy.",
+        )
+        .expect("metric");
+        registry.register(Box::new(provider_tokens_signed.clone())).expect("register");
+
+        Self {
+            registry,
+            events,
+            deliveries,
+            apns_requests,
+            apns_request_duration,
+            end_to_end,
+            environment_fallbacks,
+            tokens_invalidated,
+            retries,
+            in_flight,
+            provider_tokens_signed,
+            apns_connections_opened,
+            results_published,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding of gathered metrics");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}

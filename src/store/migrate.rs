@@ -1,0 +1,75 @@
+//! The migrations runner: numbered SQL files from `migrations/`, compiled into the
+//! binary, applied in order under an advisory lock so replicas starting together
+//! do not race.
+
+use tokio_postgres::Client;
+
+use super::StoreError;
+
+/// (version, name, SQL). Append only: an applied migration is never edited.
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "devices", include_str!("../../migrations/0001_devices.sql"))];
+
+/// Arbitrary but fixed: the key of the advisory lock migrations hold.
+const MIGRATION_LOCK_KEY: i64 = 0x766f_6970_7075_7368; // "voippush"
+
+/// Applies every migration not yet recorded; returns the versions applied now.
+pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, StoreError> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version    integer PRIMARY KEY,
+                 name       text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY]).await?;
+    let applied: Vec<i32> = tx
+        .query("SELECT version FROM schema_migrations", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut now_applied = Vec::new();
+    for (version, name, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        tx.batch_execute(sql).await.map_err(|e| StoreError::Migration {
+            version: *version,
+            name,
+            source: e,
+        })?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await?;
+        now_applied.push(*version);
+    }
+    tx.commit().await?;
+    Ok(now_applied)
+}
+
+/// The migrations the binary knows that the database has not applied.
+pub async fn pending(client: &Client) -> Result<Vec<i32>, StoreError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    let applied: Vec<i32> = if exists {
+        client
+            .query("SELECT version FROM schema_migrations", &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(MIGRATIONS
+        .iter()
+        .map(|(v, _, _)| *v)
+        .filter(|v| !applied.contains(v))
+        .collect())
+}

@@ -1,0 +1,245 @@
+//! Postgres: the connection pool, migrations, and the device queries.
+
+pub mod migrate;
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use crate::config::PostgresConfig;
+use crate::event::Environment;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("postgres: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("postgres pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("postgres URL is invalid: {0}")]
+    Url(String),
+    #[error("migration {version} ({name}) failed: {source}")]
+    Migration {
+        version: i32,
+        name: &'static str,
+        source: tokio_postgres::Error,
+    },
+    #[error("invalid device token: {0}")]
+    BadToken(&'static str),
+}
+
+impl StoreError {
+    /// A database that is down or slow is worth waiting for; a bad token is not.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, StoreError::BadToken(_) | StoreError::Url(_))
+    }
+}
+
+/// Tokens are hex of opaque bytes; Apple's are 32 bytes today, but the length is
+/// not promised, so any even length up to 200 digits is accepted.
+pub const MAX_TOKEN_HEX: usize = 200;
+
+/// Lower-cases and checks a device token: hex only, an even number of digits.
+pub fn normalize_token(token: &str) -> Result<String, StoreError> {
+    let t = token.trim().to_ascii_lowercase();
+    if t.is_empty() {
+        return Err(StoreError::BadToken("empty"));
+    }
+    if t.len() > MAX_TOKEN_HEX {
+        return Err(StoreError::BadToken("longer than 200 hex digits"));
+    }
+    if !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(StoreError::BadToken("not hexadecimal"));
+    }
+    if t.len() % 2 != 0 {
+        return Err(StoreError::BadToken("odd number of hex digits"));
+    }
+    Ok(t)
+}
+
+/// A live device of a user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Device {
+    pub id: i64,
+    pub token: String,
+    /// `None` while unknown.
+    pub environment: Option<Environment>,
+    /// Last registration, ms since epoch (compared with APNs' 410 timestamp).
+    pub updated_at_ms: i64,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+fn pg_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
+    let mut cfg: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| StoreError::Url(e.to_string()))?;
+    // Without this a black-holed database makes every connect hang for minutes.
+    cfg.connect_timeout(Duration::from_secs(5));
+    cfg.application_name("voip-push-worker");
+    Ok(cfg)
+}
+
+/// Creates the database named in `url` if it does not exist (connecting to the
+/// `postgres` maintenance database of the same server), so `migrate` works on a
+/// fresh server.
+pub async fn ensure_database(url: &str) -> Result<bool, StoreError> {
+    let cfg = pg_config(url)?;
+    let Some(name) = cfg.get_dbname().map(str::to_string) else {
+        return Ok(false);
+    };
+    let mut admin = cfg.clone();
+    admin.dbname("postgres");
+    let (client, conn) = admin.connect(NoTls).await?;
+    let task = tokio::spawn(conn);
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await?
+        .is_some();
+    if !exists {
+        let quoted = name.replace('"', "\"\"");
+        if let Err(e) = client.batch_execute(&format!("CREATE DATABASE \"{quoted}\"")).await {
+            // Another replica may have created it between our check and now.
+            if e.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) {
+                return Err(e.into());
+            }
+        }
+    }
+    drop(client);
+    let _ = task.await;
+    Ok(!exists)
+}
+
+impl Store {
+    pub fn connect(cfg: &PostgresConfig) -> Result<Self, StoreError> {
+        let mgr = Manager::from_config(
+            pg_config(&cfg.url)?,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let timeout = Some(Duration::from_millis(cfg.pool_timeout_ms));
+        let pool = Pool::builder(mgr)
+            .max_size(cfg.pool_size)
+            .wait_timeout(timeout)
+            .create_timeout(timeout)
+            .recycle_timeout(timeout)
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Url(e.to_string()))?;
+        Ok(Self { pool })
+    }
+
+    pub async fn migrate(&self) -> Result<Vec<i32>, StoreError> {
+        let mut client = self.pool.get().await?;
+        migrate::migrate(&mut client).await
+    }
+
+    /// Answers when the database does (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    /// Registers or refreshes a token: re-registration clears any invalidation and
+    /// moves the token to `user_id`. `environment` `None` keeps what was known.
+    pub async fn register_device(
+        &self,
+        user_id: &str,
+        bundle_id: &str,
+        token: &str,
+        environment: Option<Environment>,
+    ) -> Result<i64, StoreError> {
+        let token = normalize_token(token)?;
+        let client = self.pool.get().await?;
+        let env = environment.map(Environment::as_str);
+        let row = client
+            .query_one(
+                "INSERT INTO devices (user_id, bundle_id, voip_token, environment)
+                 VALUES ($1, $2, $3, COALESCE($4, 'unknown'))
+                 ON CONFLICT (bundle_id, voip_token) DO UPDATE SET
+                     user_id = EXCLUDED.user_id,
+                     environment = COALESCE($4, devices.environment),
+                     updated_at = now(),
+                     invalidated_at = NULL,
+                     invalid_reason = NULL
+                 RETURNING id",
+                &[&user_id, &bundle_id, &token, &env],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// A user's live (not invalidated) devices for one app, oldest first.
+    pub async fn live_devices(&self, user_id: &str, bundle_id: &str) -> Result<Vec<Device>, StoreError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT id, voip_token, environment, (extract(epoch FROM updated_at) * 1000)::bigint
+                 FROM devices
+                 WHERE user_id = $1 AND bundle_id = $2 AND invalidated_at IS NULL
+                 ORDER BY id",
+            )
+            .await?;
+        let rows = client.query(&stmt, &[&user_id, &bundle_id]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| Device {
+                id: r.get(0),
+                token: r.get(1),
+                environment: Environment::parse(r.get::<_, &str>(2)),
+                updated_at_ms: r.get(3),
+            })
+            .collect())
+    }
+
+    /// Records a success and the environment that accepted the token, so the next
+    /// call goes straight there.
+    pub async fn record_success(&self, device_id: i64, environment: Environment) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached("UPDATE devices SET last_success_at = now(), environment = $2 WHERE id = $1")
+            .await?;
+        client.execute(&stmt, &[&device_id, &environment.as_str()]).await?;
+        Ok(())
+    }
+
+    /// Marks a token invalid. With `unless_registered_after_ms` (APNs' 410
+    /// timestamp), a token re-registered after that moment stays live. Returns
+    /// whether the token was invalidated.
+    pub async fn invalidate(
+        &self,
+        device_id: i64,
+        reason: &str,
+        unless_registered_after_ms: Option<i64>,
+    ) -> Result<bool, StoreError> {
+        let client = self.pool.get().await?;
+        let n = client
+            .execute(
+                "UPDATE devices SET invalidated_at = now(), invalid_reason = $2
+                 WHERE id = $1 AND invalidated_at IS NULL
+                   AND ($3::bigint IS NULL OR updated_at <= to_timestamp($3::bigint / 1000.0))",
+                &[&device_id, &reason, &unless_registered_after_ms],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_normalised_and_checked() {
+        assert_eq!(normalize_token(" ABCDEF01 ").unwrap(), "abcdef01");
+        assert!(normalize_token("").is_err());
+        assert!(normalize_token("abc").is_err());
+        assert!(normalize_token("zz").is_err());
+        assert!(normalize_token(&"a".repeat(202)).is_err());
+        assert!(normalize_token(&"a".repeat(200)).is_ok());
+    }
+}
