@@ -78,7 +78,9 @@ async fn shutdown_on_signal() -> CancellationToken {
         let term = async {
             #[cfg(unix)]
             {
-                if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                if let Ok(mut s) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                {
                     s.recv().await;
                     return;
                 }
@@ -104,7 +106,10 @@ pub async fn run(config: Config) -> Result<(), CommandError> {
 }
 
 pub async fn migrate(config: &Config) -> Result<(), CommandError> {
-    if ensure_database(&config.postgres.url).await.map_err(failed)? {
+    if ensure_database(&config.postgres.url)
+        .await
+        .map_err(failed)?
+    {
         println!("created database");
     }
     let store = Store::connect(&config.postgres).map_err(failed)?;
@@ -124,7 +129,9 @@ fn bundle_for(config: &Config, bundle: Option<String>) -> Result<String, Command
             .apps()
             .first()
             .map(|a| a.bundle_id.clone())
-            .ok_or_else(|| CommandError::Usage("no --bundle-id given and no app configured".into())),
+            .ok_or_else(|| {
+                CommandError::Usage("no --bundle-id given and no app configured".into())
+            }),
     }
 }
 
@@ -132,10 +139,9 @@ pub async fn register_device(config: &Config, a: DeviceArgs) -> Result<(), Comma
     let bundle = bundle_for(config, a.bundle_id)?;
     let env = match a.environment.as_deref() {
         None | Some("unknown") => None,
-        Some(e) => Some(
-            Environment::parse(e)
-                .ok_or_else(|| CommandError::Usage(format!("--environment {e:?} is not sandbox or production")))?,
-        ),
+        Some(e) => Some(Environment::parse(e).ok_or_else(|| {
+            CommandError::Usage(format!("--environment {e:?} is not sandbox or production"))
+        })?),
     };
     let store = Store::connect(&config.postgres).map_err(failed)?;
     let id = store
@@ -174,7 +180,9 @@ pub fn call_event_json(a: &PublishArgs) -> serde_json::Value {
 
 pub async fn publish_call(config: &Config, a: PublishArgs) -> Result<(), CommandError> {
     // Declare first, so an event published before any worker ever ran is queued.
-    let conn = connect(&config.amqp, "publish-call").await.map_err(failed)?;
+    let conn = connect(&config.amqp, "publish-call")
+        .await
+        .map_err(failed)?;
     let ch = conn.create_channel().await.map_err(failed)?;
     declare_topology(&ch, &config.amqp).await.map_err(failed)?;
     let _ = conn.close(200, "done".into()).await;
@@ -187,16 +195,25 @@ pub async fn publish_call(config: &Config, a: PublishArgs) -> Result<(), Command
         .with_message_id(message_id.as_str().into())
         .with_timestamp(unix_now());
     publisher
-        .publish(&config.amqp.call_exchange, "call.initiate", body.as_bytes(), props)
+        .publish(
+            &config.amqp.call_exchange,
+            "call.initiate",
+            body.as_bytes(),
+            props,
+        )
         .await
         .map_err(failed)?;
     publisher.close().await;
-    println!("published call {} to user {} (message id {message_id})", a.call_id, a.to);
+    println!(
+        "published call {} to user {} (message id {message_id})",
+        a.call_id, a.to
+    );
     Ok(())
 }
 
 pub async fn apns_sim(config: &Config, a: SimArgs) -> Result<(), CommandError> {
-    let apps = SimApp::from_config(&config.apps()).map_err(|e| CommandError::Usage(e.to_string()))?;
+    let apps =
+        SimApp::from_config(&config.apps()).map_err(|e| CommandError::Usage(e.to_string()))?;
     if apps.is_empty() {
         eprintln!("note: no app configured; every provider token will be refused (set VPW__APNS__* as for the worker)");
     }
@@ -209,7 +226,8 @@ pub async fn apns_sim(config: &Config, a: SimArgs) -> Result<(), CommandError> {
     .await
     .map_err(failed)?;
     if let Some(path) = &a.ca_out {
-        std::fs::write(path, &sim.ca_pem).map_err(|e| failed(format!("cannot write {}: {e}", path.display())))?;
+        std::fs::write(path, &sim.ca_pem)
+            .map_err(|e| failed(format!("cannot write {}: {e}", path.display())))?;
         println!("CA written to {}", path.display());
     }
     println!(
@@ -238,7 +256,10 @@ pub async fn demo(mut config: Config) -> Result<(), CommandError> {
         key_file,
     };
 
-    println!("== 1. migrate {}", crate::config::redact_url(&config.postgres.url));
+    println!(
+        "== 1. migrate {}",
+        crate::config::redact_url(&config.postgres.url)
+    );
     migrate(&config).await?;
 
     println!("== 2. start the built-in APNs simulator (TLS + HTTP/2)");
@@ -249,7 +270,11 @@ pub async fn demo(mut config: Config) -> Result<(), CommandError> {
     .map_err(failed)?;
     let ca_file = dir.join("apns-sim-ca.pem");
     std::fs::write(&ca_file, &sim.ca_pem).map_err(failed)?;
-    println!("   production {}  sandbox {}", sim.production_url(), sim.sandbox_url());
+    println!(
+        "   production {}  sandbox {}",
+        sim.production_url(),
+        sim.sandbox_url()
+    );
     config.apns.production_url = sim.production_url();
     config.apns.sandbox_url = sim.sandbox_url();
     config.apns.ca_file = Some(ca_file);
@@ -258,7 +283,9 @@ pub async fn demo(mut config: Config) -> Result<(), CommandError> {
     config.http.listen = "127.0.0.1:0".into();
 
     println!("== 3. register a device (a debug build: its token is a sandbox token)");
-    let token: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+    let token: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
     let user = format!("demo-user-{}", std::process::id());
     sim.register_token(Environment::Sandbox, &token, &app.bundle_id);
     let store = Store::connect(&config.postgres).map_err(failed)?;
@@ -266,19 +293,33 @@ pub async fn demo(mut config: Config) -> Result<(), CommandError> {
         .register_device(&user, &app.bundle_id, &token, None)
         .await
         .map_err(failed)?;
-    println!("   user {user}, token …{}, environment unknown", token_suffix(&token));
+    println!(
+        "   user {user}, token …{}, environment unknown",
+        token_suffix(&token)
+    );
 
     println!("== 4. start the worker");
     let shutdown = CancellationToken::new();
-    let worker = crate::start(config.clone(), shutdown.clone()).await.map_err(failed)?;
+    let worker = crate::start(config.clone(), shutdown.clone())
+        .await
+        .map_err(failed)?;
     let ready_deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !worker.health.consuming.load(std::sync::atomic::Ordering::Relaxed) {
+    while !worker
+        .health
+        .consuming
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
         if tokio::time::Instant::now() > ready_deadline {
-            return Err(failed("the worker did not start consuming within 30 s (is RabbitMQ running?)"));
+            return Err(failed(
+                "the worker did not start consuming within 30 s (is RabbitMQ running?)",
+            ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!("   consuming {}; metrics on http://{}/metrics", config.amqp.work_queue, worker.http_addr);
+    println!(
+        "   consuming {}; metrics on http://{}/metrics",
+        config.amqp.work_queue, worker.http_addr
+    );
 
     let mut watch = ResultWatch::open(&config.amqp).await.map_err(failed)?;
     let call_id = format!("demo-{}", uuid::Uuid::new_v4().simple());
@@ -296,7 +337,9 @@ pub async fn demo(mut config: Config) -> Result<(), CommandError> {
     .await?;
 
     let (results, found) = watch
-        .until(Duration::from_secs(60), |r| r.call_id.as_deref() == Some(call_id.as_str()))
+        .until(Duration::from_secs(60), |r| {
+            r.call_id.as_deref() == Some(call_id.as_str())
+        })
         .await;
     watch.close().await;
     let result = results
@@ -317,8 +360,14 @@ pub async fn demo(mut config: Config) -> Result<(), CommandError> {
             token_suffix(&r.token),
             r.status,
             r.reason.as_deref().unwrap_or(""),
-            r.headers.get("apns-topic").map(String::as_str).unwrap_or(""),
-            r.headers.get("apns-push-type").map(String::as_str).unwrap_or(""),
+            r.headers
+                .get("apns-topic")
+                .map(String::as_str)
+                .unwrap_or(""),
+            r.headers
+                .get("apns-push-type")
+                .map(String::as_str)
+                .unwrap_or(""),
         );
     }
     println!("== 7. key metrics");
@@ -339,9 +388,15 @@ pub async fn demo(mut config: Config) -> Result<(), CommandError> {
     sim.stop();
     let _ = std::fs::remove_dir_all(&dir);
     if result.status == Status::Delivered {
-        println!("== the phone rang: delivered via {} after a fallback", result.environment.map(Environment::as_str).unwrap_or("?"));
+        println!(
+            "== the phone rang: delivered via {} after a fallback",
+            result.environment.map(Environment::as_str).unwrap_or("?")
+        );
         Ok(())
     } else {
-        Err(failed(format!("the call was not delivered: {}", result.status.as_str())))
+        Err(failed(format!(
+            "the call was not delivered: {}",
+            result.status.as_str()
+        )))
     }
 }

@@ -238,7 +238,9 @@ impl Config {
     /// Every configured app: the `[[apns.apps]]` list plus the single-app shorthand.
     pub fn apps(&self) -> Vec<AppConfig> {
         let mut apps = self.apns.apps.clone();
-        if !self.apns.bundle_id.is_empty() && !apps.iter().any(|a| a.bundle_id == self.apns.bundle_id) {
+        if !self.apns.bundle_id.is_empty()
+            && !apps.iter().any(|a| a.bundle_id == self.apns.bundle_id)
+        {
             apps.insert(
                 0,
                 AppConfig {
@@ -273,7 +275,10 @@ impl Config {
             }
         }
         if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
-            return invalid(format!("http.listen {:?} is not an address like 0.0.0.0:9464", self.http.listen));
+            return invalid(format!(
+                "http.listen {:?} is not an address like 0.0.0.0:9464",
+                self.http.listen
+            ));
         }
         for app in self.apps() {
             if app.bundle_id.is_empty() {
@@ -329,14 +334,20 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> config::Map<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn defaults_match_the_contract() {
         let cfg = Config::load_from(None, Some(env(&[]))).unwrap();
         assert_eq!(cfg.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
-        assert_eq!(cfg.postgres.url, "postgres://postgres@127.0.0.1:5432/voip_push");
+        assert_eq!(
+            cfg.postgres.url,
+            "postgres://postgres@127.0.0.1:5432/voip_push"
+        );
         assert_eq!(cfg.http.listen, "0.0.0.0:9464");
         assert_eq!(cfg.apns.production_url, "https://api.push.apple.com");
         assert_eq!(cfg.apns.sandbox_url, "https://api.sandbox.push.apple.com");
@@ -369,7 +380,11 @@ mod tests {
 
     #[test]
     fn inconsistent_app_is_rejected_with_a_reason() {
-        let err = Config::load_from(None, Some(env(&[("VPW__APNS__BUNDLE_ID", "com.example.app")]))).unwrap_err();
+        let err = Config::load_from(
+            None,
+            Some(env(&[("VPW__APNS__BUNDLE_ID", "com.example.app")])),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("has no team_id"), "{err}");
         let err = Config::load_from(
             None,
@@ -386,7 +401,11 @@ mod tests {
 
     #[test]
     fn non_numeric_value_is_a_clear_error() {
-        let err = Config::load_from(None, Some(env(&[("VPW__WORKER__RING_TIMEOUT_SECS", "soon")]))).unwrap_err();
+        let err = Config::load_from(
+            None,
+            Some(env(&[("VPW__WORKER__RING_TIMEOUT_SECS", "soon")])),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("ring_timeout_secs"), "{err}");
     }
 

@@ -189,20 +189,36 @@ fn timestamp_ms(v: &Value) -> Option<i64> {
 impl CallEvent {
     /// Parses a message body. Never panics, whatever the bytes.
     pub fn parse(body: &[u8]) -> Result<CallEvent, InvalidEvent> {
-        let invalid = |kind, message: String, call_id: Option<String>| InvalidEvent { kind, message, call_id };
+        let invalid = |kind, message: String, call_id: Option<String>| InvalidEvent {
+            kind,
+            message,
+            call_id,
+        };
         if body.len() > MAX_EVENT_BYTES {
             return Err(invalid(
                 InvalidKind::TooLarge,
-                format!("body is {} bytes, the limit is {MAX_EVENT_BYTES}", body.len()),
+                format!(
+                    "body is {} bytes, the limit is {MAX_EVENT_BYTES}",
+                    body.len()
+                ),
                 None,
             ));
         }
-        let text = std::str::from_utf8(body)
-            .map_err(|e| invalid(InvalidKind::NotUtf8, format!("body is not UTF-8: {e}"), None))?;
+        let text = std::str::from_utf8(body).map_err(|e| {
+            invalid(
+                InvalidKind::NotUtf8,
+                format!("body is not UTF-8: {e}"),
+                None,
+            )
+        })?;
         let value: Value = serde_json::from_str(text)
             .map_err(|e| invalid(InvalidKind::NotJson, format!("body is not JSON: {e}"), None))?;
         let Value::Object(obj) = value else {
-            return Err(invalid(InvalidKind::NotAnObject, "body is not a JSON object".into(), None));
+            return Err(invalid(
+                InvalidKind::NotAnObject,
+                "body is not a JSON object".into(),
+                None,
+            ));
         };
 
         // Read the call id first so every later refusal can name the call.
@@ -220,12 +236,18 @@ impl CallEvent {
         if call_id.len() > MAX_CALL_ID_BYTES {
             return Err(bad(
                 InvalidKind::BadField,
-                format!("callId is {} bytes, APNs allows {MAX_CALL_ID_BYTES}", call_id.len()),
+                format!(
+                    "callId is {} bytes, APNs allows {MAX_CALL_ID_BYTES}",
+                    call_id.len()
+                ),
             ));
         }
-        let to_user_id = field(&obj, "toUserId")
-            .and_then(id_text)
-            .ok_or_else(|| bad(InvalidKind::MissingField, "toUserId is missing or not a string/number".into()))?;
+        let to_user_id = field(&obj, "toUserId").and_then(id_text).ok_or_else(|| {
+            bad(
+                InvalidKind::MissingField,
+                "toUserId is missing or not a string/number".into(),
+            )
+        })?;
 
         let event_type = match field(&obj, "type") {
             None => EventType::Incoming,
@@ -243,8 +265,12 @@ impl CallEvent {
         };
 
         let has_video = match (field(&obj, "hasVideo"), field(&obj, "callType")) {
-            (Some(v), _) => lenient_bool(v)
-                .ok_or_else(|| bad(InvalidKind::BadField, format!("hasVideo {v} is not a boolean")))?,
+            (Some(v), _) => lenient_bool(v).ok_or_else(|| {
+                bad(
+                    InvalidKind::BadField,
+                    format!("hasVideo {v} is not a boolean"),
+                )
+            })?,
             (None, Some(Value::String(t))) => t.eq_ignore_ascii_case("video"),
             (None, _) => false,
         };
@@ -252,7 +278,12 @@ impl CallEvent {
         let bundle_id = match field(&obj, "bundleId") {
             None => None,
             Some(Value::String(b)) if !b.trim().is_empty() => Some(b.trim().to_string()),
-            Some(other) => return Err(bad(InvalidKind::BadField, format!("bundleId {other} is not a string"))),
+            Some(other) => {
+                return Err(bad(
+                    InvalidKind::BadField,
+                    format!("bundleId {other} is not a string"),
+                ))
+            }
         };
 
         let sent_at_ms = match field(&obj, "sentAt") {
@@ -274,7 +305,10 @@ impl CallEvent {
                     _ => None,
                 };
                 Some(secs.filter(|s| *s > 0).ok_or_else(|| {
-                    bad(InvalidKind::BadField, format!("ringTimeoutSecs {v} is not a positive integer"))
+                    bad(
+                        InvalidKind::BadField,
+                        format!("ringTimeoutSecs {v} is not a positive integer"),
+                    )
                 })?)
             }
         };
@@ -378,7 +412,9 @@ pub fn token_suffix(token: &str) -> String {
 }
 
 pub fn now_rfc3339() -> String {
-    OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default()
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_default()
 }
 
 pub fn now_ms() -> i64 {
@@ -396,8 +432,10 @@ mod tests {
 
     #[test]
     fn seeds_shape_parses() {
-        let e = parse(json!({"type":"call.incoming","callId":"11-10","fromUserId":11,
-            "fromDisplayName":"User 11","room":"p2p:11-10","hasVideo":true,"toUserId":10}))
+        let e = parse(
+            json!({"type":"call.incoming","callId":"11-10","fromUserId":11,
+            "fromDisplayName":"User 11","room":"p2p:11-10","hasVideo":true,"toUserId":10}),
+        )
         .unwrap();
         assert_eq!(e.event_type, EventType::Incoming);
         assert_eq!(e.call_id, "11-10");
@@ -408,20 +446,43 @@ mod tests {
 
     #[test]
     fn snake_case_and_string_types_parse_the_same() {
-        let e = parse(json!({"call_id":"11-10","to_user_id":"10","from_user_id":"11",
-            "has_video":"true","from_display_name":"User 11"}))
+        let e = parse(
+            json!({"call_id":"11-10","to_user_id":"10","from_user_id":"11",
+            "has_video":"true","from_display_name":"User 11"}),
+        )
         .unwrap();
-        assert_eq!((e.call_id.as_str(), e.to_user_id.as_str(), e.has_video), ("11-10", "10", true));
-        for (v, want) in [(json!(1), true), (json!(0), false), (json!("false"), false), (json!("1"), true)] {
-            assert_eq!(parse(json!({"callId":5,"toUserId":6,"hasVideo":v})).unwrap().has_video, want);
+        assert_eq!(
+            (e.call_id.as_str(), e.to_user_id.as_str(), e.has_video),
+            ("11-10", "10", true)
+        );
+        for (v, want) in [
+            (json!(1), true),
+            (json!(0), false),
+            (json!("false"), false),
+            (json!("1"), true),
+        ] {
+            assert_eq!(
+                parse(json!({"callId":5,"toUserId":6,"hasVideo":v}))
+                    .unwrap()
+                    .has_video,
+                want
+            );
         }
-        assert!(parse(json!({"callId":5,"toUserId":6,"callType":"video"})).unwrap().has_video);
-        assert_eq!(parse(json!({"callId":5,"toUserId":6})).unwrap().call_id, "5");
+        assert!(
+            parse(json!({"callId":5,"toUserId":6,"callType":"video"}))
+                .unwrap()
+                .has_video
+        );
+        assert_eq!(
+            parse(json!({"callId":5,"toUserId":6})).unwrap().call_id,
+            "5"
+        );
     }
 
     #[test]
     fn sent_at_accepts_rfc3339_and_epoch_ms() {
-        let a = parse(json!({"callId":"c","toUserId":"u","sentAt":"2026-11-22T10:00:00Z"})).unwrap();
+        let a =
+            parse(json!({"callId":"c","toUserId":"u","sentAt":"2026-11-22T10:00:00Z"})).unwrap();
         let b = parse(json!({"callId":"c","toUserId":"u","sentAt":1795341600000i64})).unwrap();
         assert_eq!(a.sent_at_ms, Some(1_795_341_600_000));
         assert_eq!(a.sent_at_ms, b.sent_at_ms);
@@ -433,12 +494,36 @@ mod tests {
             (vec![0xff, 0xfe, 0x00], InvalidKind::NotUtf8, None),
             (b"{not json".to_vec(), InvalidKind::NotJson, None),
             (b"[1,2]".to_vec(), InvalidKind::NotAnObject, None),
-            (br#"{"toUserId":1}"#.to_vec(), InvalidKind::MissingField, None),
-            (br#"{"callId":"c1"}"#.to_vec(), InvalidKind::MissingField, Some("c1")),
-            (br#"{"callId":"c1","toUserId":1,"type":"call.bogus"}"#.to_vec(), InvalidKind::UnknownType, Some("c1")),
-            (br#"{"callId":"c1","toUserId":1,"hasVideo":"maybe"}"#.to_vec(), InvalidKind::BadField, Some("c1")),
-            (br#"{"callId":"c1","toUserId":{"a":1}}"#.to_vec(), InvalidKind::MissingField, Some("c1")),
-            (format!(r#"{{"callId":"{}","toUserId":1}}"#, "x".repeat(65)).into_bytes(), InvalidKind::BadField, None),
+            (
+                br#"{"toUserId":1}"#.to_vec(),
+                InvalidKind::MissingField,
+                None,
+            ),
+            (
+                br#"{"callId":"c1"}"#.to_vec(),
+                InvalidKind::MissingField,
+                Some("c1"),
+            ),
+            (
+                br#"{"callId":"c1","toUserId":1,"type":"call.bogus"}"#.to_vec(),
+                InvalidKind::UnknownType,
+                Some("c1"),
+            ),
+            (
+                br#"{"callId":"c1","toUserId":1,"hasVideo":"maybe"}"#.to_vec(),
+                InvalidKind::BadField,
+                Some("c1"),
+            ),
+            (
+                br#"{"callId":"c1","toUserId":{"a":1}}"#.to_vec(),
+                InvalidKind::MissingField,
+                Some("c1"),
+            ),
+            (
+                format!(r#"{{"callId":"{}","toUserId":1}}"#, "x".repeat(65)).into_bytes(),
+                InvalidKind::BadField,
+                None,
+            ),
             (vec![b' '; MAX_EVENT_BYTES + 1], InvalidKind::TooLarge, None),
         ];
         for (body, kind, call) in cases {

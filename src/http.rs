@@ -36,7 +36,10 @@ pub fn router(state: HttpState) -> Router {
 
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.metrics.render(),
     )
 }
@@ -56,11 +59,17 @@ async fn healthz(State(s): State<HttpState>) -> impl IntoResponse {
 
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
     if !s.health.consuming.load(Ordering::Relaxed) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "not consuming from RabbitMQ\n".to_string());
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not consuming from RabbitMQ\n".to_string(),
+        );
     }
     match tokio::time::timeout(READY_DB_TIMEOUT, s.store.ping()).await {
         Ok(Ok(())) => (StatusCode::OK, "ready\n".to_string()),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("postgres: {e}\n")),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "postgres did not answer\n".to_string()),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "postgres did not answer\n".to_string(),
+        ),
     }
 }

@@ -38,7 +38,10 @@ pub enum StartError {
     #[error(transparent)]
     Apns(#[from] apns::SetupError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 /// A running worker.

@@ -10,7 +10,11 @@ use voip_push_worker::cli::{self, CommandError, DeviceArgs, PublishArgs, SimArgs
 use voip_push_worker::config::Config;
 
 #[derive(Parser)]
-#[command(name = "voip-push-worker", version, about = "Rings iPhones: call events from RabbitMQ to APNs VoIP pushes")]
+#[command(
+    name = "voip-push-worker",
+    version,
+    about = "Rings iPhones: call events from RabbitMQ to APNs VoIP pushes"
+)]
 struct Cli {
     /// TOML configuration file (also VPW_CONFIG); VPW__SECTION__KEY variables override it.
     #[arg(long, global = true, env = "VPW_CONFIG")]
@@ -48,8 +52,11 @@ enum DevicesCommand {
 }
 
 fn init_logging(json: bool) {
-    let filter = EnvFilter::try_from_env("VPW_LOG").unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,h2=warn,hyper=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = EnvFilter::try_from_env("VPW_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,h2=warn,hyper=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().flatten_event(true).init();
     } else {
@@ -67,7 +74,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("voip-push-worker: cannot start the async runtime: {e}");

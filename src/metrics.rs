@@ -3,8 +3,8 @@
 //! call ids ever become a label.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Buckets for APNs round trips and end-to-end latency: a ring should be on the
@@ -40,7 +40,8 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(format!("voip_push_{name}"), help), labels).expect("metric");
+            let c = IntCounterVec::new(Opts::new(format!("voip_push_{name}"), help), labels)
+                .expect("metric");
             registry.register(Box::new(c.clone())).expect("register");
             c
         };
@@ -69,7 +70,11 @@ impl Metrics {
             "Device tokens marked invalid, by APNs reason.",
             &["reason"],
         );
-        let retries = counter("retries_total", "APNs request retries, by reason.", &["reason"]);
+        let retries = counter(
+            "retries_total",
+            "APNs request retries, by reason.",
+            &["reason"],
+        );
         let apns_connections_opened = counter(
             "apns_connections_opened_total",
             "HTTP/2 connections opened to APNs, by environment.",
@@ -89,7 +94,9 @@ impl Metrics {
             &["environment"],
         )
         .expect("metric");
-        registry.register(Box::new(apns_request_duration.clone())).expect("register");
+        registry
+            .register(Box::new(apns_request_duration.clone()))
+            .expect("register");
         let end_to_end = Histogram::with_opts(
             HistogramOpts::new(
                 "voip_push_end_to_end_seconds",
@@ -98,15 +105,22 @@ impl Metrics {
             .buckets(LATENCY_BUCKETS.to_vec()),
         )
         .expect("metric");
-        registry.register(Box::new(end_to_end.clone())).expect("register");
-        let in_flight = IntGauge::new("voip_push_in_flight", "Call events being worked on now.").expect("metric");
-        registry.register(Box::new(in_flight.clone())).expect("register");
+        registry
+            .register(Box::new(end_to_end.clone()))
+            .expect("register");
+        let in_flight = IntGauge::new("voip_push_in_flight", "Call events being worked on now.")
+            .expect("metric");
+        registry
+            .register(Box::new(in_flight.clone()))
+            .expect("register");
         let provider_tokens_signed = IntCounter::new(
             "voip_push_provider_tokens_signed_total",
             "APNs provider tokens (JWTs) signed; one per key per ~50 minutes is healthy.",
         )
         .expect("metric");
-        registry.register(Box::new(provider_tokens_signed.clone())).expect("register");
+        registry
+            .register(Box::new(provider_tokens_signed.clone()))
+            .expect("register");
 
         Self {
             registry,

@@ -13,7 +13,10 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::amqp::Publisher;
 use crate::apns::{Apns, App, DeliveryOutcome, FinalAction};
 use crate::config::Config;
-use crate::event::{now_ms, now_rfc3339, token_suffix, CallEvent, EventType, InvalidEvent, InvalidKind, PushResult, Status};
+use crate::event::{
+    now_ms, now_rfc3339, token_suffix, CallEvent, EventType, InvalidEvent, InvalidKind, PushResult,
+    Status,
+};
 use crate::metrics::Metrics;
 use crate::store::{Device, Store, StoreError};
 
@@ -40,7 +43,8 @@ pub enum Disposition {
 
 /// Namespace of the stable `apns-id`s: UUIDv5(namespace, event id + device id), so
 /// every attempt for one (event, device) carries the same id.
-const APNS_ID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6f1d_3c2a_8b47_4e0f_9a61_2d5c_7e80_b934);
+const APNS_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6f1d_3c2a_8b47_4e0f_9a61_2d5c_7e80_b934);
 
 pub struct Pipeline {
     pub cfg: Arc<Config>,
@@ -60,7 +64,8 @@ impl Pipeline {
             Ok(e) => e,
             Err(invalid) => return self.refuse(msg, invalid).await,
         };
-        let span = info_span!("event", call_id = %event.call_id, event_type = event.event_type.as_str());
+        let span =
+            info_span!("event", call_id = %event.call_id, event_type = event.event_type.as_str());
         self.handle_event(msg, event).instrument(span).await
     }
 
@@ -76,7 +81,10 @@ impl Pipeline {
         let Some(app) = self.apns.app(event.bundle_id.as_deref()) else {
             let invalid = InvalidEvent {
                 kind: InvalidKind::BadField,
-                message: format!("bundleId {:?} is not a configured app", event.bundle_id.as_deref().unwrap_or("")),
+                message: format!(
+                    "bundleId {:?} is not a configured app",
+                    event.bundle_id.as_deref().unwrap_or("")
+                ),
                 call_id: Some(event.call_id.clone()),
             };
             return self.refuse(msg, invalid).await;
@@ -86,10 +94,16 @@ impl Pipeline {
             .sent_at_ms
             .or(msg.timestamp.map(|s| s as i64 * 1000))
             .unwrap_or_else(now_ms);
-        let ring_secs = event.ring_timeout_secs.unwrap_or(self.cfg.worker.ring_timeout_secs);
+        let ring_secs = event
+            .ring_timeout_secs
+            .unwrap_or(self.cfg.worker.ring_timeout_secs);
         let expires_at_ms = sent_at_ms + ring_secs as i64 * 1000;
 
-        let devices = match self.store.live_devices(&event.to_user_id, &app.config.bundle_id).await {
+        let devices = match self
+            .store
+            .live_devices(&event.to_user_id, &app.config.bundle_id)
+            .await
+        {
             Ok(d) => d,
             Err(e) => return self.retry("resolve devices", e),
         };
@@ -120,7 +134,10 @@ impl Pipeline {
                 ..base
             }]
         } else if remaining_ms <= 0 {
-            warn!(late_ms = -remaining_ms, "call event arrived after its ring deadline; not pushed");
+            warn!(
+                late_ms = -remaining_ms,
+                "call event arrived after its ring deadline; not pushed"
+            );
             devices
                 .iter()
                 .map(|d| PushResult {
@@ -134,16 +151,30 @@ impl Pipeline {
                 .collect()
         } else {
             let deadline = Instant::now() + Duration::from_millis(remaining_ms as u64);
-            let payload = bytes::Bytes::from(event.device_payload(sent_at_ms, expires_at_ms).to_string());
+            let payload =
+                bytes::Bytes::from(event.device_payload(sent_at_ms, expires_at_ms).to_string());
             let pushes = devices.iter().map(|device| {
-                self.push_device(app, &event, &event_id, device, payload.clone(), deadline, expires_at_ms, sent_at_ms, &base)
+                self.push_device(
+                    app,
+                    &event,
+                    &event_id,
+                    device,
+                    payload.clone(),
+                    deadline,
+                    expires_at_ms,
+                    sent_at_ms,
+                    &base,
+                )
             });
             join_all(pushes).await
         };
 
         for r in &results {
             let env = r.environment.map(|e| e.as_str()).unwrap_or("none");
-            self.metrics.deliveries.with_label_values(&[r.status.as_str(), env]).inc();
+            self.metrics
+                .deliveries
+                .with_label_values(&[r.status.as_str(), env])
+                .inc();
         }
         if let Err(e) = self.publish_results(&results).await {
             return Disposition::Retry(format!("publish results: {e}"));
@@ -151,7 +182,10 @@ impl Pipeline {
         let outcome = if results.iter().any(|r| r.status == Status::Delivered) {
             "delivered"
         } else {
-            results.first().map(|r| r.status.as_str()).unwrap_or("no_device")
+            results
+                .first()
+                .map(|r| r.status.as_str())
+                .unwrap_or("no_device")
         };
         self.metrics.events.with_label_values(&[outcome]).inc();
         Disposition::Ack
@@ -170,7 +204,10 @@ impl Pipeline {
         sent_at_ms: i64,
         base: &PushResult,
     ) -> PushResult {
-        let apns_id = uuid::Uuid::new_v5(&APNS_ID_NAMESPACE, format!("{event_id}/{}", device.id).as_bytes());
+        let apns_id = uuid::Uuid::new_v5(
+            &APNS_ID_NAMESPACE,
+            format!("{event_id}/{}", device.id).as_bytes(),
+        );
         let suffix = token_suffix(&device.token);
         let started = Instant::now();
         let out = self
@@ -202,9 +239,14 @@ impl Pipeline {
             status,
             environment: Some(out.environment),
             fallback_used: out.fallback_used,
-            apns_id: Some(last.and_then(|r| r.apns_id.clone()).unwrap_or_else(|| apns_id.to_string())),
+            apns_id: Some(
+                last.and_then(|r| r.apns_id.clone())
+                    .unwrap_or_else(|| apns_id.to_string()),
+            ),
             apns_status: last.map(|r| r.status),
-            reason: last.and_then(|r| r.reason.clone()).or(out.last_error.clone()),
+            reason: last
+                .and_then(|r| r.reason.clone())
+                .or(out.last_error.clone()),
             attempts: out.attempts,
             latency_ms: Some(started.elapsed().as_millis() as u64),
             completed_at: now_rfc3339(),
@@ -224,7 +266,9 @@ impl Pipeline {
         let result: Result<Status, StoreError> = async {
             Ok(match out.action {
                 FinalAction::Delivered => {
-                    self.store.record_success(device.id, out.environment).await?;
+                    self.store
+                        .record_success(device.id, out.environment)
+                        .await?;
                     Status::Delivered
                 }
                 FinalAction::Invalidate => {
@@ -234,11 +278,18 @@ impl Pipeline {
                 }
                 FinalAction::Unregistered => {
                     let at = out.last.as_ref().and_then(|r| r.timestamp_ms);
-                    if self.store.invalidate(device.id, &reason, at.or(Some(now_ms()))).await? {
+                    if self
+                        .store
+                        .invalidate(device.id, &reason, at.or(Some(now_ms())))
+                        .await?
+                    {
                         self.count_invalidation(&reason);
                         Status::TokenInvalidated
                     } else {
-                        info!(device_id = device.id, "410 predates the token's latest registration; token kept");
+                        info!(
+                            device_id = device.id,
+                            "410 predates the token's latest registration; token kept"
+                        );
                         Status::Failed
                     }
                 }
@@ -271,7 +322,10 @@ impl Pipeline {
             error = %invalid.message, "refusing malformed call event");
         if let Some(call_id) = &invalid.call_id {
             let result = PushResult {
-                event_id: msg.message_id.clone().unwrap_or_else(|| stable_event_id(call_id, "invalid")),
+                event_id: msg
+                    .message_id
+                    .clone()
+                    .unwrap_or_else(|| stable_event_id(call_id, "invalid")),
                 event_type: EventType::Incoming.as_str().into(),
                 call_id: Some(call_id.clone()),
                 to_user_id: None,
@@ -288,7 +342,10 @@ impl Pipeline {
                 latency_ms: None,
                 completed_at: now_rfc3339(),
             };
-            self.metrics.deliveries.with_label_values(&["invalid_event", "none"]).inc();
+            self.metrics
+                .deliveries
+                .with_label_values(&["invalid_event", "none"])
+                .inc();
             if let Err(e) = self.publish_results(std::slice::from_ref(&result)).await {
                 return Disposition::Retry(format!("publish invalid_event result: {e}"));
             }
@@ -317,14 +374,20 @@ impl Pipeline {
             let outcomes = join_all(pending.iter().map(|r| async move {
                 let body = serde_json::to_vec(r).expect("results serialise");
                 let key = format!("push.{}", r.status.as_str());
-                self.publisher.publish_json(exchange, &key, &body, None).await
+                self.publisher
+                    .publish_json(exchange, &key, &body, None)
+                    .await
             }))
             .await;
             let mut failed = Vec::new();
             let mut last_error = String::new();
             for (r, outcome) in pending.iter().zip(outcomes) {
                 match outcome {
-                    Ok(()) => self.metrics.results_published.with_label_values(&[r.status.as_str()]).inc(),
+                    Ok(()) => self
+                        .metrics
+                        .results_published
+                        .with_label_values(&[r.status.as_str()])
+                        .inc(),
                     Err(e) => {
                         last_error = e.to_string();
                         failed.push(*r);

@@ -9,7 +9,9 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
 use tokio::sync::Semaphore;
@@ -63,7 +65,8 @@ impl Consumer {
                 let conn = connect(&cfg.amqp, "consumer").await?;
                 let ch = conn.create_channel().await?;
                 declare_topology(&ch, &cfg.amqp).await?;
-                ch.basic_qos(cfg.worker.concurrency, BasicQosOptions::default()).await?;
+                ch.basic_qos(cfg.worker.concurrency, BasicQosOptions::default())
+                    .await?;
                 let consumer = ch
                     .basic_consume(
                         cfg.amqp.work_queue.as_str().into(),
@@ -134,14 +137,22 @@ impl Consumer {
                 let _ = ch
                     .basic_cancel(consumer.tag(), BasicCancelOptions::default())
                     .await;
-                drain(&mut tasks, Duration::from_secs(cfg.worker.drain_timeout_secs)).await;
+                drain(
+                    &mut tasks,
+                    Duration::from_secs(cfg.worker.drain_timeout_secs),
+                )
+                .await;
                 let _ = ch.close(200, "shutdown".into()).await;
                 let _ = conn.close(200, "shutdown".into()).await;
                 return;
             }
             let _ = conn.close(200, "reconnecting".into()).await;
         }
-        drain(&mut tasks, Duration::from_secs(cfg.worker.drain_timeout_secs)).await;
+        drain(
+            &mut tasks,
+            Duration::from_secs(cfg.worker.drain_timeout_secs),
+        )
+        .await;
     }
 }
 
@@ -152,7 +163,10 @@ async fn drain(tasks: &mut JoinSet<()>, timeout: Duration) {
     info!(in_flight = tasks.len(), "draining in-flight events");
     let all = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(timeout, all).await.is_err() {
-        warn!(left = tasks.len(), "drain deadline passed; unfinished events return to the queue");
+        warn!(
+            left = tasks.len(),
+            "drain deadline passed; unfinished events return to the queue"
+        );
         tasks.abort_all();
     }
 }
@@ -160,13 +174,22 @@ async fn drain(tasks: &mut JoinSet<()>, timeout: Duration) {
 fn incoming(d: &Delivery) -> Incoming {
     Incoming {
         body: d.data.clone(),
-        message_id: d.properties.message_id().as_ref().map(|m| m.as_str().to_string()),
+        message_id: d
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.as_str().to_string()),
         timestamp: *d.properties.timestamp(),
     }
 }
 
 /// Settles one message, exactly once.
-async fn settle(pipeline: &Pipeline, publisher: &Publisher, d: &Delivery, disposition: Disposition) {
+async fn settle(
+    pipeline: &Pipeline,
+    publisher: &Publisher,
+    d: &Delivery,
+    disposition: Disposition,
+) {
     let cfg = &pipeline.cfg;
     let result = match disposition {
         Disposition::Ack => d.acker.ack(BasicAckOptions::default()).await,
@@ -185,8 +208,14 @@ async fn settle(pipeline: &Pipeline, publisher: &Publisher, d: &Delivery, dispos
             // Publish it ourselves so the dead letter carries its reason; fall back to
             // the broker's dead-lettering if that fails.
             let mut headers = d.properties.headers().clone().unwrap_or_default();
-            headers.insert("x-vpw-reason".into(), AMQPValue::LongString(LongString::from(kind)));
-            headers.insert("x-vpw-error".into(), AMQPValue::LongString(LongString::from(message.as_str())));
+            headers.insert(
+                "x-vpw-reason".into(),
+                AMQPValue::LongString(LongString::from(kind)),
+            );
+            headers.insert(
+                "x-vpw-error".into(),
+                AMQPValue::LongString(LongString::from(message.as_str())),
+            );
             let props = BasicProperties::default()
                 .with_headers(headers)
                 .with_content_type(
@@ -196,7 +225,12 @@ async fn settle(pipeline: &Pipeline, publisher: &Publisher, d: &Delivery, dispos
                         .unwrap_or_else(|| "application/octet-stream".into()),
                 );
             match publisher
-                .publish(&cfg.amqp.dead_letter_exchange, d.routing_key.as_str(), &d.data, props)
+                .publish(
+                    &cfg.amqp.dead_letter_exchange,
+                    d.routing_key.as_str(),
+                    &d.data,
+                    props,
+                )
                 .await
             {
                 Ok(()) => d.acker.ack(BasicAckOptions::default()).await,
@@ -214,7 +248,9 @@ async fn settle(pipeline: &Pipeline, publisher: &Publisher, d: &Delivery, dispos
     };
     match result {
         Ok(true) => {}
-        Ok(false) => warn!("the broker did not take the acknowledgement; the message will be redelivered"),
+        Ok(false) => {
+            warn!("the broker did not take the acknowledgement; the message will be redelivered")
+        }
         Err(e) => error!(error = %e, "could not settle the message; it will be redelivered"),
     }
 }

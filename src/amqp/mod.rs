@@ -35,11 +35,14 @@ impl AmqpError {
 /// Opens a connection named after its role, so `rabbitmqctl list_connections`
 /// shows which is which.
 pub async fn connect(cfg: &AmqpConfig, role: &str) -> Result<Connection, AmqpError> {
-    let props = ConnectionProperties::default().with_connection_name(format!("voip-push-worker {role}").into());
-    Connection::connect(&cfg.url, props).await.map_err(|source| AmqpError::Connect {
-        url: redact_url(&cfg.url),
-        source,
-    })
+    let props = ConnectionProperties::default()
+        .with_connection_name(format!("voip-push-worker {role}").into());
+    Connection::connect(&cfg.url, props)
+        .await
+        .map_err(|source| AmqpError::Connect {
+            url: redact_url(&cfg.url),
+            source,
+        })
 }
 
 fn text(s: &str) -> AMQPValue {
@@ -53,8 +56,13 @@ pub async fn declare_topology(ch: &Channel, cfg: &AmqpConfig) -> Result<(), Amqp
         durable: true,
         ..Default::default()
     };
-    ch.exchange_declare(cfg.call_exchange.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
-        .await?;
+    ch.exchange_declare(
+        cfg.call_exchange.as_str().into(),
+        ExchangeKind::Topic,
+        durable,
+        FieldTable::default(),
+    )
+    .await?;
     ch.exchange_declare(
         cfg.dead_letter_exchange.as_str().into(),
         ExchangeKind::Fanout,
@@ -89,8 +97,14 @@ pub async fn declare_topology(ch: &Channel, cfg: &AmqpConfig) -> Result<(), Amqp
 
     let mut work_args = FieldTable::default();
     work_args.insert("x-queue-type".into(), text("quorum"));
-    work_args.insert("x-dead-letter-exchange".into(), text(&cfg.dead_letter_exchange));
-    work_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+    work_args.insert(
+        "x-dead-letter-exchange".into(),
+        text(&cfg.dead_letter_exchange),
+    );
+    work_args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(DELIVERY_LIMIT),
+    );
     ch.queue_declare(cfg.work_queue.as_str().into(), queue_opts, work_args)
         .await?;
     ch.queue_bind(

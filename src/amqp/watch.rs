@@ -4,7 +4,10 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Connection, ExchangeKind};
 
@@ -74,7 +77,11 @@ impl ResultWatch {
 
     /// Results until one matching `pred` arrives (returned with those before it),
     /// or the deadline passes.
-    pub async fn until(&mut self, timeout: Duration, pred: impl Fn(&PushResult) -> bool) -> (Vec<PushResult>, bool) {
+    pub async fn until(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&PushResult) -> bool,
+    ) -> (Vec<PushResult>, bool) {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut seen = Vec::new();
         loop {

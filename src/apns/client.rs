@@ -27,11 +27,20 @@ const MAX_RESPONSE_BODY: usize = 16 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     #[error("cannot connect to APNs {environment}: {detail}")]
-    Connect { environment: &'static str, detail: String },
+    Connect {
+        environment: &'static str,
+        detail: String,
+    },
     #[error("APNs {environment} did not answer within {timeout_ms} ms")]
-    Timeout { environment: &'static str, timeout_ms: u128 },
+    Timeout {
+        environment: &'static str,
+        timeout_ms: u128,
+    },
     #[error("APNs {environment} connection failed mid-request: {detail}")]
-    Transport { environment: &'static str, detail: String },
+    Transport {
+        environment: &'static str,
+        detail: String,
+    },
 }
 
 impl SendError {
@@ -116,7 +125,9 @@ fn parse_base_url(url: &str) -> Result<(String, String, u16), String> {
         return Err(format!("{url:?} must be a bare origin without a path"));
     }
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, p) = v6.split_once(']').ok_or_else(|| format!("{url:?}: unclosed ["))?;
+        let (h, p) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("{url:?}: unclosed ["))?;
         (h.to_string(), p.strip_prefix(':').unwrap_or(""))
     } else {
         match authority.rsplit_once(':') {
@@ -144,7 +155,9 @@ impl ApnsClient {
             let mut added = 0;
             for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
                 let cert = cert.map_err(|e| format!("CA file is not PEM certificates: {e}"))?;
-                roots.add(cert).map_err(|e| format!("CA file certificate rejected: {e}"))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("CA file certificate rejected: {e}"))?;
                 added += 1;
             }
             if added == 0 {
@@ -193,7 +206,10 @@ impl ApnsClient {
     /// Opens a TLS + HTTP/2 connection and checks that `h2` was negotiated.
     async fn connect(&self, ep: &Endpoint) -> Result<SendRequest<Full<Bytes>>, SendError> {
         let environment = ep.environment.as_str();
-        let fail = |detail: String| SendError::Connect { environment, detail };
+        let fail = |detail: String| SendError::Connect {
+            environment,
+            detail,
+        };
         let tcp = TcpStream::connect((ep.host.as_str(), ep.port))
             .await
             .map_err(|e| fail(format!("{}:{}: {e}", ep.host, ep.port)))?;
@@ -220,7 +236,10 @@ impl ApnsClient {
                 debug!(environment, error = %e, "APNs connection closed");
             }
         });
-        self.metrics.apns_connections_opened.with_label_values(&[environment]).inc();
+        self.metrics
+            .apns_connections_opened
+            .with_label_values(&[environment])
+            .inc();
         debug!(environment, host = %ep.host, port = ep.port, "APNs connection opened");
         Ok(sender)
     }
@@ -243,7 +262,10 @@ impl ApnsClient {
     /// Forgets a connection that failed, unless it was already replaced.
     async fn discard(&self, ep: &Endpoint, idx: usize) {
         let mut slot = ep.slots[idx].lock().await;
-        if slot.as_ref().is_some_and(|s| s.is_closed() || !s.is_ready()) {
+        if slot
+            .as_ref()
+            .is_some_and(|s| s.is_closed() || !s.is_ready())
+        {
             *slot = None;
         }
     }
@@ -260,7 +282,12 @@ impl ApnsClient {
     /// answer (connect failure, timeout, connection lost).
     /// `timeout` is capped at the configured request timeout; callers pass the time
     /// left before the call's ring deadline.
-    pub async fn send(&self, env: Environment, req: &PushRequest, timeout: Duration) -> Result<ApnsResponse, SendError> {
+    pub async fn send(
+        &self,
+        env: Environment,
+        req: &PushRequest,
+        timeout: Duration,
+    ) -> Result<ApnsResponse, SendError> {
         let ep = self.endpoint(env);
         let environment = env.as_str();
         let timeout = timeout.min(self.settings.request_timeout);
@@ -312,7 +339,11 @@ impl ApnsClient {
                 let (reason, timestamp_ms) = parse_error_body(&body);
                 self.metrics
                     .apns_requests
-                    .with_label_values(&[environment, code_label(status), reason_label(reason.as_deref())])
+                    .with_label_values(&[
+                        environment,
+                        code_label(status),
+                        reason_label(reason.as_deref()),
+                    ])
                     .inc();
                 Ok(ApnsResponse {
                     status,
@@ -371,7 +402,11 @@ mod tests {
     fn base_urls_parse() {
         assert_eq!(
             parse_base_url("https://api.push.apple.com").unwrap(),
-            ("https://api.push.apple.com".into(), "api.push.apple.com".into(), 443)
+            (
+                "https://api.push.apple.com".into(),
+                "api.push.apple.com".into(),
+                443
+            )
         );
         assert_eq!(
             parse_base_url("https://127.0.0.1:2197/").unwrap(),

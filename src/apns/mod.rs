@@ -68,7 +68,10 @@ pub enum SetupError {
     #[error("APNs client: {0}")]
     Client(String),
     #[error("cannot read APNs CA file {path}: {source}")]
-    CaFile { path: String, source: std::io::Error },
+    CaFile {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Everything needed to push: the client and each app's provider token.
@@ -221,7 +224,11 @@ impl Apns {
             };
             out.attempts += 1;
             out.environment = env;
-            let retry_reason: &'static str = match self.client.send(env, &request, deadline - now).await {
+            let retry_reason: &'static str = match self
+                .client
+                .send(env, &request, deadline - now)
+                .await
+            {
                 Ok(resp) => {
                     let action = classify(resp.status, resp.reason.as_deref());
                     let reason_label = outcome::reason_label(resp.reason.as_deref());
@@ -262,7 +269,10 @@ impl Apns {
                         Action::RefreshProviderToken if !refreshed_provider_token => {
                             refreshed_provider_token = true;
                             app.tokens.refresh_if_current(&provider_token);
-                            metrics.retries.with_label_values(&["ExpiredProviderToken"]).inc();
+                            metrics
+                                .retries
+                                .with_label_values(&["ExpiredProviderToken"])
+                                .inc();
                             continue;
                         }
                         Action::Reconnect => {

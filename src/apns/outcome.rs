@@ -43,7 +43,11 @@ pub const KNOWN_REASONS: &[&str] = &[
 pub fn reason_label(reason: Option<&str>) -> &'static str {
     match reason {
         None => "none",
-        Some(r) => KNOWN_REASONS.iter().copied().find(|k| *k == r).unwrap_or("other"),
+        Some(r) => KNOWN_REASONS
+            .iter()
+            .copied()
+            .find(|k| *k == r)
+            .unwrap_or("other"),
     }
 }
 
@@ -91,7 +95,10 @@ pub enum Action {
 
 impl Action {
     pub fn is_retryable(self) -> bool {
-        matches!(self, Action::RefreshProviderToken | Action::Reconnect | Action::Retry)
+        matches!(
+            self,
+            Action::RefreshProviderToken | Action::Reconnect | Action::Retry
+        )
     }
 }
 
@@ -100,7 +107,9 @@ pub fn classify(status: u16, reason: Option<&str>) -> Action {
     match (status, reason.unwrap_or("")) {
         (200, _) => Action::Delivered,
         (400, "BadDeviceToken") => Action::TryOtherEnvironment,
-        (403, "BadCertificateEnvironment" | "BadEnvironmentKeyIdInToken") => Action::TryOtherEnvironment,
+        (403, "BadCertificateEnvironment" | "BadEnvironmentKeyIdInToken") => {
+            Action::TryOtherEnvironment
+        }
         (400, "DeviceTokenNotForTopic") => Action::InvalidateToken,
         (400, "IdleTimeout") => Action::Reconnect,
         (403, "ExpiredProviderToken") => Action::RefreshProviderToken,
@@ -143,8 +152,16 @@ mod tests {
             (403, "BadCertificate", Action::Fatal),
             (403, "Forbidden", Action::Fatal),
             (403, "UnrelatedKeyIdInToken", Action::Reconnect),
-            (403, "BadCertificateEnvironment", Action::TryOtherEnvironment),
-            (403, "BadEnvironmentKeyIdInToken", Action::TryOtherEnvironment),
+            (
+                403,
+                "BadCertificateEnvironment",
+                Action::TryOtherEnvironment,
+            ),
+            (
+                403,
+                "BadEnvironmentKeyIdInToken",
+                Action::TryOtherEnvironment,
+            ),
             (404, "BadPath", Action::Fatal),
             (405, "MethodNotAllowed", Action::Fatal),
             (410, "Unregistered", Action::Unregistered),

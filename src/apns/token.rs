@@ -24,8 +24,13 @@ pub const REFRESH_AFTER: Duration = Duration::from_secs(50 * 60);
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot read signing key {path}: {source}")]
-    Read { path: String, source: std::io::Error },
-    #[error("signing key {path} is not a PEM PKCS#8 private key (a .p8 file from Apple): {detail}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "signing key {path} is not a PEM PKCS#8 private key (a .p8 file from Apple): {detail}"
+    )]
     NotPem { path: String, detail: String },
     #[error("signing key {path} is not a P-256 (ES256) key: {detail}")]
     NotP256 { path: String, detail: String },
@@ -51,10 +56,19 @@ impl std::fmt::Debug for SigningKey {
 impl SigningKey {
     pub fn from_p8_file(path: &Path, team_id: &str, key_id: &str) -> Result<Self, KeyError> {
         let shown = path.display().to_string();
-        let pem = std::fs::read(path).map_err(|source| KeyError::Read { path: shown.clone(), source })?;
+        let pem = std::fs::read(path).map_err(|source| KeyError::Read {
+            path: shown.clone(),
+            source,
+        })?;
         Self::from_p8_pem(&pem, team_id, key_id).map_err(|e| match e {
-            KeyError::NotPem { detail, .. } => KeyError::NotPem { path: shown.clone(), detail },
-            KeyError::NotP256 { detail, .. } => KeyError::NotP256 { path: shown.clone(), detail },
+            KeyError::NotPem { detail, .. } => KeyError::NotPem {
+                path: shown.clone(),
+                detail,
+            },
+            KeyError::NotP256 { detail, .. } => KeyError::NotP256 {
+                path: shown.clone(),
+                detail,
+            },
             other => other,
         })
     }
@@ -65,11 +79,15 @@ impl SigningKey {
             detail: e.to_string(),
         })?;
         let rng = SystemRandom::new();
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.secret_pkcs8_der(), &rng)
-            .map_err(|e| KeyError::NotP256 {
-                path: "<memory>".into(),
-                detail: e.to_string(),
-            })?;
+        let pair = EcdsaKeyPair::from_pkcs8(
+            &ECDSA_P256_SHA256_FIXED_SIGNING,
+            der.secret_pkcs8_der(),
+            &rng,
+        )
+        .map_err(|e| KeyError::NotP256 {
+            path: "<memory>".into(),
+            detail: e.to_string(),
+        })?;
         Ok(Self {
             team_id: team_id.to_string(),
             key_id: key_id.to_string(),
@@ -93,7 +111,8 @@ impl SigningKey {
 
     /// Signs a provider token issued at `iat` (UNIX seconds).
     pub fn sign(&self, iat: u64) -> String {
-        let header = URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"ES256","kid":"{}"}}"#, self.key_id));
+        let header =
+            URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"ES256","kid":"{}"}}"#, self.key_id));
         let claims = URL_SAFE_NO_PAD.encode(format!(r#"{{"iss":"{}","iat":{iat}}}"#, self.team_id));
         let signing_input = format!("{header}.{claims}");
         let sig = self
@@ -108,7 +127,8 @@ impl SigningKey {
 /// tests and the simulator's laptop mode use it).
 pub fn generate_p8_pem() -> String {
     let rng = SystemRandom::new();
-    let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).expect("key generation");
+    let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+        .expect("key generation");
     let body = STANDARD.encode(der.as_ref());
     let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
     for line in body.as_bytes().chunks(64) {
@@ -120,7 +140,10 @@ pub fn generate_p8_pem() -> String {
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 /// The shared, cached provider token of one key.
@@ -176,14 +199,23 @@ mod tests {
 
     #[test]
     fn signed_token_verifies_and_carries_kid_and_iss() {
-        let key = SigningKey::from_p8_pem(generate_p8_pem().as_bytes(), "TEAM123456", "KEY1234567").unwrap();
+        let key = SigningKey::from_p8_pem(generate_p8_pem().as_bytes(), "TEAM123456", "KEY1234567")
+            .unwrap();
         let jwt = key.sign(1_700_000_000);
         let parts: Vec<&str> = jwt.split('.').collect();
         assert_eq!(parts.len(), 3);
-        let header: serde_json::Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[0]).unwrap()).unwrap();
-        let claims: serde_json::Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
-        assert_eq!(header, serde_json::json!({"alg":"ES256","kid":"KEY1234567"}));
-        assert_eq!(claims, serde_json::json!({"iss":"TEAM123456","iat":1_700_000_000}));
+        let header: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[0]).unwrap()).unwrap();
+        let claims: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+        assert_eq!(
+            header,
+            serde_json::json!({"alg":"ES256","kid":"KEY1234567"})
+        );
+        assert_eq!(
+            claims,
+            serde_json::json!({"iss":"TEAM123456","iat":1_700_000_000})
+        );
         let sig = URL_SAFE_NO_PAD.decode(parts[2]).unwrap();
         assert_eq!(sig.len(), 64, "JWT ES256 signatures are raw r||s");
         UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, key.public_key())

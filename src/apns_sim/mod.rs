@@ -170,9 +170,18 @@ impl ApnsSim {
         let sandbox = bind(&opts.sandbox_listen).await?;
         let production_addr = production.local_addr().map_err(|e| e.to_string())?;
         let sandbox_addr = sandbox.local_addr().map_err(|e| e.to_string())?;
-        for (listener, env) in [(production, Environment::Production), (sandbox, Environment::Sandbox)] {
+        for (listener, env) in [
+            (production, Environment::Production),
+            (sandbox, Environment::Sandbox),
+        ] {
             let acceptor = TlsAcceptor::from(tls.server.clone());
-            tokio::spawn(serve_apns(listener, acceptor, env, state.clone(), shutdown.clone()));
+            tokio::spawn(serve_apns(
+                listener,
+                acceptor,
+                env,
+                state.clone(),
+                shutdown.clone(),
+            ));
         }
         let control_addr = match &opts.control_listen {
             Some(addr) => {
@@ -280,7 +289,9 @@ async fn serve_apns(
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 let conn_state = conn_state.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(req, env, &state, &conn_state).await) }
+                async move {
+                    Ok::<_, std::convert::Infallible>(handle(req, env, &state, &conn_state).await)
+                }
             });
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tls), service);
@@ -339,21 +350,28 @@ async fn handle(
         .collect();
     let provider_token_id = parts.headers.get("authorization").map(|v| {
         let digest = ring::digest::digest(&ring::digest::SHA256, v.as_bytes());
-        digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+        digest.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     });
     let payload = serde_json::from_slice(&body)
         .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body).into_owned()));
-    state.requests.lock().expect("sim lock").push(RecordedRequest {
-        environment: env,
-        token,
-        headers,
-        provider_token_id,
-        payload,
-        status,
-        reason: reason.clone(),
-        apns_id: Some(apns_id.clone()),
-        at_ms: now_ms(),
-    });
+    state
+        .requests
+        .lock()
+        .expect("sim lock")
+        .push(RecordedRequest {
+            environment: env,
+            token,
+            headers,
+            provider_token_id,
+            payload,
+            status,
+            reason: reason.clone(),
+            apns_id: Some(apns_id.clone()),
+            at_ms: now_ms(),
+        });
     if delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
     }
@@ -442,10 +460,16 @@ fn control_router(state: Arc<SimState>) -> Router {
         .with_state(state)
 }
 
-async fn control_tokens(State(s): State<Arc<SimState>>, Json(regs): Json<Vec<TokenRegistration>>) -> Json<serde_json::Value> {
+async fn control_tokens(
+    State(s): State<Arc<SimState>>,
+    Json(regs): Json<Vec<TokenRegistration>>,
+) -> Json<serde_json::Value> {
     let mut tokens = s.tokens.lock().expect("sim lock");
     for r in &regs {
-        tokens.insert((r.environment, r.token.to_ascii_lowercase()), r.bundle_id.clone());
+        tokens.insert(
+            (r.environment, r.token.to_ascii_lowercase()),
+            r.bundle_id.clone(),
+        );
     }
     Json(serde_json::json!({ "registered": regs.len() }))
 }
@@ -465,7 +489,10 @@ struct ScriptBody {
     responses: Vec<Scripted>,
 }
 
-async fn control_script(State(s): State<Arc<SimState>>, Json(b): Json<ScriptBody>) -> Json<serde_json::Value> {
+async fn control_script(
+    State(s): State<Arc<SimState>>,
+    Json(b): Json<ScriptBody>,
+) -> Json<serde_json::Value> {
     let n = b.responses.len();
     s.scripts
         .lock()

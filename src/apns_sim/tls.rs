@@ -34,13 +34,16 @@ pub fn generate() -> Result<SimTls, String> {
         "apns-sim",
     ];
     let server_key = KeyPair::generate().map_err(e)?;
-    let mut params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).map_err(e)?;
+    let mut params =
+        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .map_err(e)?;
     params
         .distinguished_name
         .push(DnType::CommonName, "voip-push-worker APNs simulator");
     let server_cert = params.signed_by(&server_key, &issuer).map_err(e)?;
 
-    let chain: Vec<CertificateDer<'static>> = vec![server_cert.der().clone(), ca_cert.der().clone()];
+    let chain: Vec<CertificateDer<'static>> =
+        vec![server_cert.der().clone(), ca_cert.der().clone()];
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der()));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut server = rustls::ServerConfig::builder_with_provider(provider)

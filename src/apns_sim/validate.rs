@@ -107,7 +107,11 @@ pub fn check_request<'a>(parts: &'a Parts, body: &[u8]) -> Result<(&'a str, &'a 
     if body.is_empty() {
         return Err((400, "PayloadEmpty"));
     }
-    let limit = if push_type == "voip" { MAX_VOIP_PAYLOAD } else { MAX_PAYLOAD };
+    let limit = if push_type == "voip" {
+        MAX_VOIP_PAYLOAD
+    } else {
+        MAX_PAYLOAD
+    };
     if body.len() > limit {
         return Err((413, "PayloadTooLarge"));
     }
@@ -115,7 +119,11 @@ pub fn check_request<'a>(parts: &'a Parts, body: &[u8]) -> Result<(&'a str, &'a 
 }
 
 /// Verifies `authorization: bearer <ES256 JWT>` against the known apps' keys.
-pub fn check_provider_token(parts: &Parts, apps: &[SimApp], now: u64) -> Result<TokenIdentity, Refusal> {
+pub fn check_provider_token(
+    parts: &Parts,
+    apps: &[SimApp],
+    now: u64,
+) -> Result<TokenIdentity, Refusal> {
     let Some(value) = parts.headers.get("authorization") else {
         return Err((403, "MissingProviderToken"));
     };
@@ -126,8 +134,12 @@ pub fn check_provider_token(parts: &Parts, apps: &[SimApp], now: u64) -> Result<
         .or_else(|| value.strip_prefix("Bearer "))
         .ok_or(invalid)?;
     let mut parts_iter = jwt.split('.');
-    let (Some(h), Some(c), Some(s), None) = (parts_iter.next(), parts_iter.next(), parts_iter.next(), parts_iter.next())
-    else {
+    let (Some(h), Some(c), Some(s), None) = (
+        parts_iter.next(),
+        parts_iter.next(),
+        parts_iter.next(),
+        parts_iter.next(),
+    ) else {
         return Err(invalid);
     };
     let decode = |p: &str| -> Result<serde_json::Value, Refusal> {
@@ -166,7 +178,11 @@ pub fn check_provider_token(parts: &Parts, apps: &[SimApp], now: u64) -> Result<
 
 /// The topic must be `<bundle>.voip` (or the bundle itself for other push types)
 /// of an app of the token's team.
-pub fn check_topic(topic: &str, identity: &TokenIdentity, apps: &[SimApp]) -> Result<String, Refusal> {
+pub fn check_topic(
+    topic: &str,
+    identity: &TokenIdentity,
+    apps: &[SimApp],
+) -> Result<String, Refusal> {
     let bundle = topic.strip_suffix(".voip").unwrap_or(topic);
     apps.iter()
         .find(|a| a.team_id == identity.team_id && a.bundle_id == bundle)

@@ -7,7 +7,11 @@ use tokio_postgres::Client;
 use super::StoreError;
 
 /// (version, name, SQL). Append only: an applied migration is never edited.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "devices", include_str!("../../migrations/0001_devices.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "devices",
+    include_str!("../../migrations/0001_devices.sql"),
+)];
 
 /// Arbitrary but fixed: the key of the advisory lock migrations hold.
 const MIGRATION_LOCK_KEY: i64 = 0x766f_6970_7075_7368; // "voippush"
@@ -23,7 +27,8 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, StoreError> {
         )
         .await?;
     let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY]).await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await?;
     let applied: Vec<i32> = tx
         .query("SELECT version FROM schema_migrations", &[])
         .await?
@@ -35,11 +40,13 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, StoreError> {
         if applied.contains(version) {
             continue;
         }
-        tx.batch_execute(sql).await.map_err(|e| StoreError::Migration {
-            version: *version,
-            name,
-            source: e,
-        })?;
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| StoreError::Migration {
+                version: *version,
+                name,
+                source: e,
+            })?;
         tx.execute(
             "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
             &[version, name],

@@ -74,7 +74,9 @@ pub struct Store {
 }
 
 fn pg_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
-    let mut cfg: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| StoreError::Url(e.to_string()))?;
+    let mut cfg: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| StoreError::Url(e.to_string()))?;
     // Without this a black-holed database makes every connect hang for minutes.
     cfg.connect_timeout(Duration::from_secs(5));
     cfg.application_name("voip-push-worker");
@@ -99,7 +101,10 @@ pub async fn ensure_database(url: &str) -> Result<bool, StoreError> {
         .is_some();
     if !exists {
         let quoted = name.replace('"', "\"\"");
-        if let Err(e) = client.batch_execute(&format!("CREATE DATABASE \"{quoted}\"")).await {
+        if let Err(e) = client
+            .batch_execute(&format!("CREATE DATABASE \"{quoted}\""))
+            .await
+        {
             // Another replica may have created it between our check and now.
             if e.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) {
                 return Err(e.into());
@@ -174,7 +179,11 @@ impl Store {
     }
 
     /// A user's live (not invalidated) devices for one app, oldest first.
-    pub async fn live_devices(&self, user_id: &str, bundle_id: &str) -> Result<Vec<Device>, StoreError> {
+    pub async fn live_devices(
+        &self,
+        user_id: &str,
+        bundle_id: &str,
+    ) -> Result<Vec<Device>, StoreError> {
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(
@@ -198,12 +207,20 @@ impl Store {
 
     /// Records a success and the environment that accepted the token, so the next
     /// call goes straight there.
-    pub async fn record_success(&self, device_id: i64, environment: Environment) -> Result<(), StoreError> {
+    pub async fn record_success(
+        &self,
+        device_id: i64,
+        environment: Environment,
+    ) -> Result<(), StoreError> {
         let client = self.pool.get().await?;
         let stmt = client
-            .prepare_cached("UPDATE devices SET last_success_at = now(), environment = $2 WHERE id = $1")
+            .prepare_cached(
+                "UPDATE devices SET last_success_at = now(), environment = $2 WHERE id = $1",
+            )
             .await?;
-        client.execute(&stmt, &[&device_id, &environment.as_str()]).await?;
+        client
+            .execute(&stmt, &[&device_id, &environment.as_str()])
+            .await?;
         Ok(())
     }
 

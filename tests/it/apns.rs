@@ -1,0 +1,459 @@
+//! The APNs client against the simulator over real TLS + HTTP/2 with real ES256
+//! provider tokens: Apple's rules, and the worker's fallback and retries.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::json;
+use voip_push_worker::apns::token::{generate_p8_pem, unix_now, SigningKey};
+use voip_push_worker::apns::{ApnsClient, ClientSettings, PushRequest};
+use voip_push_worker::apns_sim::{ApnsSim, Scripted, SimApp, SimOptions};
+use voip_push_worker::event::{Environment, Status};
+use voip_push_worker::metrics::Metrics;
+
+use crate::common::{http_get, http_post, metric, random_token, TestEnv, TestKey, BUNDLE};
+
+struct Rig {
+    sim: ApnsSim,
+    client: ApnsClient,
+    key: SigningKey,
+    _key_files: TestKey,
+}
+
+/// Our client, trusting the simulator's CA, one connection per environment.
+fn sim_client(sim: &ApnsSim) -> ApnsClient {
+    ApnsClient::new(
+        ClientSettings {
+            production_url: sim.production_url(),
+            sandbox_url: sim.sandbox_url(),
+            extra_roots_pem: Some(sim.ca_pem.clone().into_bytes()),
+            connections_per_environment: 1,
+            request_timeout: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(15),
+            ping_timeout: Duration::from_secs(5),
+        },
+        Metrics::new(),
+    )
+    .unwrap()
+}
+
+async fn rig() -> Rig {
+    let key_files = TestKey::new(BUNDLE, "TEAMAAAAAA", "KEYAAAAAAA");
+    let sim = ApnsSim::start(SimOptions::local(
+        SimApp::from_config(std::slice::from_ref(&key_files.app)).unwrap(),
+    ))
+    .await
+    .unwrap();
+    let client = sim_client(&sim);
+    let key =
+        SigningKey::from_p8_file(&key_files.app.key_file, "TEAMAAAAAA", "KEYAAAAAAA").unwrap();
+    Rig {
+        sim,
+        client,
+        key,
+        _key_files: key_files,
+    }
+}
+
+fn request(token: &str, key: &SigningKey) -> PushRequest {
+    PushRequest {
+        token: token.into(),
+        topic: format!("{BUNDLE}.voip"),
+        provider_token: Arc::from(key.sign(unix_now())),
+        apns_id: uuid::Uuid::new_v4(),
+        expiration: unix_now() + 45,
+        priority: 10,
+        collapse_id: "call-1".into(),
+        payload: Bytes::from(
+            json!({"type":"call.incoming","callId":"call-1","aps":{}}).to_string(),
+        ),
+    }
+}
+
+async fn answer(rig: &Rig, env: Environment, req: &PushRequest) -> (u16, Option<String>) {
+    let r = rig
+        .client
+        .send(env, req, Duration::from_secs(5))
+        .await
+        .expect("an answer");
+    (r.status, r.reason)
+}
+
+#[tokio::test]
+async fn simulator_enforces_apples_rules() {
+    let rig = rig().await;
+    let token = random_token();
+    rig.sim.register_token(Environment::Sandbox, &token, BUNDLE);
+    let good = request(&token, &rig.key);
+
+    assert_eq!(answer(&rig, Environment::Sandbox, &good).await, (200, None));
+    // Same token, wrong environment: Apple's most common VoIP failure.
+    assert_eq!(
+        answer(&rig, Environment::Production, &good).await,
+        (400, Some("BadDeviceToken".into()))
+    );
+    let unknown = request(&random_token(), &rig.key);
+    assert_eq!(
+        answer(&rig, Environment::Sandbox, &unknown).await,
+        (400, Some("BadDeviceToken".into()))
+    );
+
+    let mut r = good.clone();
+    r.topic = BUNDLE.into();
+    assert_eq!(
+        answer(&rig, Environment::Sandbox, &r).await,
+        (400, Some("BadTopic".into()))
+    );
+    let mut r = good.clone();
+    r.topic = "com.other.app.voip".into();
+    assert_eq!(
+        answer(&rig, Environment::Sandbox, &r).await,
+        (400, Some("TopicDisallowed".into()))
+    );
+    let mut r = good.clone();
+    r.collapse_id = "x".repeat(65);
+    assert_eq!(
+        answer(&rig, Environment::Sandbox, &r).await,
+        (400, Some("BadCollapseId".into()))
+    );
+    let mut r = good.clone();
+    r.priority = 7;
+    assert_eq!(
+        answer(&rig, Environment::Sandbox, &r).await,
+        (400, Some("BadPriority".into()))
+    );
+    let mut r = good.clone();
+    r.payload = Bytes::from(vec![b'x'; 5121]);
+    assert_eq!(
+        answer(&rig, Environment::Sandbox, &r).await,
+        (413, Some("PayloadTooLarge".into()))
+    );
+    let mut r = good.clone();
+    r.payload = Bytes::from(vec![b' '; 5120]);
+    assert_eq!(
+        answer(&rig, Environment::Sandbox, &r).await.0,
+        200,
+        "5120 bytes is allowed for VoIP"
+    );
+    let mut r = good.clone();
+    r.payload = Bytes::new();
+    assert_eq!(
+        answer(&rig, Environment::Sandbox, &r).await,
+        (400, Some("PayloadEmpty".into()))
+    );
+
+    // Provider tokens: a key the simulator does not know, a forged signature, an old iat.
+    let stranger =
+        SigningKey::from_p8_pem(generate_p8_pem().as_bytes(), "TEAMAAAAAA", "KEYAAAAAAA").unwrap();
+    let mut r = good.clone();
+    r.provider_token = Arc::from(stranger.sign(unix_now()));
+    // A fresh connection: APNs binds a connection to its first key.
+    assert_eq!(
+        answer(&rig, Environment::Production, &r).await,
+        (403, Some("InvalidProviderToken".into()))
+    );
+    let other_kid =
+        SigningKey::from_p8_pem(generate_p8_pem().as_bytes(), "TEAMAAAAAA", "KEYBBBBBBB").unwrap();
+    r.provider_token = Arc::from(other_kid.sign(unix_now()));
+    assert_eq!(
+        answer(&rig, Environment::Production, &r).await,
+        (403, Some("InvalidProviderToken".into()))
+    );
+    let mut r = good.clone();
+    r.provider_token = Arc::from(rig.key.sign(unix_now() - 3601));
+    assert_eq!(
+        answer(&rig, Environment::Sandbox, &r).await,
+        (403, Some("ExpiredProviderToken".into()))
+    );
+
+    // Every request was recorded, with the provider token only as a fingerprint.
+    let recorded = rig.sim.requests();
+    assert_eq!(recorded.len(), 13);
+    assert!(recorded
+        .iter()
+        .all(|r| r.headers["authorization"].starts_with("bearer …")));
+    assert!(recorded[0].provider_token_id.is_some());
+    assert_eq!(
+        recorded[0].apns_id.as_deref(),
+        Some(good.apns_id.to_string().as_str())
+    );
+}
+
+#[tokio::test]
+async fn answers_carry_status_reason_apns_id_and_410_timestamp() {
+    let rig = rig().await;
+    let token = random_token();
+    rig.sim
+        .register_token(Environment::Production, &token, BUNDLE);
+    rig.sim.script(
+        &token,
+        [Scripted {
+            status: 410,
+            reason: Some("Unregistered".into()),
+            timestamp_ms: Some(1_700_000_000_000),
+            delay_ms: 0,
+        }],
+    );
+    let req = request(&token, &rig.key);
+    let r = rig
+        .client
+        .send(Environment::Production, &req, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.reason.as_deref()), (410, Some("Unregistered")));
+    assert_eq!(r.timestamp_ms, Some(1_700_000_000_000));
+    assert_eq!(r.apns_id, Some(req.apns_id.to_string()));
+    // The script is used up: the token is valid again.
+    let r = rig
+        .client
+        .send(Environment::Production, &req, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn control_api_registers_lists_and_resets() {
+    let key = TestKey::new(BUNDLE, "TEAMAAAAAA", "KEYAAAAAAA");
+    let sim = ApnsSim::start(SimOptions {
+        control_listen: Some("127.0.0.1:0".into()),
+        ..SimOptions::local(SimApp::from_config(std::slice::from_ref(&key.app)).unwrap())
+    })
+    .await
+    .unwrap();
+    let control = sim.control_addr.unwrap();
+    let token = random_token();
+    let body =
+        json!([{"token": token.to_uppercase(), "environment": "sandbox", "bundleId": BUNDLE}])
+            .to_string();
+    let (status, text) = http_post(control, "/tokens", &body).await;
+    assert_eq!(status, 200, "{text}");
+
+    let client = sim_client(&sim);
+    let signing = SigningKey::from_p8_file(&key.app.key_file, "TEAMAAAAAA", "KEYAAAAAAA").unwrap();
+    let r = client
+        .send(
+            Environment::Sandbox,
+            &request(&token, &signing),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+
+    let (status, text) = http_get(control, "/requests").await;
+    assert_eq!(status, 200);
+    let listed: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["token"], token);
+    assert_eq!(listed[0]["environment"], "sandbox");
+    assert_eq!(listed[0]["status"], 200);
+    assert_eq!(listed[0]["headers"]["apns-push-type"], "voip");
+
+    assert_eq!(http_post(control, "/reset", "").await.0, 200);
+    let (_, text) = http_get(control, "/requests").await;
+    assert_eq!(text.trim(), "[]");
+    let r = client
+        .send(
+            Environment::Sandbox,
+            &request(&token, &signing),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.reason.as_deref(),
+        Some("BadDeviceToken"),
+        "reset forgets tokens"
+    );
+}
+
+#[tokio::test]
+async fn sandbox_token_registered_as_production_falls_back_and_is_learned() {
+    let mut env = TestEnv::new().await;
+    let token = env
+        .device("20", Some(Environment::Production), Environment::Sandbox)
+        .await;
+    env.publish(json!({"callId":"fb-1","toUserId":20})).await;
+    let r = &env.results_for("fb-1", 1).await[0];
+    assert_eq!(r.status, Status::Delivered);
+    assert!(r.fallback_used);
+    assert_eq!(r.environment, Some(Environment::Sandbox));
+    assert_eq!(r.attempts, 2);
+    let first: Vec<_> = env
+        .sim
+        .requests()
+        .iter()
+        .map(|q| (q.environment, q.status))
+        .collect();
+    assert_eq!(
+        first,
+        vec![(Environment::Production, 400), (Environment::Sandbox, 200)]
+    );
+    let learned = env.store.live_devices("20", BUNDLE).await.unwrap();
+    assert_eq!(learned[0].environment, Some(Environment::Sandbox));
+
+    // The second call goes straight to the sandbox: one request.
+    env.publish(json!({"callId":"fb-2","toUserId":20})).await;
+    let r = &env.results_for("fb-2", 1).await[0];
+    assert_eq!(
+        (r.status, r.fallback_used, r.attempts),
+        (Status::Delivered, false, 1)
+    );
+    let second: Vec<_> = env
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|q| q.headers["apns-collapse-id"] == "fb-2")
+        .map(|q| (q.environment, q.token))
+        .collect();
+    assert_eq!(second, vec![(Environment::Sandbox, token)]);
+
+    let (_, text) = env.http_get("/metrics").await;
+    assert_eq!(
+        metric(
+            &text,
+            "voip_push_environment_fallbacks_total{from=\"production\",result=\"delivered\",to=\"sandbox\"}"
+        ),
+        1.0
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn token_refused_by_both_environments_is_invalidated_and_never_pushed_again() {
+    let mut env = TestEnv::new().await;
+    // Registered with us, unknown to APNs in either environment.
+    let token = random_token();
+    env.store
+        .register_device("30", BUNDLE, &token, None)
+        .await
+        .unwrap();
+    env.publish(json!({"callId":"inv-1","toUserId":30})).await;
+    let r = &env.results_for("inv-1", 1).await[0];
+    assert_eq!(r.status, Status::TokenInvalidated);
+    assert_eq!(r.reason.as_deref(), Some("BadDeviceToken"));
+    assert!(env
+        .store
+        .live_devices("30", BUNDLE)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(env.sim.requests().len(), 2);
+
+    env.publish(json!({"callId":"inv-2","toUserId":30})).await;
+    assert_eq!(
+        env.results_for("inv-2", 1).await[0].status,
+        Status::NoDevice
+    );
+    assert_eq!(
+        env.sim.requests().len(),
+        2,
+        "an invalidated token is never pushed to"
+    );
+    let (_, text) = env.http_get("/metrics").await;
+    assert_eq!(
+        metric(
+            &text,
+            "voip_push_tokens_invalidated_total{reason=\"BadDeviceToken\"}"
+        ),
+        1.0
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn transient_errors_are_retried_with_one_apns_id() {
+    let mut env = TestEnv::new().await;
+    let token = env
+        .device("40", Some(Environment::Production), Environment::Production)
+        .await;
+    let unavailable = Scripted {
+        status: 503,
+        reason: Some("ServiceUnavailable".into()),
+        ..Default::default()
+    };
+    env.sim.script(&token, [unavailable.clone(), unavailable]);
+    env.publish(json!({"callId":"retry-1","toUserId":40})).await;
+    let r = &env.results_for("retry-1", 1).await[0];
+    assert_eq!((r.status, r.attempts), (Status::Delivered, 3));
+    let requests = env.sim.requests();
+    let statuses: Vec<u16> = requests.iter().map(|q| q.status).collect();
+    assert_eq!(statuses, vec![503, 503, 200]);
+    let ids: std::collections::HashSet<_> = requests
+        .iter()
+        .map(|q| q.headers["apns-id"].clone())
+        .collect();
+    assert_eq!(ids.len(), 1, "every attempt carries the same apns-id");
+    assert_eq!(r.apns_id.as_ref(), ids.iter().next());
+    let (_, text) = env.http_get("/metrics").await;
+    assert_eq!(
+        metric(
+            &text,
+            "voip_push_retries_total{reason=\"ServiceUnavailable\"}"
+        ),
+        2.0
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn endless_503_stops_at_the_ring_deadline() {
+    let mut env = TestEnv::new().await;
+    let token = env
+        .device("50", Some(Environment::Production), Environment::Production)
+        .await;
+    env.sim.script(
+        &token,
+        std::iter::repeat_n(
+            Scripted {
+                status: 503,
+                reason: Some("ServiceUnavailable".into()),
+                ..Default::default()
+            },
+            10_000,
+        ),
+    );
+    let started = std::time::Instant::now();
+    env.publish(json!({"callId":"endless","toUserId":50,"ringTimeoutSecs":2}))
+        .await;
+    let r = &env.results_for("endless", 1).await[0];
+    assert_eq!(r.status, Status::Expired);
+    assert!(r.attempts > 2, "retried: {}", r.attempts);
+    assert_eq!(r.apns_status, Some(503));
+    let last = env.sim.requests().iter().map(|q| q.at_ms).max().unwrap();
+    let first = env.sim.requests().iter().map(|q| q.at_ms).min().unwrap();
+    assert!(
+        last - first < 2_000,
+        "no attempt after the 2 s ring deadline"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn configuration_errors_fail_at_once() {
+    let mut env = TestEnv::new().await;
+    let token = env
+        .device("60", Some(Environment::Production), Environment::Production)
+        .await;
+    env.sim.script(
+        &token,
+        [Scripted {
+            status: 400,
+            reason: Some("TopicDisallowed".into()),
+            ..Default::default()
+        }],
+    );
+    env.publish(json!({"callId":"cfg-1","toUserId":60})).await;
+    let r = &env.results_for("cfg-1", 1).await[0];
+    assert_eq!((r.status, r.attempts), (Status::Failed, 1));
+    assert_eq!(r.reason.as_deref(), Some("TopicDisallowed"));
+    assert_eq!(
+        env.store.live_devices("60", BUNDLE).await.unwrap().len(),
+        1,
+        "the token stays live"
+    );
+    env.cleanup().await;
+}

@@ -1,0 +1,391 @@
+//! Test harness: each test gets its own database, its own AMQP names, its own APNs
+//! simulator (real TLS + HTTP/2) and signing key, and a worker started in-process
+//! through the same `start` that `main` uses.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::types::AMQPValue;
+use lapin::BasicProperties;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use voip_push_worker::amqp::watch::ResultWatch;
+use voip_push_worker::amqp::{connect, Publisher};
+use voip_push_worker::apns::token::generate_p8_pem;
+use voip_push_worker::apns_sim::{ApnsSim, SimApp, SimOptions};
+use voip_push_worker::config::{AppConfig, Config};
+use voip_push_worker::event::{Environment, PushResult};
+use voip_push_worker::store::Store;
+use voip_push_worker::Worker;
+
+pub const ADMIN_PG: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const BUNDLE: &str = "com.example.chat";
+
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// A random 32-byte device token, hex.
+pub fn random_token() -> String {
+    (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+/// Polls `f` until it returns `Some`, or panics at the deadline.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// An isolated database (created, migrated) and the config pointing at it.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> Self {
+        let name = unique("vpw_it_");
+        let (client, conn) = tokio_postgres::connect(ADMIN_PG, tokio_postgres::NoTls)
+            .await
+            .expect("postgres");
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        Self {
+            url: format!("postgres://postgres@127.0.0.1:5432/{name}"),
+            name,
+        }
+    }
+
+    pub async fn drop_db(&self) {
+        if let Ok((client, conn)) = tokio_postgres::connect(ADMIN_PG, tokio_postgres::NoTls).await {
+            tokio::spawn(conn);
+            let _ = client
+                .batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    self.name
+                ))
+                .await;
+        }
+    }
+}
+
+/// A signing key written as a .p8 file, and the app it signs for.
+pub struct TestKey {
+    pub dir: PathBuf,
+    pub app: AppConfig,
+}
+
+impl TestKey {
+    pub fn new(bundle_id: &str, team_id: &str, key_id: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique("vpw-it-"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let key_file = dir.join(format!("AuthKey_{key_id}.p8"));
+        std::fs::write(&key_file, generate_p8_pem()).expect("write key");
+        Self {
+            dir,
+            app: AppConfig {
+                bundle_id: bundle_id.into(),
+                team_id: team_id.into(),
+                key_id: key_id.into(),
+                key_file,
+            },
+        }
+    }
+}
+
+impl Drop for TestKey {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub struct TestEnv {
+    pub cfg: Config,
+    pub sim: ApnsSim,
+    pub store: Store,
+    pub worker: Option<Worker>,
+    pub watch: ResultWatch,
+    /// Results read while waiting for another call's.
+    unclaimed: Vec<PushResult>,
+    pub publisher: Publisher,
+    pub db: TestDb,
+    /// Kept alive for the key file and CA it holds.
+    _key: TestKey,
+}
+
+impl TestEnv {
+    pub async fn new() -> Self {
+        Self::with(|_| {}).await
+    }
+
+    /// Like `new`, with a chance to adjust the configuration first.
+    pub async fn with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let key = TestKey::new(BUNDLE, "TEAM000001", "KEY0000001");
+        let sim = ApnsSim::start(SimOptions::local(
+            SimApp::from_config(std::slice::from_ref(&key.app)).expect("sim app"),
+        ))
+        .await
+        .expect("simulator");
+        let ca_file = key.dir.join("ca.pem");
+        std::fs::write(&ca_file, &sim.ca_pem).expect("write CA");
+        let db = TestDb::create().await;
+
+        let id = unique("");
+        let mut cfg = Config::default();
+        cfg.postgres.url = db.url.clone();
+        cfg.postgres.pool_size = 4;
+        cfg.amqp.call_exchange = format!("it.{id}.calls");
+        cfg.amqp.work_queue = format!("it.{id}.work");
+        cfg.amqp.dead_letter_exchange = format!("it.{id}.dlx");
+        cfg.amqp.dead_letter_queue = format!("it.{id}.dead");
+        cfg.amqp.results_exchange = format!("it.{id}.results");
+        cfg.http.listen = "127.0.0.1:0".into();
+        cfg.apns.production_url = sim.production_url();
+        cfg.apns.sandbox_url = sim.sandbox_url();
+        cfg.apns.ca_file = Some(ca_file);
+        cfg.apns.apps = vec![key.app.clone()];
+        cfg.worker.retry_min_delay_ms = 20;
+        cfg.worker.retry_max_delay_ms = 200;
+        cfg.worker.retry_delay_ms = 100;
+        adjust(&mut cfg);
+
+        let store = Store::connect(&cfg.postgres).expect("store");
+        store.migrate().await.expect("migrate");
+        let watch = ResultWatch::open(&cfg.amqp).await.expect("result watch");
+        let publisher = Publisher::new(cfg.amqp.clone(), "test producer");
+        let mut env = Self {
+            cfg,
+            sim,
+            store,
+            worker: None,
+            watch,
+            unclaimed: Vec::new(),
+            publisher,
+            db,
+            _key: key,
+        };
+        env.start_worker().await;
+        env
+    }
+
+    pub async fn start_worker(&mut self) {
+        let worker = voip_push_worker::start(self.cfg.clone(), CancellationToken::new())
+            .await
+            .expect("worker starts");
+        let health = worker.health.clone();
+        eventually("the worker to consume", Duration::from_secs(20), || {
+            let h = health.clone();
+            async move {
+                h.consuming
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .then_some(())
+            }
+        })
+        .await;
+        self.worker = Some(worker);
+    }
+
+    pub fn worker(&self) -> &Worker {
+        self.worker.as_ref().expect("worker running")
+    }
+
+    /// Registers a token in our table (as `registered`) and in the simulator (as
+    /// valid in `actual` only). Returns the token.
+    pub async fn device(
+        &self,
+        user: &str,
+        registered: Option<Environment>,
+        actual: Environment,
+    ) -> String {
+        let token = random_token();
+        self.sim.register_token(actual, &token, BUNDLE);
+        self.store
+            .register_device(user, BUNDLE, &token, registered)
+            .await
+            .expect("register device");
+        token
+    }
+
+    /// Publishes raw bytes to the call exchange as a producer would.
+    pub async fn publish_raw(&self, body: &[u8]) {
+        self.publish_with(
+            body,
+            BasicProperties::default().with_content_type("application/json".into()),
+        )
+        .await;
+    }
+
+    pub async fn publish_with(&self, body: &[u8], props: BasicProperties) {
+        self.publisher
+            .publish(&self.cfg.amqp.call_exchange, "call.initiate", body, props)
+            .await
+            .expect("publish event");
+    }
+
+    pub async fn publish(&self, event: serde_json::Value) {
+        self.publish_raw(event.to_string().as_bytes()).await;
+    }
+
+    /// Waits for `n` results of `call_id`; results of other calls that arrive
+    /// meanwhile are kept for later calls.
+    pub async fn results_for(&mut self, call_id: &str, n: usize) -> Vec<PushResult> {
+        let (mut got, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.unclaimed)
+            .into_iter()
+            .partition(|r| r.call_id.as_deref() == Some(call_id));
+        self.unclaimed = rest;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while got.len() < n {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.watch.next(left).await {
+                Some(r) if r.call_id.as_deref() == Some(call_id) => got.push(r),
+                Some(r) => self.unclaimed.push(r),
+                None => panic!(
+                    "only {} of {n} results for {call_id} arrived: {got:#?}",
+                    got.len()
+                ),
+            }
+        }
+        got
+    }
+
+    /// Takes every message from the dead-letter queue: (body, x-vpw-reason).
+    pub async fn dead_letters(&self) -> Vec<(Vec<u8>, Option<String>)> {
+        let conn = connect(&self.cfg.amqp, "test dlq reader")
+            .await
+            .expect("connect");
+        let ch = conn.create_channel().await.expect("channel");
+        let mut out = Vec::new();
+        while let Some(m) = ch
+            .basic_get(
+                self.cfg.amqp.dead_letter_queue.as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await
+            .expect("basic.get")
+        {
+            let reason = m
+                .delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("x-vpw-reason").cloned())
+                .and_then(|v| match v {
+                    AMQPValue::LongString(s) => {
+                        Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                    }
+                    _ => None,
+                });
+            m.delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .expect("ack");
+            out.push((m.delivery.data.clone(), reason));
+        }
+        let _ = conn.close(200, "done".into()).await;
+        out
+    }
+
+    /// GET on the worker's HTTP listener: (status, body).
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(self.worker().http_addr, path).await
+    }
+
+    pub async fn cleanup(mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop().await;
+        }
+        self.publisher.close().await;
+        if let Ok(conn) = connect(&self.cfg.amqp, "test cleanup").await {
+            if let Ok(ch) = conn.create_channel().await {
+                for q in [&self.cfg.amqp.work_queue, &self.cfg.amqp.dead_letter_queue] {
+                    let _ = ch
+                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                for x in [
+                    &self.cfg.amqp.call_exchange,
+                    &self.cfg.amqp.dead_letter_exchange,
+                    &self.cfg.amqp.results_exchange,
+                ] {
+                    let _ = ch
+                        .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+            }
+            let _ = conn.close(200, "done".into()).await;
+        }
+        self.db.drop_db().await;
+    }
+}
+
+/// A minimal HTTP/1.1 request, enough for plain-text and JSON endpoints:
+/// (status, body).
+pub async fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect http");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path, "").await
+}
+
+pub async fn http_post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, String) {
+    http_request(addr, "POST", path, body).await
+}
+
+/// The value of a metric line `name{labels} value` in Prometheus text, 0 if absent.
+pub fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}

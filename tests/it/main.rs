@@ -1,0 +1,8 @@
+//! Integration tests: one binary, against real RabbitMQ, real Postgres and the
+//! APNs simulator over TLS + HTTP/2. Each test isolates itself (own database,
+//! own AMQP names, own simulator), so they run in parallel and can be re-run.
+
+mod apns;
+mod cli;
+mod common;
+mod pipeline;
