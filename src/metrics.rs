@@ -13,6 +13,47 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// `voip_push_events_total{outcome}`: how an event ended.
+pub const EVENT_OUTCOMES: &[&str] = &[
+    "delivered",
+    "no_device",
+    "expired",
+    "failed",
+    "token_invalidated",
+    "cancelled",
+    "invalid",
+    "retried",
+    "cancel",
+];
+
+/// `status` label values of deliveries and results (CONTRACT §5).
+pub const DELIVERY_STATUSES: &[&str] = &[
+    "delivered",
+    "failed",
+    "expired",
+    "token_invalidated",
+    "no_device",
+    "invalid_event",
+    "cancelled",
+];
+
+/// `voip_push_retries_total{reason}`: Apple's retryable reasons and our
+/// transport failures.
+pub const RETRY_REASONS: &[&str] = &[
+    "TooManyRequests",
+    "InternalServerError",
+    "ServiceUnavailable",
+    "Shutdown",
+    "IdleTimeout",
+    "ExpiredProviderToken",
+    "UnrelatedKeyIdInToken",
+    "other",
+    "none",
+    "connect",
+    "timeout",
+    "transport",
+];
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
@@ -122,7 +163,7 @@ impl Metrics {
             .register(Box::new(provider_tokens_signed.clone()))
             .expect("register");
 
-        Self {
+        let m = Self {
             registry,
             events,
             deliveries,
@@ -136,6 +177,48 @@ impl Metrics {
             provider_tokens_signed,
             apns_connections_opened,
             results_published,
+        };
+        m.zero_known_series();
+        m
+    }
+
+    /// Exports the known label combinations at 0 from the start, so `rate()` and
+    /// alerts see a series before its first event (a counter that appears only at
+    /// its first increment hides that increment from `rate()`).
+    fn zero_known_series(&self) {
+        const ENVS: [&str; 2] = ["production", "sandbox"];
+        for outcome in EVENT_OUTCOMES {
+            self.events.with_label_values(&[outcome]);
+        }
+        for status in DELIVERY_STATUSES {
+            for env in ["production", "sandbox", "none"] {
+                self.deliveries.with_label_values(&[status, env]);
+            }
+        }
+        for (from, to) in [("production", "sandbox"), ("sandbox", "production")] {
+            for result in ["delivered", "rejected", "other"] {
+                self.environment_fallbacks
+                    .with_label_values(&[from, to, result]);
+            }
+        }
+        for reason in [
+            "BadDeviceToken",
+            "DeviceTokenNotForTopic",
+            "Unregistered",
+            "ExpiredToken",
+        ] {
+            self.tokens_invalidated.with_label_values(&[reason]);
+        }
+        for reason in RETRY_REASONS {
+            self.retries.with_label_values(&[reason]);
+        }
+        for env in ENVS {
+            self.apns_requests.with_label_values(&[env, "200", "none"]);
+            self.apns_request_duration.with_label_values(&[env]);
+            self.apns_connections_opened.with_label_values(&[env]);
+        }
+        for status in DELIVERY_STATUSES {
+            self.results_published.with_label_values(&[status]);
         }
     }
 

@@ -56,6 +56,9 @@ pub struct Pipeline {
 
 /// Publishing results is retried this long (the publisher reconnects in between)
 /// before the event is returned to the queue.
+/// APNs' limit for VoIP payloads (4096 for other push types).
+pub const MAX_VOIP_PAYLOAD: usize = 5120;
+
 const RESULT_PUBLISH_PATIENCE: Duration = Duration::from_secs(30);
 
 impl Pipeline {
@@ -210,6 +213,23 @@ impl Pipeline {
         );
         let suffix = token_suffix(&device.token);
         let started = Instant::now();
+        if payload.len() > MAX_VOIP_PAYLOAD {
+            // APNs would answer 413; refusing here keeps a request we know is bad
+            // off the connection.
+            warn!(
+                bytes = payload.len(),
+                "VoIP payload over APNs' 5120-byte limit; not sent"
+            );
+            return PushResult {
+                device_id: Some(device.id),
+                token_suffix: Some(suffix),
+                status: Status::Failed,
+                reason: Some("PayloadTooLarge".into()),
+                apns_id: Some(apns_id.to_string()),
+                completed_at: now_rfc3339(),
+                ..base.clone()
+            };
+        }
         let out = self
             .apns
             .deliver(

@@ -3,7 +3,7 @@
 //! connections per environment with PING keep-alive, and every answer returned as
 //! a value — a rejected push is data, not an error.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -104,12 +104,19 @@ struct Endpoint {
     base: String,
     host: String,
     port: u16,
-    slots: Vec<tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>>,
+    slots: Vec<tokio::sync::Mutex<Option<Conn>>>,
     next: AtomicUsize,
+}
+
+/// A connection in a slot; `id` tells a replaced connection from its successor.
+struct Conn {
+    id: u64,
+    sender: SendRequest<Full<Bytes>>,
 }
 
 pub struct ApnsClient {
     endpoints: [Endpoint; 2],
+    conn_ids: AtomicU64,
     tls: TlsConnector,
     settings: ClientSettings,
     metrics: Metrics,
@@ -190,6 +197,7 @@ impl ApnsClient {
                 endpoint(Environment::Production, &settings.production_url)?,
                 endpoint(Environment::Sandbox, &settings.sandbox_url)?,
             ],
+            conn_ids: AtomicU64::new(0),
             tls: TlsConnector::from(Arc::new(tls)),
             settings,
             metrics,
@@ -245,28 +253,37 @@ impl ApnsClient {
     }
 
     /// A live connection of `ep`, round robin over its slots, opening one if the
-    /// slot is empty or its connection has closed.
-    async fn sender(&self, ep: &Endpoint) -> Result<(usize, SendRequest<Full<Bytes>>), SendError> {
+    /// slot is empty or its connection has closed. Returns (slot, connection id, sender).
+    async fn sender(
+        &self,
+        ep: &Endpoint,
+    ) -> Result<(usize, u64, SendRequest<Full<Bytes>>), SendError> {
         let idx = ep.next.fetch_add(1, Ordering::Relaxed) % ep.slots.len();
         let mut slot = ep.slots[idx].lock().await;
-        if let Some(s) = slot.as_ref() {
-            if !s.is_closed() {
-                return Ok((idx, s.clone()));
+        if let Some(c) = slot.as_ref() {
+            if !c.sender.is_closed() {
+                return Ok((idx, c.id, c.sender.clone()));
             }
         }
-        let fresh = self.connect(ep).await?;
-        *slot = Some(fresh.clone());
-        Ok((idx, fresh))
+        let sender = self.connect(ep).await?;
+        let id = self.conn_ids.fetch_add(1, Ordering::Relaxed);
+        *slot = Some(Conn {
+            id,
+            sender: sender.clone(),
+        });
+        Ok((idx, id, sender))
     }
 
-    /// Forgets a connection that failed, unless it was already replaced.
-    async fn discard(&self, ep: &Endpoint, idx: usize) {
+    /// Forgets connection `id` after it failed or left a request unanswered, unless
+    /// it was already replaced. Streams still under way on it finish on their own.
+    async fn discard(&self, ep: &Endpoint, idx: usize, id: u64) {
         let mut slot = ep.slots[idx].lock().await;
-        if slot
-            .as_ref()
-            .is_some_and(|s| s.is_closed() || !s.is_ready())
-        {
+        if slot.as_ref().is_some_and(|c| c.id == id) {
             *slot = None;
+            debug!(
+                environment = ep.environment.as_str(),
+                "APNs connection discarded"
+            );
         }
     }
 
@@ -292,8 +309,12 @@ impl ApnsClient {
         let environment = env.as_str();
         let timeout = timeout.min(self.settings.request_timeout);
         let started = Instant::now();
+        // The connection in use, so a timeout can discard it: a request unanswered
+        // for the whole timeout means the connection is as good as dead.
+        let in_use: std::sync::Mutex<Option<(usize, u64)>> = std::sync::Mutex::new(None);
         let attempt = async {
-            let (idx, mut sender) = self.sender(ep).await?;
+            let (idx, id, mut sender) = self.sender(ep).await?;
+            *in_use.lock().expect("in_use lock") = Some((idx, id));
             let request = build_request(&ep.base, req);
             let result = async {
                 let response = sender.send_request(request).await?;
@@ -314,7 +335,7 @@ impl ApnsClient {
             match result {
                 Ok(r) => Ok(r),
                 Err(e) => {
-                    self.discard(ep, idx).await;
+                    self.discard(ep, idx, id).await;
                     Err(SendError::Transport {
                         environment,
                         detail: e.to_string(),
@@ -324,10 +345,16 @@ impl ApnsClient {
         };
         let outcome = match tokio::time::timeout(timeout, attempt).await {
             Ok(r) => r,
-            Err(_) => Err(SendError::Timeout {
-                environment,
-                timeout_ms: timeout.as_millis(),
-            }),
+            Err(_) => {
+                let used = *in_use.lock().expect("in_use lock");
+                if let Some((idx, id)) = used {
+                    self.discard(ep, idx, id).await;
+                }
+                Err(SendError::Timeout {
+                    environment,
+                    timeout_ms: timeout.as_millis(),
+                })
+            }
         };
         let latency = started.elapsed();
         self.metrics

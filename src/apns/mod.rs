@@ -54,11 +54,15 @@ impl RetryPolicy {
     }
 }
 
-/// A configured app with its shared provider token.
+/// A configured app with the provider token and connections of its signing key.
 pub struct App {
     pub config: AppConfig,
     pub topic: String,
     pub tokens: Arc<ProviderToken>,
+    /// APNs binds a connection to the key of its first push
+    /// (`UnrelatedKeyIdInToken` otherwise), so each key has connections of its own,
+    /// shared by the apps it signs for.
+    pub client: Arc<ApnsClient>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,9 +78,8 @@ pub enum SetupError {
     },
 }
 
-/// Everything needed to push: the client and each app's provider token.
+/// Everything needed to push: each app's provider token and connections.
 pub struct Apns {
-    pub client: ApnsClient,
     apps: Vec<App>,
     pub default_environment: Environment,
     pub retry: RetryPolicy,
@@ -118,41 +121,45 @@ impl Apns {
             })?),
             None => None,
         };
-        let client = ApnsClient::new(
-            ClientSettings {
-                production_url: cfg.apns.production_url.clone(),
-                sandbox_url: cfg.apns.sandbox_url.clone(),
-                extra_roots_pem,
-                connections_per_environment: cfg.apns.connections_per_environment,
-                request_timeout: Duration::from_millis(cfg.apns.request_timeout_ms),
-                ping_interval: Duration::from_secs(cfg.apns.ping_interval_secs),
-                ping_timeout: Duration::from_secs(cfg.apns.ping_timeout_secs),
-            },
-            metrics.clone(),
-        )
-        .map_err(SetupError::Client)?;
-        // One provider token per signing key, shared by every app signed with it.
-        let mut by_key: HashMap<(String, String), Arc<ProviderToken>> = HashMap::new();
+        let settings = ClientSettings {
+            production_url: cfg.apns.production_url.clone(),
+            sandbox_url: cfg.apns.sandbox_url.clone(),
+            extra_roots_pem,
+            connections_per_environment: cfg.apns.connections_per_environment,
+            request_timeout: Duration::from_millis(cfg.apns.request_timeout_ms),
+            ping_interval: Duration::from_secs(cfg.apns.ping_interval_secs),
+            ping_timeout: Duration::from_secs(cfg.apns.ping_timeout_secs),
+        };
+        // One provider token and one set of connections per signing key, shared by
+        // every app signed with it.
+        type KeyParts = (Arc<ProviderToken>, Arc<ApnsClient>);
+        let mut by_key: HashMap<(String, String), KeyParts> = HashMap::new();
         let mut apps = Vec::new();
         for app in cfg.apps() {
             let id = (app.team_id.clone(), app.key_id.clone());
-            let tokens = match by_key.get(&id) {
-                Some(t) => t.clone(),
+            let (tokens, client) = match by_key.get(&id) {
+                Some(parts) => parts.clone(),
                 None => {
                     let key = SigningKey::from_p8_file(&app.key_file, &app.team_id, &app.key_id)?;
-                    let t = Arc::new(ProviderToken::new(key, metrics.clone()));
-                    by_key.insert(id, t.clone());
-                    t
+                    let parts = (
+                        Arc::new(ProviderToken::new(key, metrics.clone())),
+                        Arc::new(
+                            ApnsClient::new(settings.clone(), metrics.clone())
+                                .map_err(SetupError::Client)?,
+                        ),
+                    );
+                    by_key.insert(id, parts.clone());
+                    parts
                 }
             };
             apps.push(App {
                 topic: app.voip_topic(),
                 config: app,
                 tokens,
+                client,
             });
         }
         Ok(Self {
-            client,
             apps,
             default_environment: cfg.apns.default_environment,
             retry: RetryPolicy {
@@ -224,7 +231,7 @@ impl Apns {
             };
             out.attempts += 1;
             out.environment = env;
-            let retry_reason: &'static str = match self
+            let retry_reason: &'static str = match app
                 .client
                 .send(env, &request, deadline - now)
                 .await
@@ -269,6 +276,9 @@ impl Apns {
                         Action::RefreshProviderToken if !refreshed_provider_token => {
                             refreshed_provider_token = true;
                             app.tokens.refresh_if_current(&provider_token);
+                            // The new token goes out on a fresh connection: APNs limits
+                            // how often a connection's token may change.
+                            app.client.reset(env).await;
                             metrics
                                 .retries
                                 .with_label_values(&["ExpiredProviderToken"])
@@ -276,7 +286,7 @@ impl Apns {
                             continue;
                         }
                         Action::Reconnect => {
-                            self.client.reset(env).await;
+                            app.client.reset(env).await;
                             reason_label
                         }
                         Action::Retry => reason_label,

@@ -3,6 +3,7 @@
 //! of every request, and a plain-HTTP control API. Used in-process by tests and
 //! `demo`, and standalone by `voip-push-worker apns-sim`.
 
+pub mod faults;
 pub mod tls;
 pub mod validate;
 
@@ -103,6 +104,9 @@ struct SimState {
     requests: Mutex<Vec<RecordedRequest>>,
     /// Added to the wall clock when checking `iat` (tests of token expiry).
     clock_offset_secs: AtomicI64,
+    stalls: Arc<faults::StallControl>,
+    /// Tells every open connection to send GOAWAY and close.
+    goaway: tokio::sync::watch::Sender<u64>,
 }
 
 impl SimState {
@@ -111,10 +115,17 @@ impl SimState {
     }
 }
 
-/// Per-connection state: APNs binds a connection to the key of its first push.
+/// APNs refuses a new provider token on a connection within 20 minutes of the
+/// previous one.
+const TOKEN_UPDATE_MIN_SECS: u64 = 20 * 60;
+
+/// Per-connection state: APNs binds a connection to the key of its first push,
+/// and limits how often its provider token may change.
 #[derive(Default)]
 struct ConnState {
     key: Option<(String, String)>,
+    /// The provider token in use and when (simulator clock) it was first seen.
+    token: Option<(String, u64)>,
 }
 
 pub struct SimOptions {
@@ -237,6 +248,22 @@ impl ApnsSim {
             .extend(answers);
     }
 
+    /// Makes every connection open now go silent: no answers, no PING replies,
+    /// as if the network black-holed it. New connections work.
+    pub fn stall_existing_connections(&self) {
+        self.state.stalls.stall_existing();
+    }
+
+    /// Sends GOAWAY on every open connection.
+    pub fn goaway(&self) {
+        self.state.goaway.send_modify(|n| *n += 1);
+    }
+
+    /// Connections accepted so far, both environments.
+    pub fn connections_accepted(&self) -> u64 {
+        self.state.stalls.accepted()
+    }
+
     /// Shifts the simulator's clock (provider-token age checks).
     pub fn set_clock_offset(&self, secs: i64) {
         self.state.clock_offset_secs.store(secs, Ordering::Relaxed);
@@ -280,8 +307,11 @@ async fn serve_apns(
         let acceptor = acceptor.clone();
         let state = state.clone();
         let shutdown = shutdown.clone();
+        let number = state.stalls.next_connection();
+        let stallable = faults::Stallable::new(tcp, number, state.stalls.clone());
+        let mut goaway = state.goaway.subscribe();
         tokio::spawn(async move {
-            let Ok(tls) = acceptor.accept(tcp).await else {
+            let Ok(tls) = acceptor.accept(stallable).await else {
                 debug!(%peer, "TLS handshake failed");
                 return;
             };
@@ -295,9 +325,23 @@ async fn serve_apns(
             });
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tls), service);
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                r = conn => if let Err(e) = r { debug!(%peer, error = %e, "simulator connection ended"); }
+            tokio::pin!(conn);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    // GOAWAY: in-flight streams finish, new ones go to a new connection.
+                    changed = goaway.changed() => {
+                        if changed.is_ok() {
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    }
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            debug!(%peer, error = %e, "simulator connection ended");
+                        }
+                        return;
+                    }
+                }
             }
         });
     }
@@ -397,6 +441,19 @@ fn decide(
             Some(bound) if *bound != key => return Err((403, "UnrelatedKeyIdInToken")),
             Some(_) => {}
             None => conn.key = Some(key),
+        }
+        let jwt = parts
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let now = state.now();
+        match &conn.token {
+            Some((current, _)) if current == jwt => {}
+            Some((_, since)) if now.saturating_sub(*since) < TOKEN_UPDATE_MIN_SECS => {
+                return Err((429, "TooManyProviderTokenUpdates"));
+            }
+            _ => conn.token = Some((jwt.to_string(), now)),
         }
     }
     let bundle = validate::check_topic(topic, &identity, &state.apps)?;

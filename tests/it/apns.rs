@@ -18,6 +18,8 @@ struct Rig {
     sim: ApnsSim,
     client: ApnsClient,
     key: SigningKey,
+    /// One provider token for the rig's connections, as APNs expects.
+    jwt: Arc<str>,
     _key_files: TestKey,
 }
 
@@ -51,16 +53,17 @@ async fn rig() -> Rig {
     Rig {
         sim,
         client,
+        jwt: Arc::from(key.sign(unix_now())),
         key,
         _key_files: key_files,
     }
 }
 
-fn request(token: &str, key: &SigningKey) -> PushRequest {
+fn request(token: &str, jwt: &Arc<str>) -> PushRequest {
     PushRequest {
         token: token.into(),
         topic: format!("{BUNDLE}.voip"),
-        provider_token: Arc::from(key.sign(unix_now())),
+        provider_token: jwt.clone(),
         apns_id: uuid::Uuid::new_v4(),
         expiration: unix_now() + 45,
         priority: 10,
@@ -85,7 +88,7 @@ async fn simulator_enforces_apples_rules() {
     let rig = rig().await;
     let token = random_token();
     rig.sim.register_token(Environment::Sandbox, &token, BUNDLE);
-    let good = request(&token, &rig.key);
+    let good = request(&token, &rig.jwt);
 
     assert_eq!(answer(&rig, Environment::Sandbox, &good).await, (200, None));
     // Same token, wrong environment: Apple's most common VoIP failure.
@@ -93,7 +96,7 @@ async fn simulator_enforces_apples_rules() {
         answer(&rig, Environment::Production, &good).await,
         (400, Some("BadDeviceToken".into()))
     );
-    let unknown = request(&random_token(), &rig.key);
+    let unknown = request(&random_token(), &rig.jwt);
     assert_eq!(
         answer(&rig, Environment::Sandbox, &unknown).await,
         (400, Some("BadDeviceToken".into()))
@@ -195,7 +198,7 @@ async fn answers_carry_status_reason_apns_id_and_410_timestamp() {
             delay_ms: 0,
         }],
     );
-    let req = request(&token, &rig.key);
+    let req = request(&token, &rig.jwt);
     let r = rig
         .client
         .send(Environment::Production, &req, Duration::from_secs(5))
@@ -232,10 +235,11 @@ async fn control_api_registers_lists_and_resets() {
 
     let client = sim_client(&sim);
     let signing = SigningKey::from_p8_file(&key.app.key_file, "TEAMAAAAAA", "KEYAAAAAAA").unwrap();
+    let jwt: Arc<str> = Arc::from(signing.sign(unix_now()));
     let r = client
         .send(
             Environment::Sandbox,
-            &request(&token, &signing),
+            &request(&token, &jwt),
             Duration::from_secs(5),
         )
         .await
@@ -257,7 +261,7 @@ async fn control_api_registers_lists_and_resets() {
     let r = client
         .send(
             Environment::Sandbox,
-            &request(&token, &signing),
+            &request(&token, &jwt),
             Duration::from_secs(5),
         )
         .await
@@ -456,4 +460,25 @@ async fn configuration_errors_fail_at_once() {
         "the token stays live"
     );
     env.cleanup().await;
+}
+
+#[tokio::test]
+async fn simulator_refuses_a_new_provider_token_within_twenty_minutes_on_one_connection() {
+    let rig = rig().await;
+    let token = random_token();
+    rig.sim
+        .register_token(Environment::Production, &token, BUNDLE);
+    let first = request(&token, &rig.jwt);
+    assert_eq!(answer(&rig, Environment::Production, &first).await.0, 200);
+    // Same connection, a newly minted token (another iat): refused.
+    let mut second = first.clone();
+    second.provider_token = Arc::from(rig.key.sign(unix_now() - 5));
+    assert_eq!(
+        answer(&rig, Environment::Production, &second).await,
+        (429, Some("TooManyProviderTokenUpdates".into()))
+    );
+    // The first token still works there; the new one works on a new connection.
+    assert_eq!(answer(&rig, Environment::Production, &first).await.0, 200);
+    rig.client.reset(Environment::Production).await;
+    assert_eq!(answer(&rig, Environment::Production, &second).await.0, 200);
 }

@@ -21,6 +21,8 @@ use voip_push_worker::Worker;
 
 pub const ADMIN_PG: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub const BUNDLE: &str = "com.example.chat";
+/// A second app, of another team with its own key (several-apps tests).
+pub const BUNDLE2: &str = "com.example.work";
 
 pub fn unique(prefix: &str) -> String {
     format!(
@@ -130,8 +132,8 @@ pub struct TestEnv {
     unclaimed: Vec<PushResult>,
     pub publisher: Publisher,
     pub db: TestDb,
-    /// Kept alive for the key file and CA it holds.
-    _key: TestKey,
+    /// Kept alive for the key files and CA they hold.
+    _keys: [TestKey; 2],
 }
 
 impl TestEnv {
@@ -142,8 +144,10 @@ impl TestEnv {
     /// Like `new`, with a chance to adjust the configuration first.
     pub async fn with(adjust: impl FnOnce(&mut Config)) -> Self {
         let key = TestKey::new(BUNDLE, "TEAM000001", "KEY0000001");
+        let key2 = TestKey::new(BUNDLE2, "TEAM000002", "KEY0000002");
+        let apps = vec![key.app.clone(), key2.app.clone()];
         let sim = ApnsSim::start(SimOptions::local(
-            SimApp::from_config(std::slice::from_ref(&key.app)).expect("sim app"),
+            SimApp::from_config(&apps).expect("sim apps"),
         ))
         .await
         .expect("simulator");
@@ -164,7 +168,7 @@ impl TestEnv {
         cfg.apns.production_url = sim.production_url();
         cfg.apns.sandbox_url = sim.sandbox_url();
         cfg.apns.ca_file = Some(ca_file);
-        cfg.apns.apps = vec![key.app.clone()];
+        cfg.apns.apps = apps;
         cfg.worker.retry_min_delay_ms = 20;
         cfg.worker.retry_max_delay_ms = 200;
         cfg.worker.retry_delay_ms = 100;
@@ -183,7 +187,7 @@ impl TestEnv {
             unclaimed: Vec::new(),
             publisher,
             db,
-            _key: key,
+            _keys: [key, key2],
         };
         env.start_worker().await;
         env

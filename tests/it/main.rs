@@ -5,4 +5,5 @@
 mod apns;
 mod cli;
 mod common;
+mod delivery;
 mod pipeline;

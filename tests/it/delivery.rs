@@ -1,0 +1,374 @@
+//! APNs delivery rules end to end: token lifecycle, provider tokens, connections,
+//! several apps.
+
+use serde_json::json;
+use std::collections::HashSet;
+use voip_push_worker::apns_sim::Scripted;
+use voip_push_worker::event::{now_ms, Environment, Status};
+
+use crate::common::{metric, random_token, TestEnv, BUNDLE, BUNDLE2};
+
+fn scripted(status: u16, reason: &str) -> Scripted {
+    Scripted {
+        status,
+        reason: Some(reason.into()),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn gone_410_invalidates_only_tokens_registered_before_apples_timestamp() {
+    let mut env = TestEnv::new().await;
+    let stale = env
+        .device("70", Some(Environment::Production), Environment::Production)
+        .await;
+    let fresh = env
+        .device("71", Some(Environment::Production), Environment::Production)
+        .await;
+    // Apple learned `stale` was gone after it was registered; `fresh` was
+    // registered again after Apple's timestamp (a reinstall), so it stays live.
+    env.sim.script(
+        &stale,
+        [Scripted {
+            timestamp_ms: Some(now_ms() + 60_000),
+            ..scripted(410, "Unregistered")
+        }],
+    );
+    env.sim.script(
+        &fresh,
+        [Scripted {
+            timestamp_ms: Some(now_ms() - 3_600_000),
+            ..scripted(410, "ExpiredToken")
+        }],
+    );
+    env.publish(json!({"callId":"gone-1","toUserId":70})).await;
+    env.publish(json!({"callId":"gone-2","toUserId":71})).await;
+    let r1 = &env.results_for("gone-1", 1).await[0];
+    assert_eq!(
+        (r1.status, r1.apns_status, r1.attempts),
+        (Status::TokenInvalidated, Some(410), 1)
+    );
+    let r2 = &env.results_for("gone-2", 1).await[0];
+    assert_eq!(
+        (r2.status, r2.reason.as_deref()),
+        (Status::Failed, Some("ExpiredToken"))
+    );
+    assert!(env
+        .store
+        .live_devices("70", BUNDLE)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(env.store.live_devices("71", BUNDLE).await.unwrap().len(), 1);
+
+    // Invalidated: never pushed again; re-registration brings it back.
+    env.publish(json!({"callId":"gone-3","toUserId":70})).await;
+    assert_eq!(
+        env.results_for("gone-3", 1).await[0].status,
+        Status::NoDevice
+    );
+    env.store
+        .register_device("70", BUNDLE, &stale, None)
+        .await
+        .unwrap();
+    env.publish(json!({"callId":"gone-4","toUserId":70})).await;
+    assert_eq!(
+        env.results_for("gone-4", 1).await[0].status,
+        Status::Delivered
+    );
+    let stale_requests = env
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.token == stale)
+        .count();
+    assert_eq!(stale_requests, 2, "gone-1 and gone-4 only");
+    let (_, text) = env.http_get("/metrics").await;
+    assert_eq!(
+        metric(
+            &text,
+            "voip_push_tokens_invalidated_total{reason=\"Unregistered\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "voip_push_tokens_invalidated_total{reason=\"ExpiredToken\"}"
+        ),
+        0.0
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn device_token_not_for_topic_is_invalidated_and_success_is_recorded() {
+    let mut env = TestEnv::new().await;
+    let alert_token = random_token();
+    // An alert token of the app, sent as if it were the VoIP token.
+    env.sim
+        .register_token(Environment::Production, &alert_token, "com.example.other");
+    env.store
+        .register_device("80", BUNDLE, &alert_token, Some(Environment::Production))
+        .await
+        .unwrap();
+    let good = env
+        .device("80", Some(Environment::Production), Environment::Production)
+        .await;
+    env.publish(json!({"callId":"topic-1","toUserId":80})).await;
+    let results = env.results_for("topic-1", 2).await;
+    let statuses: HashSet<_> = results
+        .iter()
+        .map(|r| (r.token_suffix.clone().unwrap(), r.status))
+        .collect();
+    assert!(statuses.contains(&(alert_token[56..].to_string(), Status::TokenInvalidated)));
+    assert!(statuses.contains(&(good[56..].to_string(), Status::Delivered)));
+
+    let (client, conn) = tokio_postgres::connect(&env.db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let rows = client
+        .query(
+            "SELECT voip_token, last_success_at IS NOT NULL, invalid_reason FROM devices WHERE user_id = '80'",
+            &[],
+        )
+        .await
+        .unwrap();
+    for row in rows {
+        let token: String = row.get(0);
+        let succeeded: bool = row.get(1);
+        let reason: Option<String> = row.get(2);
+        if token == good {
+            assert!(succeeded && reason.is_none());
+        } else {
+            assert!(!succeeded);
+            assert_eq!(reason.as_deref(), Some("DeviceTokenNotForTopic"));
+        }
+    }
+    drop(client);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn expired_provider_token_is_refreshed_once_on_a_fresh_connection() {
+    let mut env = TestEnv::new().await;
+    let token = env
+        .device("90", Some(Environment::Production), Environment::Production)
+        .await;
+    env.sim
+        .script(&token, [scripted(403, "ExpiredProviderToken")]);
+    env.publish(json!({"callId":"exp-1","toUserId":90})).await;
+    let r = &env.results_for("exp-1", 1).await[0];
+    assert_eq!((r.status, r.attempts), (Status::Delivered, 2));
+    let requests = env.sim.requests();
+    assert_eq!(requests.len(), 2);
+    assert_ne!(
+        requests[0].provider_token_id, requests[1].provider_token_id,
+        "a new token after the refusal"
+    );
+    let (_, text) = env.http_get("/metrics").await;
+    assert_eq!(metric(&text, "voip_push_provider_tokens_signed_total"), 2.0);
+
+    // A second refusal in the same delivery is not refreshed again: it fails.
+    env.sim.script(
+        &token,
+        [
+            scripted(403, "ExpiredProviderToken"),
+            scripted(403, "ExpiredProviderToken"),
+        ],
+    );
+    env.publish(json!({"callId":"exp-2","toUserId":90})).await;
+    let r = &env.results_for("exp-2", 1).await[0];
+    assert_eq!((r.status, r.attempts), (Status::Failed, 2));
+    let (_, text) = env.http_get("/metrics").await;
+    assert_eq!(metric(&text, "voip_push_provider_tokens_signed_total"), 3.0);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_thousand_pushes_use_one_provider_token_per_key() {
+    let mut env = TestEnv::new().await;
+    let users: Vec<String> = (0..200).map(|i| format!("bulk-{i}")).collect();
+    for user in &users {
+        for _ in 0..5 {
+            env.device(user, Some(Environment::Production), Environment::Production)
+                .await;
+        }
+    }
+    for (i, user) in users.iter().enumerate() {
+        env.publish(json!({"callId": format!("bulk-call-{i}"), "toUserId": user}))
+            .await;
+    }
+    for i in 0..users.len() {
+        let results = env.results_for(&format!("bulk-call-{i}"), 5).await;
+        assert!(results.iter().all(|r| r.status == Status::Delivered));
+    }
+    let requests = env.sim.requests();
+    assert_eq!(requests.len(), 1000);
+    let tokens: HashSet<_> = requests
+        .iter()
+        .map(|r| r.provider_token_id.clone())
+        .collect();
+    assert_eq!(tokens.len(), 1, "one provider token for 1,000 pushes");
+    let (_, text) = env.http_get("/metrics").await;
+    assert_eq!(metric(&text, "voip_push_provider_tokens_signed_total"), 1.0);
+    assert!(
+        metric(
+            &text,
+            "voip_push_apns_connections_opened_total{environment=\"production\"}"
+        ) <= 2.0
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn each_app_pushes_with_its_own_topic_key_and_connections() {
+    let mut env = TestEnv::new().await;
+    let chat = env
+        .device(
+            "100",
+            Some(Environment::Production),
+            Environment::Production,
+        )
+        .await;
+    let work = random_token();
+    env.sim
+        .register_token(Environment::Production, &work, BUNDLE2);
+    env.store
+        .register_device("100", BUNDLE2, &work, Some(Environment::Production))
+        .await
+        .unwrap();
+
+    env.publish(json!({"callId":"app-1","toUserId":100})).await;
+    env.publish(json!({"callId":"app-2","toUserId":100,"bundleId":BUNDLE2}))
+        .await;
+    env.publish(json!({"callId":"app-3","toUserId":100,"bundleId":"com.example.unknown"}))
+        .await;
+    let r1 = &env.results_for("app-1", 1).await[0];
+    assert_eq!(
+        (r1.status, r1.bundle_id.as_deref()),
+        (Status::Delivered, Some(BUNDLE))
+    );
+    let r2 = &env.results_for("app-2", 1).await[0];
+    assert_eq!(
+        (r2.status, r2.bundle_id.as_deref()),
+        (Status::Delivered, Some(BUNDLE2))
+    );
+    let r3 = &env.results_for("app-3", 1).await[0];
+    assert_eq!(r3.status, Status::InvalidEvent);
+    assert!(r3
+        .reason
+        .as_deref()
+        .unwrap()
+        .contains("com.example.unknown"));
+
+    let requests = env.sim.requests();
+    assert_eq!(requests.len(), 2, "{requests:#?}");
+    let chat_req = requests.iter().find(|r| r.token == chat).unwrap();
+    let work_req = requests.iter().find(|r| r.token == work).unwrap();
+    assert_eq!(chat_req.headers["apns-topic"], format!("{BUNDLE}.voip"));
+    assert_eq!(work_req.headers["apns-topic"], format!("{BUNDLE2}.voip"));
+    assert_ne!(chat_req.provider_token_id, work_req.provider_token_id);
+    let (_, text) = env.http_get("/metrics").await;
+    assert_eq!(metric(&text, "voip_push_provider_tokens_signed_total"), 2.0);
+    // Two keys, so two connections: APNs binds a connection to one key.
+    assert_eq!(
+        metric(
+            &text,
+            "voip_push_apns_connections_opened_total{environment=\"production\"}"
+        ),
+        2.0
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn oversized_payload_fails_before_any_request() {
+    let mut env = TestEnv::new().await;
+    env.device(
+        "110",
+        Some(Environment::Production),
+        Environment::Production,
+    )
+    .await;
+    env.publish(json!({"callId":"big-1","toUserId":110,"fromDisplayName":"x".repeat(6000)}))
+        .await;
+    let r = &env.results_for("big-1", 1).await[0];
+    assert_eq!(
+        (r.status, r.reason.as_deref(), r.attempts),
+        (Status::Failed, Some("PayloadTooLarge"), 0)
+    );
+    assert!(env.sim.requests().is_empty());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn stalled_connection_is_replaced_and_the_push_lands_within_the_ring() {
+    let mut env = TestEnv::with(|cfg| {
+        cfg.apns.connections_per_environment = 1;
+        cfg.apns.request_timeout_ms = 1_500;
+        cfg.apns.ping_interval_secs = 1;
+        cfg.apns.ping_timeout_secs = 1;
+    })
+    .await;
+    env.device(
+        "120",
+        Some(Environment::Production),
+        Environment::Production,
+    )
+    .await;
+    env.publish(json!({"callId":"stall-0","toUserId":120}))
+        .await;
+    assert_eq!(
+        env.results_for("stall-0", 1).await[0].status,
+        Status::Delivered
+    );
+    let before = env.sim.connections_accepted();
+
+    // The network black-holes the open connection: no answers, no PING replies.
+    env.sim.stall_existing_connections();
+    env.publish(json!({"callId":"stall-1","toUserId":120,"ringTimeoutSecs":20}))
+        .await;
+    let r = &env.results_for("stall-1", 1).await[0];
+    assert_eq!(r.status, Status::Delivered, "{r:?}");
+    assert!(r.latency_ms.unwrap() < 20_000);
+    assert!(
+        env.sim.connections_accepted() > before,
+        "a new connection was opened"
+    );
+    let delivered: Vec<_> = env
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|q| q.headers["apns-collapse-id"] == "stall-1" && q.status == 200)
+        .collect();
+    assert_eq!(delivered.len(), 1);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn goaway_moves_pushes_to_a_new_connection() {
+    let mut env = TestEnv::with(|cfg| cfg.apns.connections_per_environment = 1).await;
+    env.device(
+        "130",
+        Some(Environment::Production),
+        Environment::Production,
+    )
+    .await;
+    env.publish(json!({"callId":"ga-0","toUserId":130})).await;
+    assert_eq!(
+        env.results_for("ga-0", 1).await[0].status,
+        Status::Delivered
+    );
+    let before = env.sim.connections_accepted();
+    env.sim.goaway();
+    // The client notices the GOAWAY (connection closed) and reconnects.
+    for i in 1..=3 {
+        let call = format!("ga-{i}");
+        env.publish(json!({"callId": call, "toUserId":130})).await;
+        assert_eq!(env.results_for(&call, 1).await[0].status, Status::Delivered);
+    }
+    assert!(env.sim.connections_accepted() > before);
+    env.cleanup().await;
+}
