@@ -2,24 +2,32 @@
 CARGO ?= cargo
 BIN := target/debug/voip-push-worker
 
-.PHONY: demo test lint fmt build run migrate apns-sim services
+.PHONY: demo test test-faults lint check-ops fmt build run migrate apns-sim services
 
 ## The main job end to end on this machine: migrate, simulator, device, call, result, metrics.
 demo: services
 	$(CARGO) build --quiet
 	$(BIN) demo
 
-## The whole suite: formatting, lints, unit and integration tests (real RabbitMQ, Postgres, TLS/HTTP/2).
-test: services lint
-	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		$(CARGO) nextest run --no-fail-fast; \
-	else \
-		$(CARGO) test --no-fail-fast; \
-	fi
+## The whole suite: formatting, lints, ops checks, unit and integration tests
+## (real RabbitMQ, Postgres, TLS/HTTP/2), then the fault-injection tests.
+test: services lint check-ops
+	@$(CARGO) nextest --version >/dev/null 2>&1 || { echo "make test needs cargo-nextest: cargo install --locked cargo-nextest" >&2; exit 2; }
+	$(CARGO) nextest run --no-fail-fast
+	$(MAKE) --no-print-directory test-faults
+
+## Fault injection (kill -9, broker connections closed, Postgres restart, black-holed
+## APNs path, duplicates, fuzz): restarts shared services, so runs alone, serially.
+test-faults: services
+	$(CARGO) nextest run --profile faults --no-fail-fast
 
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+
+## Alert rules (promtool), Kubernetes manifests (kustomize + schemas), compose file.
+check-ops:
+	scripts/check-ops.sh
 
 fmt:
 	$(CARGO) fmt

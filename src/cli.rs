@@ -370,6 +370,11 @@ pub async fn demo(mut config: Config) -> Result<(), CommandError> {
                 .unwrap_or(""),
         );
     }
+    // Counters move as the event is settled, just after its results go out.
+    let settle_deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while worker.metrics.in_flight.get() > 0 && tokio::time::Instant::now() < settle_deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     println!("== 7. key metrics");
     for line in worker.metrics.render().lines() {
         if line.starts_with("voip_push_")
@@ -399,4 +404,77 @@ pub async fn demo(mut config: Config) -> Result<(), CommandError> {
             result.status.as_str()
         )))
     }
+}
+
+#[derive(clap::Args)]
+pub struct DoctorArgs {
+    /// Print the report as JSON (stable; see the README).
+    #[arg(long)]
+    pub json: bool,
+    /// Also ask a running worker's /readyz, e.g. http://127.0.0.1:9464.
+    #[arg(long)]
+    pub url: Option<String>,
+}
+
+/// Every check, printed; `Failed` (exit 1) when any check failed. Loads the
+/// configuration itself, so an invalid one is reported, not fatal.
+pub async fn doctor(file: Option<&std::path::Path>, a: DoctorArgs) -> Result<(), CommandError> {
+    let opts = crate::doctor::Options {
+        worker_url: a.url,
+        ..Default::default()
+    };
+    let report = crate::doctor::run_from_file(file, &opts).await;
+    print_out(&if a.json {
+        crate::doctor::render_json(&report) + "\n"
+    } else {
+        crate::doctor::render_human(&report)
+    });
+    if report.ok {
+        Ok(())
+    } else {
+        Err(failed(format!(
+            "doctor: {} check(s) failed",
+            report.count(crate::doctor::Status::Fail)
+        )))
+    }
+}
+
+#[derive(clap::Args)]
+pub struct ListDevicesArgs {
+    #[arg(long)]
+    pub user: String,
+    /// Print JSON: {"userId", "devices": [...]}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn list_devices(config: &Config, a: ListDevicesArgs) -> Result<(), CommandError> {
+    let mut pg: tokio_postgres::Config = config
+        .postgres
+        .url
+        .parse()
+        .map_err(|e| CommandError::Usage(format!("VPW__POSTGRES__URL: {e}")))?;
+    pg.connect_timeout(crate::doctor::STEP_TIMEOUT);
+    let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| {
+        failed(format!(
+            "postgres at {}: {e}",
+            crate::config::redact_url(&config.postgres.url)
+        ))
+    })?;
+    tokio::spawn(conn);
+    let devices = crate::doctor::devices::list(&client, &a.user)
+        .await
+        .map_err(|e| failed(format!("postgres: {e} (run `voip-push-worker migrate`?)")))?;
+    print_out(&if a.json {
+        crate::doctor::devices::render_json(&a.user, &devices) + "\n"
+    } else {
+        crate::doctor::devices::render_human(&a.user, &devices)
+    });
+    Ok(())
+}
+
+/// Writes a report to stdout; a reader that went away (`| head`) is not an error.
+fn print_out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }

@@ -8,6 +8,7 @@ pub mod apns;
 pub mod apns_sim;
 pub mod cli;
 pub mod config;
+pub mod doctor;
 pub mod event;
 pub mod http;
 pub mod metrics;
@@ -16,10 +17,11 @@ pub mod store;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::amqp::consumer::{Consumer, ConsumerHealth};
 use crate::amqp::Publisher;
@@ -117,8 +119,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
         publisher: publisher.clone(),
         metrics: metrics.clone(),
     });
+    let worker_id = uuid::Uuid::new_v4().simple().to_string();
+    info!(%worker_id, "worker id (owner of its delivery claims)");
+    tokio::spawn(claim_upkeep(
+        pipeline.store.clone(),
+        worker_id.clone(),
+        Duration::from_secs(cfg.worker.claim_retention_hours * 3600),
+        shutdown.clone(),
+    ));
     let consumer = Consumer {
         pipeline,
+        worker_id,
         publisher: publisher.clone(),
         health: health.clone(),
     };
@@ -135,6 +146,35 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
         http,
         shutdown,
     })
+}
+
+/// Keeps this worker's claim leases alive and purges old claims.
+async fn claim_upkeep(
+    store: Store,
+    worker_id: String,
+    retention: Duration,
+    shutdown: CancellationToken,
+) {
+    // Purging is cheap but pointless every few seconds: once every 10 minutes.
+    const PURGE_EVERY: Duration = Duration::from_secs(600);
+    let mut last_purge: Option<std::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(store::claims::LEASE_RENEW_EVERY) => {}
+        }
+        if let Err(e) = store.renew_leases(&worker_id).await {
+            warn!(error = %e, "could not renew delivery claim leases");
+        }
+        if last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY) {
+            match store.purge_claims(retention).await {
+                Ok(n) if n > 0 => info!(purged = n, "old delivery claims purged"),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "could not purge old delivery claims"),
+            }
+            last_purge = Some(std::time::Instant::now());
+        }
+    }
 }
 
 /// Runs until `shutdown` is cancelled (SIGTERM/SIGINT in `main`).

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use voip_push_worker::cli::{self, CommandError, DeviceArgs, PublishArgs, SimArgs};
+use voip_push_worker::cli::{
+    self, CommandError, DeviceArgs, DoctorArgs, ListDevicesArgs, PublishArgs, SimArgs,
+};
 use voip_push_worker::config::Config;
 
 #[derive(Parser)]
@@ -19,8 +21,8 @@ struct Cli {
     /// TOML configuration file (also VPW_CONFIG); VPW__SECTION__KEY variables override it.
     #[arg(long, global = true, env = "VPW_CONFIG")]
     config: Option<PathBuf>,
-    /// Log as JSON lines (also VPW_LOG_JSON=1).
-    #[arg(long, global = true, env = "VPW_LOG_JSON")]
+    /// Log as JSON lines (also VPW_LOG_JSON=1 or true).
+    #[arg(long, global = true)]
     log_json: bool,
     #[command(subcommand)]
     command: Command,
@@ -43,17 +45,21 @@ enum Command {
     },
     /// Publish one call event the way a producer would.
     PublishCall(PublishArgs),
+    /// Check configuration, keys, APNs, Postgres and RabbitMQ; print the fix for each failure.
+    Doctor(DoctorArgs),
 }
 
 #[derive(Subcommand)]
 enum DevicesCommand {
     /// Register (or refresh) a device token.
     Register(DeviceArgs),
+    /// A user's devices: token suffix, environment, last success, invalidation.
+    List(ListDevicesArgs),
 }
 
-fn init_logging(json: bool) {
-    let filter = EnvFilter::try_from_env("VPW_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,h2=warn,hyper=warn"));
+fn init_logging(json: bool, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_env("VPW_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -64,11 +70,29 @@ fn init_logging(json: bool) {
     }
 }
 
+/// A boolean environment variable: `1`, `true`, `yes` (any case) mean on.
+fn env_flag(name: &str) -> bool {
+    std::env::var(name)
+        .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
+}
+
 fn main() -> ExitCode {
     let args = Cli::parse();
-    init_logging(args.log_json);
+    // The doctor reports what goes wrong itself; log lines would only interleave.
+    let doctor = matches!(args.command, Command::Doctor(_));
+    init_logging(
+        args.log_json || env_flag("VPW_LOG_JSON"),
+        if doctor {
+            "off"
+        } else {
+            "info,lapin=warn,h2=warn,hyper=warn"
+        },
+    );
+    let config_file = args.config.clone();
     let config = match Config::load(args.config.as_deref()) {
         Ok(c) => c,
+        // The doctor loads the configuration itself and reports what is wrong with it.
+        Err(_) if doctor => Config::default(),
         Err(e) => {
             eprintln!("voip-push-worker: {e}");
             return ExitCode::from(2);
@@ -94,6 +118,10 @@ fn main() -> ExitCode {
                 command: DevicesCommand::Register(a),
             } => cli::register_device(&config, a).await,
             Command::PublishCall(a) => cli::publish_call(&config, a).await,
+            Command::Devices {
+                command: DevicesCommand::List(a),
+            } => cli::list_devices(&config, a).await,
+            Command::Doctor(a) => cli::doctor(config_file.as_deref(), a).await,
         }
     });
     match result {

@@ -18,6 +18,7 @@ use crate::event::{
     Status,
 };
 use crate::metrics::Metrics;
+use crate::store::claims::Claim;
 use crate::store::{Device, Store, StoreError};
 
 /// A message as taken from the queue.
@@ -27,6 +28,10 @@ pub struct Incoming {
     pub message_id: Option<String>,
     /// AMQP `timestamp` property, UNIX seconds.
     pub timestamp: Option<u64>,
+    /// The owner recorded on this message's delivery claims: the worker's id and
+    /// a sequence number, so two copies of one event in one worker still exclude
+    /// each other.
+    pub claim_owner: String,
 }
 
 /// How the consumer settles a message.
@@ -58,6 +63,27 @@ pub struct Pipeline {
 /// before the event is returned to the queue.
 /// APNs' limit for VoIP payloads (4096 for other push types).
 pub const MAX_VOIP_PAYLOAD: usize = 5120;
+
+/// How long recording a finished push is retried (a database restart takes a
+/// few seconds).
+const COMPLETE_CLAIM_PATIENCE: Duration = Duration::from_secs(30);
+
+/// How often a worker looks again at a claim another live worker holds.
+const CLAIM_POLL: Duration = Duration::from_millis(250);
+
+/// Everything the pushes of one call event share.
+struct Call<'a> {
+    app: &'a App,
+    event: &'a CallEvent,
+    event_id: &'a str,
+    payload: bytes::Bytes,
+    deadline: Instant,
+    expires_at_ms: i64,
+    sent_at_ms: i64,
+    base: &'a PushResult,
+    /// Who claims the deliveries (this worker and this message).
+    owner: &'a str,
+}
 
 const RESULT_PUBLISH_PATIENCE: Duration = Duration::from_secs(30);
 
@@ -156,20 +182,27 @@ impl Pipeline {
             let deadline = Instant::now() + Duration::from_millis(remaining_ms as u64);
             let payload =
                 bytes::Bytes::from(event.device_payload(sent_at_ms, expires_at_ms).to_string());
-            let pushes = devices.iter().map(|device| {
-                self.push_device(
-                    app,
-                    &event,
-                    &event_id,
-                    device,
-                    payload.clone(),
-                    deadline,
-                    expires_at_ms,
-                    sent_at_ms,
-                    &base,
-                )
-            });
-            join_all(pushes).await
+            let call = Call {
+                app,
+                event: &event,
+                event_id: &event_id,
+                payload,
+                deadline,
+                expires_at_ms,
+                sent_at_ms,
+                base: &base,
+                owner: &msg.claim_owner,
+            };
+            let claimed = join_all(devices.iter().map(|d| self.claimed_push(&call, d))).await;
+            let mut results = Vec::with_capacity(claimed.len());
+            for r in claimed {
+                match r {
+                    Ok(Some(result)) => results.push(result),
+                    Ok(None) => {}
+                    Err(e) => return self.retry("claim a delivery", e),
+                }
+            }
+            results
         };
 
         for r in &results {
@@ -181,6 +214,13 @@ impl Pipeline {
         }
         if let Err(e) = self.publish_results(&results).await {
             return Disposition::Retry(format!("publish results: {e}"));
+        }
+        let published: Vec<i64> = results.iter().filter_map(|r| r.device_id).collect();
+        if !published.is_empty() {
+            if let Err(e) = self.store.mark_published(&event_id, &published).await {
+                // Harmless: a redelivery would re-publish the stored results, never push.
+                warn!(error = %e, "could not mark results as published");
+            }
         }
         let outcome = if results.iter().any(|r| r.status == Status::Delivered) {
             "delivered"
@@ -194,19 +234,96 @@ impl Pipeline {
         Disposition::Ack
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn push_device(
+    /// Pushes to one device at most once per event, across redeliveries,
+    /// duplicates and replicas (see `store::claims`). `None`: another worker
+    /// published (or will publish) this device's result.
+    async fn claimed_push(
         &self,
-        app: &App,
-        event: &CallEvent,
-        event_id: &str,
+        call: &Call<'_>,
         device: &Device,
-        payload: bytes::Bytes,
-        deadline: Instant,
-        expires_at_ms: i64,
-        sent_at_ms: i64,
-        base: &PushResult,
-    ) -> PushResult {
+    ) -> Result<Option<PushResult>, StoreError> {
+        loop {
+            match self
+                .store
+                .claim(call.event_id, device.id, call.owner)
+                .await?
+            {
+                Claim::Push => {
+                    let result = self.push_device(call, device).await;
+                    self.complete_claim(call.event_id, device.id, &result).await;
+                    return Ok(Some(result));
+                }
+                Claim::Republish(stored) => {
+                    info!(
+                        device_id = device.id,
+                        "already pushed by an earlier attempt; re-publishing its result"
+                    );
+                    self.metrics
+                        .retries
+                        .with_label_values(&["redelivered"])
+                        .inc();
+                    return Ok(serde_json::from_value(stored).ok());
+                }
+                Claim::Done => {
+                    info!(
+                        device_id = device.id,
+                        "already pushed and published; skipping"
+                    );
+                    return Ok(None);
+                }
+                Claim::Busy => {
+                    // Another live worker is pushing this device for this event (a
+                    // duplicate message); it publishes the result. Wait in case it
+                    // dies and its lease lapses.
+                    if Instant::now() >= call.deadline {
+                        return Ok(None);
+                    }
+                    tokio::time::sleep(CLAIM_POLL).await;
+                }
+            }
+        }
+    }
+
+    /// Records a push's outcome in its claim. The push already happened, so this
+    /// is retried through a short database outage: until it is recorded, a retry of
+    /// the event would push the device again.
+    async fn complete_claim(&self, event_id: &str, device_id: i64, result: &PushResult) {
+        let stored = serde_json::to_value(result).expect("results serialise");
+        let mut delay = Duration::from_millis(100);
+        let started = Instant::now();
+        loop {
+            match self
+                .store
+                .complete_claim(event_id, device_id, &stored)
+                .await
+            {
+                Ok(()) => return,
+                Err(e) if started.elapsed() < COMPLETE_CLAIM_PATIENCE => {
+                    warn!(device_id, error = %e, "could not record the push yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    warn!(device_id, error = %e, "could not record the push in its claim");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn push_device(&self, call: &Call<'_>, device: &Device) -> PushResult {
+        let Call {
+            app,
+            event,
+            event_id,
+            ref payload,
+            deadline,
+            expires_at_ms,
+            sent_at_ms,
+            base,
+            owner: _,
+        } = *call;
+        let payload = payload.clone();
         let apns_id = uuid::Uuid::new_v5(
             &APNS_ID_NAMESPACE,
             format!("{event_id}/{}", device.id).as_bytes(),

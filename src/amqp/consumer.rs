@@ -29,6 +29,8 @@ pub struct ConsumerHealth {
     pub consuming: AtomicBool,
     /// Unix seconds of the loop's last sign of life.
     pub heartbeat: AtomicU64,
+    /// Times the loop started consuming (1 + reconnects).
+    pub sessions: AtomicU64,
 }
 
 impl ConsumerHealth {
@@ -40,6 +42,8 @@ impl ConsumerHealth {
 
 pub struct Consumer {
     pub pipeline: Arc<Pipeline>,
+    /// This process's id on delivery claims.
+    pub worker_id: String,
     /// Publishes dead letters (with their reason) on the publisher connection.
     pub publisher: Arc<Publisher>,
     pub health: Arc<ConsumerHealth>,
@@ -58,6 +62,7 @@ impl Consumer {
             .with_jitter()
             .without_max_times();
         let mut delays = backoff.build();
+        let mut seq: u64 = 0;
         self.health.beat();
 
         'connection: while !shutdown.is_cancelled() {
@@ -91,6 +96,7 @@ impl Consumer {
             };
             delays = backoff.build();
             self.health.consuming.store(true, Ordering::Relaxed);
+            self.health.sessions.fetch_add(1, Ordering::Relaxed);
             info!(queue = %cfg.amqp.work_queue, concurrency = cfg.worker.concurrency, "consuming");
 
             loop {
@@ -120,11 +126,14 @@ impl Consumer {
                 };
                 let pipeline = self.pipeline.clone();
                 let publisher = self.publisher.clone();
+                let stop = shutdown.clone();
+                seq += 1;
+                let owner = format!("{}/{seq}", self.worker_id);
                 tasks.spawn(async move {
                     let _permit = permit;
                     pipeline.metrics.in_flight.inc();
-                    let msg = incoming(&delivery);
-                    let disposition = pipeline.handle(&msg).await;
+                    let msg = incoming(&delivery, owner);
+                    let disposition = handle_until_settled(&pipeline, &msg, &stop).await;
                     settle(&pipeline, &publisher, &delivery, disposition).await;
                     pipeline.metrics.in_flight.dec();
                 });
@@ -171,8 +180,38 @@ async fn drain(tasks: &mut JoinSet<()>, timeout: Duration) {
     }
 }
 
-fn incoming(d: &Delivery) -> Incoming {
+/// Handles a message until it can be settled. A fault (database or broker down)
+/// is retried here, with the message held unacknowledged and a growing pause,
+/// rather than requeued: a requeue would count against the queue's delivery limit
+/// and send good events to the dead-letter queue during an outage. Only shutdown
+/// returns such a message to the queue.
+async fn handle_until_settled(
+    pipeline: &Pipeline,
+    msg: &Incoming,
+    shutdown: &CancellationToken,
+) -> Disposition {
+    let mut delay = Duration::from_millis(pipeline.cfg.worker.retry_delay_ms);
+    loop {
+        match pipeline.handle(msg).await {
+            Disposition::Retry(reason) if !shutdown.is_cancelled() => {
+                warn!(%reason, retry_in_ms = delay.as_millis() as u64, "event not handled; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Disposition::Retry(reason),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(MAX_RETRY_PAUSE);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Longest pause between two tries of an event that hit a fault.
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(15);
+
+fn incoming(d: &Delivery, claim_owner: String) -> Incoming {
     Incoming {
+        claim_owner,
         body: d.data.clone(),
         message_id: d
             .properties
@@ -194,9 +233,8 @@ async fn settle(
     let result = match disposition {
         Disposition::Ack => d.acker.ack(BasicAckOptions::default()).await,
         Disposition::Retry(reason) => {
-            // A pause before the requeue: a database outage must not become a hot loop.
+            // Only at shutdown: back to the queue for another worker.
             warn!(%reason, "returning the event to the queue");
-            tokio::time::sleep(Duration::from_millis(cfg.worker.retry_delay_ms)).await;
             d.acker
                 .nack(BasicNackOptions {
                     requeue: true,

@@ -7,11 +7,18 @@ use tokio_postgres::Client;
 use super::StoreError;
 
 /// (version, name, SQL). Append only: an applied migration is never edited.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "devices",
-    include_str!("../../migrations/0001_devices.sql"),
-)];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "devices",
+        include_str!("../../migrations/0001_devices.sql"),
+    ),
+    (
+        2,
+        "delivery_claims",
+        include_str!("../../migrations/0002_delivery_claims.sql"),
+    ),
+];
 
 /// Arbitrary but fixed: the key of the advisory lock migrations hold.
 const MIGRATION_LOCK_KEY: i64 = 0x766f_6970_7075_7368; // "voippush"

@@ -1,5 +1,7 @@
 //! Postgres: the connection pool, migrations, and the device queries.
 
+pub mod claims;
+pub mod external;
 pub mod migrate;
 
 use std::time::Duration;
@@ -71,6 +73,8 @@ pub struct Device {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// Set when `store.token_query` points at a team's own token table.
+    external: Option<std::sync::Arc<external::ExternalTokens>>,
 }
 
 fn pg_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
@@ -134,7 +138,26 @@ impl Store {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Url(e.to_string()))?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            external: None,
+        })
+    }
+
+    /// Reads tokens with `store.token_query` (when set) instead of our `devices`
+    /// table; see [`external`].
+    pub fn with_token_queries(mut self, cfg: &crate::config::StoreConfig) -> Self {
+        self.external = external::ExternalTokens::from_config(cfg).map(std::sync::Arc::new);
+        self
+    }
+
+    /// Forgets a token (every app): `DELETE /v1/devices/{token}`.
+    pub async fn unregister_token(&self, token: &str) -> Result<u64, StoreError> {
+        let token = normalize_token(token)?;
+        let client = self.pool.get().await?;
+        Ok(client
+            .execute("DELETE FROM devices WHERE voip_token = $1", &[&token])
+            .await?)
     }
 
     pub async fn migrate(&self) -> Result<Vec<i32>, StoreError> {
@@ -184,6 +207,9 @@ impl Store {
         user_id: &str,
         bundle_id: &str,
     ) -> Result<Vec<Device>, StoreError> {
+        if let Some(ext) = &self.external {
+            return ext.live_devices(&self.pool, user_id, bundle_id).await;
+        }
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(
@@ -212,6 +238,9 @@ impl Store {
         device_id: i64,
         environment: Environment,
     ) -> Result<(), StoreError> {
+        if let (Some(ext), true) = (&self.external, device_id < 0) {
+            return ext.record_success(&self.pool, device_id, environment).await;
+        }
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(
@@ -233,6 +262,9 @@ impl Store {
         reason: &str,
         unless_registered_after_ms: Option<i64>,
     ) -> Result<bool, StoreError> {
+        if let (Some(ext), true) = (&self.external, device_id < 0) {
+            return ext.invalidate(&self.pool, device_id, reason).await;
+        }
         let client = self.pool.get().await?;
         let n = client
             .execute(

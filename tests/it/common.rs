@@ -143,6 +143,13 @@ impl TestEnv {
 
     /// Like `new`, with a chance to adjust the configuration first.
     pub async fn with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let mut env = Self::without_worker(adjust).await;
+        env.start_worker().await;
+        env
+    }
+
+    /// Everything but the worker (tests that run workers as processes).
+    pub async fn without_worker(adjust: impl FnOnce(&mut Config)) -> Self {
         let key = TestKey::new(BUNDLE, "TEAM000001", "KEY0000001");
         let key2 = TestKey::new(BUNDLE2, "TEAM000002", "KEY0000002");
         let apps = vec![key.app.clone(), key2.app.clone()];
@@ -178,7 +185,7 @@ impl TestEnv {
         store.migrate().await.expect("migrate");
         let watch = ResultWatch::open(&cfg.amqp).await.expect("result watch");
         let publisher = Publisher::new(cfg.amqp.clone(), "test producer");
-        let mut env = Self {
+        Self {
             cfg,
             sim,
             store,
@@ -188,9 +195,7 @@ impl TestEnv {
             publisher,
             db,
             _keys: [key, key2],
-        };
-        env.start_worker().await;
-        env
+        }
     }
 
     pub async fn start_worker(&mut self) {
@@ -311,6 +316,24 @@ impl TestEnv {
         out
     }
 
+    /// Polls `/metrics` until the series `name_and_labels` reads `want` (counters
+    /// move just after results are published, so a test may see a result first).
+    pub async fn wait_metric(&self, name_and_labels: &str, want: f64) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, text) = self.http_get("/metrics").await;
+            let got = metric(&text, name_and_labels);
+            if got == want {
+                return text;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name_and_labels} is {got}, expected {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     /// GET on the worker's HTTP listener: (status, body).
     pub async fn http_get(&self, path: &str) -> (u16, String) {
         http_get(self.worker().http_addr, path).await
@@ -342,6 +365,36 @@ impl TestEnv {
         }
         self.db.drop_db().await;
     }
+}
+
+/// The worker binary configured like `cfg` (database, AMQP names, APNs URLs and
+/// CA, its first app), through the environment an operator would set.
+pub fn binary_for(cfg: &Config) -> std::process::Command {
+    let app = &cfg.apps()[0];
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_voip-push-worker"));
+    c.env_remove("VPW_CONFIG")
+        .env("VPW_LOG", "warn")
+        .env("VPW__POSTGRES__URL", &cfg.postgres.url)
+        .env("VPW__AMQP__CALL_EXCHANGE", &cfg.amqp.call_exchange)
+        .env("VPW__AMQP__WORK_QUEUE", &cfg.amqp.work_queue)
+        .env(
+            "VPW__AMQP__DEAD_LETTER_EXCHANGE",
+            &cfg.amqp.dead_letter_exchange,
+        )
+        .env("VPW__AMQP__DEAD_LETTER_QUEUE", &cfg.amqp.dead_letter_queue)
+        .env("VPW__AMQP__RESULTS_EXCHANGE", &cfg.amqp.results_exchange)
+        .env("VPW__HTTP__LISTEN", "127.0.0.1:0")
+        .env("VPW__APNS__PRODUCTION_URL", &cfg.apns.production_url)
+        .env("VPW__APNS__SANDBOX_URL", &cfg.apns.sandbox_url)
+        .env(
+            "VPW__APNS__CA_FILE",
+            cfg.apns.ca_file.as_ref().expect("CA file"),
+        )
+        .env("VPW__APNS__BUNDLE_ID", &app.bundle_id)
+        .env("VPW__APNS__TEAM_ID", &app.team_id)
+        .env("VPW__APNS__KEY_ID", &app.key_id)
+        .env("VPW__APNS__KEY_FILE", &app.key_file);
+    c
 }
 
 /// A minimal HTTP/1.1 request, enough for plain-text and JSON endpoints:

@@ -6,4 +6,7 @@ mod apns;
 mod cli;
 mod common;
 mod delivery;
+mod doctor;
+mod faults;
+mod ops;
 mod pipeline;

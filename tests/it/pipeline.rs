@@ -116,12 +116,9 @@ async fn seeds_event_rings_each_live_device_exactly_once() {
     assert_eq!(live.len(), 2);
 
     // Metrics moved.
-    let (status, text) = env.http_get("/metrics").await;
-    assert_eq!(status, 200);
-    assert_eq!(
-        metric(&text, "voip_push_events_total{outcome=\"delivered\"}"),
-        1.0
-    );
+    let text = env
+        .wait_metric("voip_push_events_total{outcome=\"delivered\"}", 1.0)
+        .await;
     assert_eq!(
         metric(
             &text,
@@ -200,11 +197,8 @@ async fn user_without_device_gets_no_device() {
     assert_eq!(results[0].device_id, None);
     assert_eq!(results[0].attempts, 0);
     assert!(env.sim.requests().is_empty());
-    let (_, text) = env.http_get("/metrics").await;
-    assert_eq!(
-        metric(&text, "voip_push_events_total{outcome=\"no_device\"}"),
-        1.0
-    );
+    env.wait_metric("voip_push_events_total{outcome=\"no_device\"}", 1.0)
+        .await;
     env.cleanup().await;
 }
 
@@ -261,15 +255,10 @@ async fn malformed_events_are_dead_lettered_and_good_events_still_flow() {
     assert_eq!(env.sim.requests().len(), 1);
     assert_eq!(env.sim.requests()[0].token, token);
 
-    let (_, text) = env.http_get("/metrics").await;
-    assert_eq!(
-        metric(&text, "voip_push_events_total{outcome=\"invalid\"}"),
-        4.0
-    );
-    assert_eq!(
-        metric(&text, "voip_push_events_total{outcome=\"delivered\"}"),
-        1.0
-    );
+    env.wait_metric("voip_push_events_total{outcome=\"invalid\"}", 4.0)
+        .await;
+    env.wait_metric("voip_push_events_total{outcome=\"delivered\"}", 1.0)
+        .await;
     env.cleanup().await;
 }
 

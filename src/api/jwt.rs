@@ -1,0 +1,321 @@
+//! Just enough JWT (RFC 7519) for our two uses, on `ring` like the provider tokens:
+//! verifying app users' bearer tokens (HS256, or RS256/ES256 with a PEM public key)
+//! and signing Twilio access tokens (HS256).
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use ring::{hmac, signature};
+use serde_json::{Map, Value};
+
+/// Clock difference tolerated between the issuer and us for `exp` and `nbf`.
+pub const LEEWAY_SECS: i64 = 60;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum JwtError {
+    #[error("not a JWT")]
+    Malformed,
+    #[error("algorithm {0:?} is not the one configured")]
+    WrongAlgorithm(String),
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("token has expired")]
+    Expired,
+    #[error("token is not valid yet")]
+    NotYetValid,
+    #[error("token has no subject")]
+    NoSubject,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("JWT public key: {0}")]
+pub struct KeyError(&'static str);
+
+/// What verifies users' tokens.
+pub enum Verifier {
+    Hs256(hmac::Key),
+    Rs256(Vec<u8>),
+    Es256(Vec<u8>),
+}
+
+impl Verifier {
+    pub fn hs256(secret: &[u8]) -> Self {
+        Verifier::Hs256(hmac::Key::new(hmac::HMAC_SHA256, secret))
+    }
+
+    /// An RSA or P-256 public key, PEM: `PUBLIC KEY` (SPKI) or `RSA PUBLIC KEY`.
+    pub fn from_pem(pem: &str) -> Result<Self, KeyError> {
+        let (label, der) = pem_decode(pem).ok_or(KeyError("not a PEM public key"))?;
+        match label.as_str() {
+            "RSA PUBLIC KEY" => Ok(Verifier::Rs256(der)),
+            "PUBLIC KEY" => {
+                let (alg, key) = spki(&der).ok_or(KeyError("not a SubjectPublicKeyInfo"))?;
+                match alg {
+                    SpkiAlg::Rsa => Ok(Verifier::Rs256(key)),
+                    SpkiAlg::P256 => Ok(Verifier::Es256(key)),
+                }
+            }
+            _ => Err(KeyError("PEM label must be PUBLIC KEY or RSA PUBLIC KEY")),
+        }
+    }
+
+    fn alg(&self) -> &'static str {
+        match self {
+            Verifier::Hs256(_) => "HS256",
+            Verifier::Rs256(_) => "RS256",
+            Verifier::Es256(_) => "ES256",
+        }
+    }
+
+    /// Verifies signature, `exp` and `nbf` (at `now`, unix seconds) and returns the
+    /// claims. `alg` must be the configured one: a token never picks its verifier.
+    pub fn verify(&self, jwt: &str, now: i64) -> Result<Map<String, Value>, JwtError> {
+        let mut parts = jwt.trim().split('.');
+        let (Some(h), Some(c), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(JwtError::Malformed);
+        };
+        let decode = |p: &str| URL_SAFE_NO_PAD.decode(p.trim_end_matches('='));
+        let header: Value = decode(h)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or(JwtError::Malformed)?;
+        let alg = header.get("alg").and_then(Value::as_str).unwrap_or("");
+        if alg != self.alg() {
+            return Err(JwtError::WrongAlgorithm(alg.chars().take(16).collect()));
+        }
+        let sig = decode(s).map_err(|_| JwtError::Malformed)?;
+        let signed = &jwt.trim().as_bytes()[..h.len() + 1 + c.len()];
+        let ok = match self {
+            Verifier::Hs256(key) => hmac::verify(key, signed, &sig).is_ok(),
+            Verifier::Rs256(der) => {
+                signature::UnparsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, der)
+                    .verify(signed, &sig)
+                    .is_ok()
+            }
+            Verifier::Es256(point) => {
+                signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point)
+                    .verify(signed, &sig)
+                    .is_ok()
+            }
+        };
+        if !ok {
+            return Err(JwtError::BadSignature);
+        }
+        let claims: Map<String, Value> = decode(c)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or(JwtError::Malformed)?;
+        let time = |name: &str| claims.get(name).and_then(Value::as_f64).map(|t| t as i64);
+        if time("exp").is_some_and(|exp| now > exp + LEEWAY_SECS) {
+            return Err(JwtError::Expired);
+        }
+        if time("nbf").is_some_and(|nbf| now + LEEWAY_SECS < nbf) {
+            return Err(JwtError::NotYetValid);
+        }
+        Ok(claims)
+    }
+}
+
+/// The `sub` claim as text (some issuers put a number there).
+pub fn subject(claims: &Map<String, Value>) -> Result<String, JwtError> {
+    match claims.get("sub") {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        Some(Value::Number(n)) => Ok(n.to_string()),
+        _ => Err(JwtError::NoSubject),
+    }
+}
+
+/// Signs `claims` with HS256 under `header` (which must say `"alg":"HS256"`).
+pub fn sign_hs256(header: &Value, claims: &Value, secret: &[u8]) -> String {
+    let enc = |v: &Value| URL_SAFE_NO_PAD.encode(v.to_string());
+    let signed = format!("{}.{}", enc(header), enc(claims));
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
+    let tag = hmac::sign(&key, signed.as_bytes());
+    format!("{signed}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
+}
+
+fn pem_decode(pem: &str) -> Option<(String, Vec<u8>)> {
+    let begin = pem.find("-----BEGIN ")?;
+    let rest = &pem[begin + 11..];
+    let label_end = rest.find("-----")?;
+    let label = rest[..label_end].to_string();
+    let body = &rest[label_end + 5..];
+    let end = body.find("-----END ")?;
+    let b64: String = body[..end]
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    Some((label, STANDARD.decode(b64).ok()?))
+}
+
+enum SpkiAlg {
+    Rsa,
+    P256,
+}
+
+/// One DER element: (tag, contents, the rest after it).
+fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 3 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n].iter().fold(0usize, |acc, b| acc << 8 | *b as usize);
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+// Object identifiers, DER contents: rsaEncryption, id-ecPublicKey, prime256v1.
+const OID_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
+const OID_EC: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+const OID_P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// SubjectPublicKeyInfo ::= SEQUENCE { algorithm SEQUENCE { OID, params }, BIT STRING }.
+/// Returns the key bits: RSAPublicKey DER for RSA, the uncompressed point for P-256.
+fn spki(input: &[u8]) -> Option<(SpkiAlg, Vec<u8>)> {
+    let (0x30, spki, _) = der(input)? else {
+        return None;
+    };
+    let (0x30, alg_id, rest) = der(spki)? else {
+        return None;
+    };
+    let (0x03, bits, _) = der(rest)? else {
+        return None;
+    };
+    let (0x06, oid, params) = der(alg_id)? else {
+        return None;
+    };
+    // The first byte of a BIT STRING counts unused bits; keys use whole bytes.
+    let (0, key) = bits.split_first()? else {
+        return None;
+    };
+    let alg = if oid == OID_RSA {
+        SpkiAlg::Rsa
+    } else if oid == OID_EC {
+        match der(params)? {
+            (0x06, curve, _) if curve == OID_P256 => SpkiAlg::P256,
+            _ => return None,
+        }
+    } else {
+        return None;
+    };
+    Some((alg, key.to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const NOW: i64 = 1_800_000_000;
+
+    #[test]
+    fn hs256_round_trip_and_refusals() {
+        let header = json!({"alg":"HS256","typ":"JWT"});
+        let good = sign_hs256(&header, &json!({"sub":"10","exp":NOW + 600}), b"s3cret");
+        let v = Verifier::hs256(b"s3cret");
+        assert_eq!(subject(&v.verify(&good, NOW).unwrap()).unwrap(), "10");
+        assert_eq!(
+            Verifier::hs256(b"other").verify(&good, NOW),
+            Err(JwtError::BadSignature)
+        );
+        let expired = sign_hs256(&header, &json!({"sub":"10","exp":NOW - 120}), b"s3cret");
+        assert_eq!(v.verify(&expired, NOW), Err(JwtError::Expired));
+        let within_leeway = sign_hs256(&header, &json!({"sub":10,"exp":NOW - 30}), b"s3cret");
+        assert_eq!(
+            subject(&v.verify(&within_leeway, NOW).unwrap()).unwrap(),
+            "10"
+        );
+        let early = sign_hs256(&header, &json!({"sub":"10","nbf":NOW + 600}), b"s3cret");
+        assert_eq!(v.verify(&early, NOW), Err(JwtError::NotYetValid));
+        let none = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#),
+            URL_SAFE_NO_PAD.encode(r#"{"sub":"10"}"#)
+        );
+        assert!(matches!(
+            v.verify(&none, NOW),
+            Err(JwtError::WrongAlgorithm(_))
+        ));
+        assert_eq!(v.verify("abc", NOW), Err(JwtError::Malformed));
+    }
+
+    fn sign_with(alg: &str, claims: &Value, sign: impl Fn(&[u8]) -> Vec<u8>) -> String {
+        let signed = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(json!({"alg":alg,"typ":"JWT"}).to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let sig = sign(signed.as_bytes());
+        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sig))
+    }
+
+    #[test]
+    fn es256_with_a_spki_pem_public_key() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let verifier = Verifier::from_pem(&key.public_key_pem()).unwrap();
+        assert!(matches!(verifier, Verifier::Es256(_)));
+        let rng = ring::rand::SystemRandom::new();
+        let signer = signature::EcdsaKeyPair::from_pkcs8(
+            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &key.serialize_der(),
+            &rng,
+        )
+        .unwrap();
+        let jwt = sign_with("ES256", &json!({"sub":"u1","exp":NOW + 60}), |m| {
+            signer.sign(&rng, m).unwrap().as_ref().to_vec()
+        });
+        assert_eq!(
+            subject(&verifier.verify(&jwt, NOW).unwrap()).unwrap(),
+            "u1"
+        );
+        let other = Verifier::from_pem(&rcgen::KeyPair::generate().unwrap().public_key_pem());
+        assert_eq!(
+            other.unwrap().verify(&jwt, NOW),
+            Err(JwtError::BadSignature)
+        );
+        // An HS256 token never passes an ES256 verifier.
+        let hs = sign_hs256(&json!({"alg":"HS256"}), &json!({"sub":"u1"}), b"x");
+        assert!(matches!(
+            verifier.verify(&hs, NOW),
+            Err(JwtError::WrongAlgorithm(_))
+        ));
+    }
+
+    #[test]
+    fn rs256_with_a_spki_pem_public_key() {
+        let private = include_str!("../../tests/fixtures/jwt-rsa-test-private.pem");
+        let public = include_str!("../../tests/fixtures/jwt-rsa-test-public.pem");
+        let (_, pkcs8) = pem_decode(private).unwrap();
+        let signer = signature::RsaKeyPair::from_pkcs8(&pkcs8).unwrap();
+        let verifier = Verifier::from_pem(public).unwrap();
+        assert!(matches!(verifier, Verifier::Rs256(_)));
+        let rng = ring::rand::SystemRandom::new();
+        let jwt = sign_with("RS256", &json!({"sub":"u2"}), |m| {
+            let mut sig = vec![0; signer.public().modulus_len()];
+            signer
+                .sign(&signature::RSA_PKCS1_SHA256, &rng, m, &mut sig)
+                .unwrap();
+            sig
+        });
+        assert_eq!(
+            subject(&verifier.verify(&jwt, NOW).unwrap()).unwrap(),
+            "u2"
+        );
+        let mut tampered = jwt.clone();
+        tampered.insert(jwt.find('.').unwrap() + 2, 'x');
+        assert!(verifier.verify(&tampered, NOW).is_err());
+    }
+
+    #[test]
+    fn garbage_keys_are_refused() {
+        assert!(Verifier::from_pem("hello").is_err());
+        assert!(Verifier::from_pem("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n").is_err());
+    }
+}

@@ -1,0 +1,139 @@
+//! Delivery claims: at most one push per (event, device), across redeliveries,
+//! duplicates and replicas.
+//!
+//! A worker claims a row before pushing and keeps its lease alive while it works;
+//! a redelivered event finds the row and either re-publishes the stored result
+//! (the worker died after the push) or waits for the live owner. The one window
+//! left is a crash between APNs' answer and `complete`: the push happened but the
+//! row does not say so, and the next claimant pushes again.
+
+use std::time::Duration;
+
+use super::{Store, StoreError};
+
+/// How long a claim outlives its owner's last renewal. Owners renew every
+/// [`LEASE_RENEW_EVERY`], so a live owner never lapses; a dead one frees its claims
+/// within this long.
+pub const LEASE: Duration = Duration::from_secs(10);
+pub const LEASE_RENEW_EVERY: Duration = Duration::from_secs(3);
+
+/// What a claim attempt found.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Claim {
+    /// Ours, nothing pushed yet: push.
+    Push,
+    /// Ours, pushed before (by a worker that died) with this result, not yet
+    /// confirmed by the broker: publish it, do not push.
+    Republish(serde_json::Value),
+    /// Done: result already published.
+    Done,
+    /// A live worker holds it.
+    Busy,
+}
+
+impl Store {
+    /// Claims (event, device) for `owner`, taking over a lapsed lease.
+    pub async fn claim(
+        &self,
+        event_key: &str,
+        device_id: i64,
+        owner: &str,
+    ) -> Result<Claim, StoreError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO delivery_claims (event_key, device_id, owner, lease_until)
+                 VALUES ($1, $2, $3, now() + make_interval(secs => $4))
+                 ON CONFLICT (event_key, device_id) DO UPDATE
+                     SET owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until
+                     WHERE delivery_claims.published_at IS NULL
+                       AND (delivery_claims.lease_until < now() OR delivery_claims.owner = EXCLUDED.owner)
+                 RETURNING result",
+            )
+            .await?;
+        let lease = LEASE.as_secs_f64();
+        if let Some(row) = client
+            .query_opt(&stmt, &[&event_key, &device_id, &owner, &lease])
+            .await?
+        {
+            let result: Option<serde_json::Value> = row.get(0);
+            return Ok(match result {
+                None => Claim::Push,
+                Some(r) => Claim::Republish(r),
+            });
+        }
+        let row = client
+            .query_opt(
+                "SELECT published_at IS NOT NULL FROM delivery_claims WHERE event_key = $1 AND device_id = $2",
+                &[&event_key, &device_id],
+            )
+            .await?;
+        Ok(match row {
+            Some(r) if r.get::<_, bool>(0) => Claim::Done,
+            // Gone between the two statements (purged): treat as busy and look again.
+            _ => Claim::Busy,
+        })
+    }
+
+    /// Records the outcome of a claimed push.
+    pub async fn complete_claim(
+        &self,
+        event_key: &str,
+        device_id: i64,
+        result: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "UPDATE delivery_claims SET result = $3 WHERE event_key = $1 AND device_id = $2",
+            )
+            .await?;
+        client
+            .execute(&stmt, &[&event_key, &device_id, result])
+            .await?;
+        Ok(())
+    }
+
+    /// Marks the results of an event as confirmed by the broker.
+    pub async fn mark_published(
+        &self,
+        event_key: &str,
+        device_ids: &[i64],
+    ) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "UPDATE delivery_claims SET published_at = now()
+                 WHERE event_key = $1 AND device_id = ANY($2) AND published_at IS NULL",
+            )
+            .await?;
+        client.execute(&stmt, &[&event_key, &device_ids]).await?;
+        Ok(())
+    }
+
+    /// Extends every open claim of worker `worker_id` (owners are
+    /// `<worker id>/<message>`): the heartbeat that tells other workers this one
+    /// is alive.
+    pub async fn renew_leases(&self, worker_id: &str) -> Result<u64, StoreError> {
+        let client = self.pool.get().await?;
+        let lease = LEASE.as_secs_f64();
+        Ok(client
+            .execute(
+                "UPDATE delivery_claims SET lease_until = now() + make_interval(secs => $2)
+                 WHERE owner LIKE $1 || '/%' AND published_at IS NULL",
+                &[&worker_id, &lease],
+            )
+            .await?)
+    }
+
+    /// Deletes claims older than `age`; returns how many.
+    pub async fn purge_claims(&self, age: Duration) -> Result<u64, StoreError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .execute(
+                "DELETE FROM delivery_claims WHERE created_at < now() - make_interval(secs => $1)",
+                &[&age.as_secs_f64()],
+            )
+            .await?)
+    }
+}

@@ -1,0 +1,473 @@
+//! `doctor` and `devices list` against the APNs simulator over real TLS + HTTP/2,
+//! real Postgres and real RabbitMQ: a healthy setup passes, and each way a phone
+//! stays silent is named with its fix.
+
+use std::process::Command;
+
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use voip_push_worker::amqp::{connect, declare_topology};
+use voip_push_worker::apns_sim::{ApnsSim, Scripted, SimApp, SimOptions};
+use voip_push_worker::config::{AmqpConfig, AppConfig, Config};
+use voip_push_worker::doctor::{self, apns::PROBE_TOKEN, Check, Options, Report, Status};
+use voip_push_worker::event::Environment;
+use voip_push_worker::store::Store;
+
+use crate::common::{random_token, unique, TestDb, TestEnv, TestKey, BUNDLE};
+
+const BIN: &str = env!("CARGO_BIN_EXE_voip-push-worker");
+/// Nothing listens on port 1: a service that is down.
+const CLOSED_PG: &str = "postgres://postgres@127.0.0.1:1/voip_push";
+const CLOSED_AMQP: &str = "amqp://guest:guest@127.0.0.1:1/%2f";
+
+/// A simulator that knows `apps`, and a configuration pointing at it for `app`,
+/// with Postgres and RabbitMQ at closed ports (APNs-only tests ignore them).
+async fn sim_setup(apps: &[&TestKey], app: AppConfig) -> (ApnsSim, Config) {
+    let sim_apps: Vec<AppConfig> = apps.iter().map(|k| k.app.clone()).collect();
+    let sim = ApnsSim::start(SimOptions::local(
+        SimApp::from_config(&sim_apps).expect("sim apps"),
+    ))
+    .await
+    .expect("simulator");
+    let ca_file = apps[0].dir.join("ca.pem");
+    std::fs::write(&ca_file, &sim.ca_pem).expect("write CA");
+    let mut cfg = Config::default();
+    cfg.apns.production_url = sim.production_url();
+    cfg.apns.sandbox_url = sim.sandbox_url();
+    cfg.apns.ca_file = Some(ca_file);
+    cfg.apns.apps = vec![app];
+    cfg.postgres.url = CLOSED_PG.into();
+    cfg.amqp.url = CLOSED_AMQP.into();
+    (sim, cfg)
+}
+
+fn amqp_names(cfg: &mut AmqpConfig) {
+    let id = unique("");
+    cfg.call_exchange = format!("doc.{id}.calls");
+    cfg.work_queue = format!("doc.{id}.work");
+    cfg.dead_letter_exchange = format!("doc.{id}.dlx");
+    cfg.dead_letter_queue = format!("doc.{id}.dead");
+    cfg.results_exchange = format!("doc.{id}.results");
+}
+
+async fn declare(cfg: &AmqpConfig) {
+    let conn = connect(cfg, "doctor test").await.expect("rabbitmq");
+    let ch = conn.create_channel().await.expect("channel");
+    declare_topology(&ch, cfg).await.expect("topology");
+    let _ = conn.close(200, "done".into()).await;
+}
+
+async fn undeclare(cfg: &AmqpConfig) {
+    let Ok(conn) = connect(cfg, "doctor test cleanup").await else {
+        return;
+    };
+    if let Ok(ch) = conn.create_channel().await {
+        for q in [&cfg.work_queue, &cfg.dead_letter_queue] {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for x in [
+            &cfg.call_exchange,
+            &cfg.dead_letter_exchange,
+            &cfg.results_exchange,
+        ] {
+            let _ = ch
+                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+    }
+    let _ = conn.close(200, "done".into()).await;
+}
+
+fn one<'a>(report: &'a Report, id: &str) -> &'a Check {
+    let found = report.find(id);
+    assert_eq!(found.len(), 1, "{id}: {found:#?}");
+    found[0]
+}
+
+fn accept(report: &Report, env: Environment) -> &Check {
+    report
+        .find("apns.accept")
+        .into_iter()
+        .find(|c| c.environment == Some(env))
+        .unwrap_or_else(|| panic!("no apns.accept for {env:?}: {report:#?}"))
+}
+
+fn fix(c: &Check) -> &str {
+    c.fix.as_deref().unwrap_or_else(|| panic!("no fix: {c:#?}"))
+}
+
+#[tokio::test]
+async fn healthy_setup_passes_every_check_quickly() {
+    let env = TestEnv::new().await;
+    env.device("doctor-user", None, Environment::Sandbox).await;
+    let url = format!("http://{}", env.worker().http_addr);
+    let report = doctor::run(
+        &env.cfg,
+        &Options {
+            worker_url: Some(url.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let text = doctor::render_human(&report);
+    assert!(report.ok, "{text}");
+    let not_passed: Vec<&Check> = report
+        .checks
+        .iter()
+        .filter(|c| c.status != Status::Pass)
+        .collect();
+    assert!(not_passed.is_empty(), "{text}");
+    let apps = env.cfg.apps().len();
+    assert_eq!(report.find("config.app").len(), apps, "{text}");
+    assert_eq!(report.find("key.sign").len(), apps, "{text}");
+    assert_eq!(report.find("apns.accept").len(), 2 * apps, "{text}");
+    for id in [
+        "config.load",
+        "postgres.connect",
+        "postgres.migrations",
+        "postgres.tokens",
+        "rabbitmq.connect",
+        "rabbitmq.topology",
+        "rabbitmq.work_queue",
+        "rabbitmq.dead_letters",
+        "worker.readyz",
+    ] {
+        assert_eq!(report.find(id).len(), 1, "{id} missing:\n{text}");
+    }
+    assert_eq!(report.find("apns.connect").len(), 2, "{text}");
+    assert!(
+        accept(&report, Environment::Production)
+            .detail
+            .contains("com.example.chat.voip"),
+        "the topic used is shown:\n{text}"
+    );
+    assert!(
+        one(&report, "rabbitmq.work_queue")
+            .detail
+            .contains("1 consumer"),
+        "{text}"
+    );
+    assert!(report.duration_ms < 5_000, "{text}");
+    assert!(text.lines().all(|l| l.chars().count() <= 80), "{text}");
+    assert!(!text.contains('✗'), "{text}");
+
+    // The binary, as an operator runs it: exit 0, then exit 1 once Postgres is gone.
+    let cfg = env.cfg.clone();
+    let (healthy, failing) = tokio::task::spawn_blocking(move || {
+        let run = |pg: &str| {
+            let mut c = crate::common::binary_for(&cfg);
+            c.env("VPW__POSTGRES__URL", pg)
+                .args(["doctor", "--url", &url]);
+            c.output().expect("run doctor")
+        };
+        (run(&cfg.postgres.url), run(CLOSED_PG))
+    })
+    .await
+    .unwrap();
+    let out = String::from_utf8_lossy(&healthy.stdout);
+    assert_eq!(healthy.status.code(), Some(0), "{out}");
+    assert!(out.contains("nothing stands in the way of a ring"), "{out}");
+    let out = String::from_utf8_lossy(&failing.stdout);
+    assert_eq!(failing.status.code(), Some(1), "{out}");
+    assert!(out.contains("✗ Postgres reachable"), "{out}");
+    assert!(out.contains("fix: start PostgreSQL"), "{out}");
+    assert!(out.contains("✓ TLS + HTTP/2 to production"), "{out}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn wrong_key_id_names_the_key_settings() {
+    let key = TestKey::new(BUNDLE, "TEAM000001", "KEY0000001");
+    let wrong = AppConfig {
+        key_id: "KEY0000009".into(),
+        ..key.app.clone()
+    };
+    let (_sim, cfg) = sim_setup(&[&key], wrong).await;
+    let report = doctor::run(&cfg, &Options::default()).await;
+    let text = doctor::render_human(&report);
+    assert!(!report.ok);
+    for env in [Environment::Production, Environment::Sandbox] {
+        let c = accept(&report, env);
+        assert_eq!(c.status, Status::Fail, "{text}");
+        assert!(c.detail.contains("InvalidProviderToken"), "{text}");
+        assert!(fix(c).contains("key_id of [[apns.apps]] #1"), "{text}");
+        assert!(fix(c).contains("team_id of [[apns.apps]] #1"), "{text}");
+    }
+    // Offline, the file name already gives it away.
+    let app = one(&report, "config.app");
+    assert_eq!(app.status, Status::Warn, "{text}");
+    assert!(fix(app).contains("to KEY0000001"), "{text}");
+    // The key itself is fine, and the connection too.
+    assert_eq!(one(&report, "key.sign").status, Status::Pass, "{text}");
+    assert!(report
+        .find("apns.connect")
+        .iter()
+        .all(|c| c.status == Status::Pass));
+}
+
+#[tokio::test]
+async fn key_of_another_team_names_the_bundle_and_team() {
+    let ours = TestKey::new(BUNDLE, "TEAM000001", "KEY0000001");
+    let theirs = TestKey::new("com.example.other", "TEAM000002", "KEY0000002");
+    let mixed = AppConfig {
+        bundle_id: BUNDLE.into(),
+        ..theirs.app.clone()
+    };
+    let (_sim, cfg) = sim_setup(&[&ours, &theirs], mixed).await;
+    let report = doctor::run(&cfg, &Options::default()).await;
+    let text = doctor::render_human(&report);
+    assert!(!report.ok);
+    let c = accept(&report, Environment::Production);
+    assert_eq!(c.status, Status::Fail, "{text}");
+    assert!(c.detail.contains("TopicDisallowed"), "{text}");
+    assert!(
+        fix(c).contains("bundle id of an app of team TEAM000002"),
+        "{text}"
+    );
+    assert!(fix(c).contains("use that team's key"), "{text}");
+}
+
+#[tokio::test]
+async fn topic_problems_name_the_voip_topic_rule() {
+    // A bundle id configured with .voip: refused before anything is sent.
+    let key = TestKey::new(BUNDLE, "TEAM000001", "KEY0000001");
+    let with_suffix = AppConfig {
+        bundle_id: format!("{BUNDLE}.voip"),
+        ..key.app.clone()
+    };
+    let (_sim, cfg) = sim_setup(&[&key], with_suffix).await;
+    let report = doctor::run(&cfg, &Options::default()).await;
+    let text = doctor::render_human(&report);
+    assert_eq!(one(&report, "config.load").status, Status::Fail, "{text}");
+    let app = one(&report, "config.app");
+    assert_eq!(app.status, Status::Fail, "{text}");
+    assert!(
+        fix(app).contains(&format!("to {BUNDLE}: the VoIP topic is <bundle id>.voip")),
+        "{text}"
+    );
+    // What the worker would send is what the doctor sends, and APNs refuses it.
+    let c = accept(&report, Environment::Production);
+    assert!(c.detail.contains("com.example.chat.voip.voip"), "{text}");
+    assert_eq!(c.status, Status::Fail, "{text}");
+
+    // APNs answering BadTopic (a topic rewritten on the way, say).
+    let (sim, cfg) = sim_setup(&[&key], key.app.clone()).await;
+    let bad_topic = Scripted {
+        status: 400,
+        reason: Some("BadTopic".into()),
+        ..Default::default()
+    };
+    sim.script(PROBE_TOKEN, [bad_topic.clone(), bad_topic]);
+    let report = doctor::run(&cfg, &Options::default()).await;
+    let text = doctor::render_human(&report);
+    for env in [Environment::Production, Environment::Sandbox] {
+        let c = accept(&report, env);
+        assert_eq!(c.status, Status::Fail, "{text}");
+        assert!(fix(c).contains("topic <bundle id>.voip"), "{text}");
+        assert!(fix(c).contains("we sent com.example.chat.voip"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn clock_skew_and_a_key_for_one_environment() {
+    let key = TestKey::new(BUNDLE, "TEAM000001", "KEY0000001");
+    let (sim, cfg) = sim_setup(&[&key], key.app.clone()).await;
+    sim.set_clock_offset(2 * 3600);
+    let report = doctor::run(&cfg, &Options::default()).await;
+    let text = doctor::render_human(&report);
+    let c = accept(&report, Environment::Sandbox);
+    assert!(c.detail.contains("ExpiredProviderToken"), "{text}");
+    assert!(fix(c).contains("NTP"), "{text}");
+
+    sim.set_clock_offset(0);
+    let restricted = Scripted {
+        status: 403,
+        reason: Some("BadEnvironmentKeyIdInToken".into()),
+        ..Default::default()
+    };
+    sim.script(PROBE_TOKEN, [restricted.clone(), restricted]);
+    let report = doctor::run(&cfg, &Options::default()).await;
+    let text = doctor::render_human(&report);
+    let c = accept(&report, Environment::Production);
+    assert!(c.detail.contains("restricted to sandbox"), "{text}");
+    assert!(fix(c).contains("Sandbox & Production"), "{text}");
+}
+
+#[tokio::test]
+async fn postgres_down_is_named_and_rabbitmq_is_still_checked() {
+    let key = TestKey::new(BUNDLE, "TEAM000001", "KEY0000001");
+    let (_sim, mut cfg) = sim_setup(&[&key], key.app.clone()).await;
+    cfg.amqp.url = AmqpConfig::default().url;
+    amqp_names(&mut cfg.amqp);
+    declare(&cfg.amqp).await;
+    let report = doctor::run(&cfg, &Options::default()).await;
+    let text = doctor::render_human(&report);
+    undeclare(&cfg.amqp).await;
+    assert!(!report.ok);
+    let pg = one(&report, "postgres.connect");
+    assert_eq!(pg.status, Status::Fail, "{text}");
+    assert!(
+        fix(pg).contains("start PostgreSQL, or set VPW__POSTGRES__URL"),
+        "{text}"
+    );
+    assert_eq!(
+        one(&report, "postgres.migrations").status,
+        Status::Skip,
+        "{text}"
+    );
+    assert_eq!(
+        one(&report, "rabbitmq.topology").status,
+        Status::Pass,
+        "{text}"
+    );
+    let work = one(&report, "rabbitmq.work_queue");
+    assert_eq!(work.status, Status::Warn, "no worker consumes: {text}");
+    assert_eq!(work.data["consumers"], 0);
+    assert!(text.contains("✗ Postgres reachable"), "{text}");
+}
+
+#[tokio::test]
+async fn rabbitmq_down_is_named_and_postgres_is_still_checked() {
+    let key = TestKey::new(BUNDLE, "TEAM000001", "KEY0000001");
+    let (_sim, mut cfg) = sim_setup(&[&key], key.app.clone()).await;
+    let db = TestDb::create().await;
+    cfg.postgres.url = db.url.clone();
+    let store = Store::connect(&cfg.postgres).expect("store");
+    store.migrate().await.expect("migrate");
+    let report = doctor::run(&cfg, &Options::default()).await;
+    let text = doctor::render_human(&report);
+    db.drop_db().await;
+    let mq = one(&report, "rabbitmq.connect");
+    assert_eq!(mq.status, Status::Fail, "{text}");
+    assert!(
+        fix(mq).contains("start RabbitMQ, or set VPW__AMQP__URL"),
+        "{text}"
+    );
+    assert!(
+        !fix(mq).contains("guest:guest"),
+        "no password in the fix: {text}"
+    );
+    assert_eq!(one(&report, "rabbitmq.topology").status, Status::Skip);
+    assert_eq!(
+        one(&report, "postgres.migrations").status,
+        Status::Pass,
+        "{text}"
+    );
+    assert!(report.duration_ms < 5_000, "{text}");
+}
+
+#[tokio::test]
+async fn missing_migrations_and_topology_on_fresh_services() {
+    let key = TestKey::new(BUNDLE, "TEAM000001", "KEY0000001");
+    let (_sim, mut cfg) = sim_setup(&[&key], key.app.clone()).await;
+    let db = TestDb::create().await;
+    cfg.postgres.url = db.url.clone();
+    cfg.amqp.url = AmqpConfig::default().url;
+    amqp_names(&mut cfg.amqp);
+    let report = doctor::run(&cfg, &Options::default()).await;
+    let text = doctor::render_human(&report);
+    db.drop_db().await;
+    assert_eq!(
+        one(&report, "postgres.connect").status,
+        Status::Pass,
+        "{text}"
+    );
+    let m = one(&report, "postgres.migrations");
+    assert_eq!(m.status, Status::Fail, "{text}");
+    assert!(m.detail.contains("pending: 1 devices"), "{text}");
+    assert!(fix(m).contains("run `voip-push-worker migrate`"), "{text}");
+    assert_eq!(one(&report, "postgres.tokens").status, Status::Skip);
+    let t = one(&report, "rabbitmq.topology");
+    assert_eq!(t.status, Status::Fail, "{text}");
+    assert!(t.detail.contains(&cfg.amqp.work_queue), "{text}");
+    assert!(t.detail.contains(&cfg.amqp.call_exchange), "{text}");
+    assert!(fix(t).contains("voip-push-worker run"), "{text}");
+    // Nothing was declared by looking.
+    let report = doctor::run(&cfg, &Options::default()).await;
+    assert_eq!(one(&report, "rabbitmq.topology").status, Status::Fail);
+}
+
+#[tokio::test]
+async fn devices_list_shows_suffixes_only() {
+    let db = TestDb::create().await;
+    let mut cfg = Config::default();
+    cfg.postgres.url = db.url.clone();
+    let store = Store::connect(&cfg.postgres).expect("store");
+    store.migrate().await.expect("migrate");
+    let user = unique("u-");
+    let live = random_token();
+    let dead = random_token();
+    let id = store
+        .register_device(&user, BUNDLE, &live, Some(Environment::Sandbox))
+        .await
+        .unwrap();
+    store
+        .record_success(id, Environment::Sandbox)
+        .await
+        .unwrap();
+    let dead_id = store
+        .register_device(&user, BUNDLE, &dead, None)
+        .await
+        .unwrap();
+    assert!(store
+        .invalidate(dead_id, "BadDeviceToken", None)
+        .await
+        .unwrap());
+
+    let url = db.url.clone();
+    let u = user.clone();
+    let (human, json) = tokio::task::spawn_blocking(move || {
+        let run = |json: bool| {
+            let mut c = Command::new(BIN);
+            c.env_remove("VPW_CONFIG")
+                .env("VPW__POSTGRES__URL", &url)
+                .args(["devices", "list", "--user", &u]);
+            if json {
+                c.arg("--json");
+            }
+            c.output().expect("run devices list")
+        };
+        (run(false), run(true))
+    })
+    .await
+    .unwrap();
+    db.drop_db().await;
+    for out in [&human, &json] {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for token in [&live, &dead] {
+            assert!(
+                !stdout.contains(token.as_str()),
+                "whole token printed: {stdout}"
+            );
+            assert!(
+                !stdout.contains(&token[..16]),
+                "token prefix printed: {stdout}"
+            );
+            assert!(stdout.contains(&token[56..]), "suffix missing: {stdout}");
+        }
+    }
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(text.contains("2 devices, 1 live"), "{text}");
+    assert!(
+        text.contains("sandbox (learned from a delivered push)"),
+        "{text}"
+    );
+    assert!(text.contains(": BadDeviceToken"), "{text}");
+    assert!(text.lines().all(|l| l.chars().count() <= 80), "{text}");
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["userId"], user.as_str());
+    let devices = v["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 2);
+    assert_eq!(devices[0]["tokenSuffix"], &live[56..]);
+    assert_eq!(devices[0]["environmentSource"], "learned");
+    assert!(devices[0]["lastSuccessAt"].is_string());
+    assert_eq!(devices[1]["environment"], "unknown");
+    assert_eq!(devices[1]["invalidReason"], "BadDeviceToken");
+    assert!(devices[1]["invalidatedAt"].is_string());
+}
