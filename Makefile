@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/debug/voip-push-worker
 
-.PHONY: demo test test-faults lint check-ops fmt build run migrate apns-sim services
+.PHONY: demo test test-faults lint check-ops fmt build run migrate apns-sim services bench
 
 ## The main job end to end on this machine: migrate, simulator, device, call, result, metrics.
 demo: services
@@ -34,6 +34,13 @@ fmt:
 
 build:
 	$(CARGO) build --release
+
+## End-to-end benchmark on this machine (README, "Benchmark"): release build, the APNs
+## simulator, real RabbitMQ and Postgres, worker processes. Table on stdout, JSON in
+## target/bench/report.json; a few minutes, stops by itself.
+bench: services
+	$(CARGO) build --release --bins
+	target/release/voip-push-bench
 
 run:
 	$(CARGO) run --release -- run

@@ -28,6 +28,7 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub twilio: TwilioConfig,
     pub store: StoreConfig,
+    pub devices: DevicesConfig,
 }
 
 #[derive(Clone, Deserialize, Serialize)]
@@ -36,6 +37,8 @@ pub struct AmqpConfig {
     pub url: String,
     pub call_exchange: String,
     pub work_queue: String,
+    /// The cancel lane: `call.cancel` events, consumed apart from the rings.
+    pub cancel_queue: String,
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
     pub results_exchange: String,
@@ -47,6 +50,7 @@ impl Default for AmqpConfig {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             call_exchange: "voip.calls".into(),
             work_queue: "voip-push.calls".into(),
+            cancel_queue: "voip-push.cancels".into(),
             dead_letter_exchange: "voip.calls.dlx".into(),
             dead_letter_queue: "voip-push.calls.dead".into(),
             results_exchange: "voip.push.results".into(),
@@ -60,6 +64,7 @@ impl fmt::Debug for AmqpConfig {
             .field("url", &redact_url(&self.url))
             .field("call_exchange", &self.call_exchange)
             .field("work_queue", &self.work_queue)
+            .field("cancel_queue", &self.cancel_queue)
             .field("dead_letter_exchange", &self.dead_letter_exchange)
             .field("dead_letter_queue", &self.dead_letter_queue)
             .field("results_exchange", &self.results_exchange)
@@ -195,6 +200,25 @@ impl fmt::Debug for TwilioConfig {
     }
 }
 
+/// Device registration events on RabbitMQ (`device.register`, `device.unregister`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default)]
+pub struct DevicesConfig {
+    /// Topic exchange the backends publish registrations to.
+    pub exchange: String,
+    /// Quorum queue the worker consumes them from; empty turns the consumer off.
+    pub queue: String,
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        Self {
+            exchange: "voip.devices".into(),
+            queue: "voip-push.devices".into(),
+        }
+    }
+}
+
 /// Where device tokens come from when a team keeps them in its own tables.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(default)]
@@ -292,6 +316,13 @@ pub struct WorkerConfig {
     /// Delivery claims (the once-per-device guard) are kept this long; a
     /// redelivery older than that is long past any ring deadline anyway.
     pub claim_retention_hours: u64,
+    /// Send a `call.cancel` VoIP push to devices already rung when a call is
+    /// cancelled (the app reports the call to CallKit and ends it at once).
+    pub cancel_push: bool,
+    /// Cancels handled at once on the cancel lane.
+    pub cancel_concurrency: u16,
+    /// Calls and their attempts are kept this long for `trace` and the status API.
+    pub call_retention_days: u64,
 }
 
 impl Default for WorkerConfig {
@@ -303,7 +334,10 @@ impl Default for WorkerConfig {
             drain_timeout_secs: 15,
             retry_min_delay_ms: 250,
             retry_max_delay_ms: 5_000,
-            claim_retention_hours: 24,
+            claim_retention_hours: 168,
+            cancel_push: true,
+            cancel_concurrency: 16,
+            call_retention_days: 7,
         }
     }
 }

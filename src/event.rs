@@ -345,6 +345,14 @@ impl CallEvent {
             }
         }
         p.insert("hasVideo".into(), Value::Bool(self.has_video));
+        if self.event_type == EventType::Cancel {
+            if let Some(r) = &self.reason {
+                p.insert("reason".into(), Value::from(r.as_str()));
+            }
+            if let Some(d) = &self.answered_device_id {
+                p.insert("answeredDeviceId".into(), Value::from(d.as_str()));
+            }
+        }
         p.insert("sentAt".into(), Value::from(sent_at_ms));
         p.insert("expiresAt".into(), Value::from(expires_at_ms));
         // PushKit wants an `aps` dictionary present, even empty.

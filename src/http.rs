@@ -24,14 +24,18 @@ pub struct HttpState {
     pub metrics: Metrics,
     pub health: Arc<ConsumerHealth>,
     pub store: Store,
+    /// The API for existing backends (`crate::api`), served on this listener too.
+    pub api: crate::api::ApiState,
 }
 
 pub fn router(state: HttpState) -> Router {
+    let api = crate::api::router(state.api.clone());
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
+        .merge(api)
 }
 
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {

@@ -4,6 +4,7 @@
 //! [`start`] wires the parts together; `main.rs` and the tests both call it.
 
 pub mod amqp;
+pub mod api;
 pub mod apns;
 pub mod apns_sim;
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod http;
 pub mod metrics;
 pub mod pipeline;
 pub mod store;
+pub mod trace;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -80,7 +82,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
     config.validate_for_push()?;
     let cfg = Arc::new(config);
     let metrics = Metrics::new();
-    let store = Store::connect(&cfg.postgres)?;
+    let store = Store::connect(&cfg.postgres)?.with_token_queries(&cfg.store);
     let apns = Arc::new(Apns::from_config(&cfg, metrics.clone())?);
     for app in apns.apps() {
         info!(bundle_id = %app.config.bundle_id, topic = %app.topic, team_id = %app.config.team_id,
@@ -99,14 +101,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
         addr: cfg.http.listen.clone(),
         source,
     })?;
+    let api_state = api::ApiState::new(cfg.clone(), store.clone(), publisher.clone())?;
+    api_state.log_groups();
+    tokio::spawn(api::device_events::run(api_state.clone(), shutdown.clone()));
     let router = http::router(http::HttpState {
         metrics: metrics.clone(),
         health: health.clone(),
         store: store.clone(),
+        api: api_state,
     });
     let http_shutdown = shutdown.clone();
     let http = tokio::spawn(async move {
-        let _ = axum::serve(listener, router)
+        // The peer address feeds the registration rate limit.
+        let service = router.into_make_service_with_connect_info::<SocketAddr>();
+        let _ = axum::serve(listener, service)
             .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
             .await;
     });
@@ -121,21 +129,36 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
     });
     let worker_id = uuid::Uuid::new_v4().simple().to_string();
     info!(%worker_id, "worker id (owner of its delivery claims)");
-    tokio::spawn(claim_upkeep(
+    tokio::spawn(upkeep(
         pipeline.store.clone(),
         worker_id.clone(),
         Duration::from_secs(cfg.worker.claim_retention_hours * 3600),
+        Duration::from_secs(cfg.worker.call_retention_days * 86_400),
         shutdown.clone(),
     ));
-    let consumer = Consumer {
-        pipeline,
-        worker_id,
-        publisher: publisher.clone(),
-        health: health.clone(),
-    };
-    let consumer_shutdown = shutdown.clone();
+    // Two lanes: rings on the work queue, cancels on their own queue so that a
+    // cancel never waits behind a backlog of rings.
+    health.lanes.store(2, std::sync::atomic::Ordering::SeqCst);
+    let lanes = [
+        (cfg.amqp.work_queue.clone(), cfg.worker.concurrency),
+        (cfg.amqp.cancel_queue.clone(), cfg.worker.cancel_concurrency),
+    ]
+    .map(|(queue, concurrency)| {
+        let lane = Consumer {
+            pipeline: pipeline.clone(),
+            queue,
+            concurrency,
+            worker_id: worker_id.clone(),
+            publisher: publisher.clone(),
+            health: health.clone(),
+        };
+        let stop = shutdown.clone();
+        tokio::spawn(async move { lane.run(stop).await })
+    });
     let consumer = tokio::spawn(async move {
-        consumer.run(consumer_shutdown).await;
+        for lane in lanes {
+            let _ = lane.await;
+        }
         publisher.close().await;
     });
     Ok(Worker {
@@ -148,11 +171,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
     })
 }
 
-/// Keeps this worker's claim leases alive and purges old claims.
-async fn claim_upkeep(
+/// Keeps this worker's claim leases alive and purges old claims, calls and
+/// attempts.
+async fn upkeep(
     store: Store,
     worker_id: String,
     retention: Duration,
+    call_retention: Duration,
     shutdown: CancellationToken,
 ) {
     // Purging is cheap but pointless every few seconds: once every 10 minutes.
@@ -171,6 +196,11 @@ async fn claim_upkeep(
                 Ok(n) if n > 0 => info!(purged = n, "old delivery claims purged"),
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "could not purge old delivery claims"),
+            }
+            match store.purge_calls(call_retention).await {
+                Ok(n) if n > 0 => info!(purged = n, "old calls and attempts purged"),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "could not purge old calls"),
             }
             last_purge = Some(std::time::Instant::now());
         }

@@ -47,6 +47,8 @@ enum Command {
     PublishCall(PublishArgs),
     /// Check configuration, keys, APNs, Postgres and RabbitMQ; print the fix for each failure.
     Doctor(DoctorArgs),
+    /// Every delivery and attempt of one call: why it rang, or why not.
+    Trace(voip_push_worker::trace::TraceArgs),
 }
 
 #[derive(Subcommand)]
@@ -122,6 +124,7 @@ fn main() -> ExitCode {
                 command: DevicesCommand::List(a),
             } => cli::list_devices(&config, a).await,
             Command::Doctor(a) => cli::doctor(config_file.as_deref(), a).await,
+            Command::Trace(a) => voip_push_worker::trace::trace(&config, a).await,
         }
     });
     match result {

@@ -52,6 +52,8 @@ pub const RETRY_REASONS: &[&str] = &[
     "connect",
     "timeout",
     "transport",
+    "store",
+    "redelivered",
 ];
 
 #[derive(Clone)]

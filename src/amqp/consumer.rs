@@ -2,7 +2,7 @@
 //! prefetch = permits), a reconnect loop with jittered backoff, and settling each
 //! message exactly once from the pipeline's [`Disposition`].
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,11 +22,14 @@ use tracing::{error, info, warn};
 use super::{connect, declare_topology, AmqpError, Publisher};
 use crate::pipeline::{Disposition, Incoming, Pipeline};
 
-/// What `/healthz` and `/readyz` read.
+/// What `/healthz` and `/readyz` read, shared by the consumer loops (lanes).
 #[derive(Default)]
 pub struct ConsumerHealth {
-    /// Connected and consuming the work queue.
+    /// Every lane connected and consuming.
     pub consuming: AtomicBool,
+    /// Lanes the worker runs, and how many are consuming now.
+    pub lanes: AtomicUsize,
+    consuming_lanes: AtomicUsize,
     /// Unix seconds of the loop's last sign of life.
     pub heartbeat: AtomicU64,
     /// Times the loop started consuming (1 + reconnects).
@@ -34,6 +37,19 @@ pub struct ConsumerHealth {
 }
 
 impl ConsumerHealth {
+    fn lane_up(&self) {
+        let up = self.consuming_lanes.fetch_add(1, Ordering::SeqCst) + 1;
+        self.consuming.store(
+            up >= self.lanes.load(Ordering::SeqCst).max(1),
+            Ordering::SeqCst,
+        );
+    }
+
+    fn lane_down(&self) {
+        self.consuming_lanes.fetch_sub(1, Ordering::SeqCst);
+        self.consuming.store(false, Ordering::SeqCst);
+    }
+
     fn beat(&self) {
         self.heartbeat
             .store(crate::apns::token::unix_now(), Ordering::Relaxed);
@@ -42,6 +58,9 @@ impl ConsumerHealth {
 
 pub struct Consumer {
     pub pipeline: Arc<Pipeline>,
+    /// The queue this loop consumes, and how many of its messages it works on at once.
+    pub queue: String,
+    pub concurrency: u16,
     /// This process's id on delivery claims.
     pub worker_id: String,
     /// Publishes dead letters (with their reason) on the publisher connection.
@@ -53,7 +72,7 @@ impl Consumer {
     /// Consumes until `shutdown`, reconnecting after any broker failure, then drains.
     pub async fn run(self, shutdown: CancellationToken) {
         let cfg = self.pipeline.cfg.clone();
-        let permits = Arc::new(Semaphore::new(cfg.worker.concurrency as usize));
+        let permits = Arc::new(Semaphore::new(self.concurrency as usize));
         let mut tasks = JoinSet::new();
         // No attempt cap: a worker waits for its broker as long as it takes.
         let backoff = ExponentialBuilder::new()
@@ -70,11 +89,11 @@ impl Consumer {
                 let conn = connect(&cfg.amqp, "consumer").await?;
                 let ch = conn.create_channel().await?;
                 declare_topology(&ch, &cfg.amqp).await?;
-                ch.basic_qos(cfg.worker.concurrency, BasicQosOptions::default())
+                ch.basic_qos(self.concurrency, BasicQosOptions::default())
                     .await?;
                 let consumer = ch
                     .basic_consume(
-                        cfg.amqp.work_queue.as_str().into(),
+                        self.queue.as_str().into(),
                         "".into(),
                         BasicConsumeOptions::default(),
                         FieldTable::default(),
@@ -95,9 +114,9 @@ impl Consumer {
                 }
             };
             delays = backoff.build();
-            self.health.consuming.store(true, Ordering::Relaxed);
+            self.health.lane_up();
             self.health.sessions.fetch_add(1, Ordering::Relaxed);
-            info!(queue = %cfg.amqp.work_queue, concurrency = cfg.worker.concurrency, "consuming");
+            info!(queue = %self.queue, concurrency = self.concurrency, "consuming");
 
             loop {
                 self.health.beat();
@@ -138,7 +157,7 @@ impl Consumer {
                     pipeline.metrics.in_flight.dec();
                 });
             }
-            self.health.consuming.store(false, Ordering::Relaxed);
+            self.health.lane_down();
 
             if shutdown.is_cancelled() {
                 // Stop deliveries first, let in-flight work finish, then close: what is

@@ -105,15 +105,23 @@ pub async fn declare_topology(ch: &Channel, cfg: &AmqpConfig) -> Result<(), Amqp
         "x-delivery-limit".into(),
         AMQPValue::LongLongInt(DELIVERY_LIMIT),
     );
-    ch.queue_declare(cfg.work_queue.as_str().into(), queue_opts, work_args)
+    // The work queue takes every call event; the cancel lane takes cancels again,
+    // so a cancel never waits behind a backlog of rings (handling one twice is
+    // harmless: cancels are idempotent and their pushes are claimed).
+    for (queue, key) in [
+        (&cfg.work_queue, "call.*"),
+        (&cfg.cancel_queue, "call.cancel"),
+    ] {
+        ch.queue_declare(queue.as_str().into(), queue_opts, work_args.clone())
+            .await?;
+        ch.queue_bind(
+            queue.as_str().into(),
+            cfg.call_exchange.as_str().into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
-    ch.queue_bind(
-        cfg.work_queue.as_str().into(),
-        cfg.call_exchange.as_str().into(),
-        "call.*".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
+    }
     Ok(())
 }

@@ -142,10 +142,7 @@ fn pem_decode(pem: &str) -> Option<(String, Vec<u8>)> {
     let label = rest[..label_end].to_string();
     let body = &rest[label_end + 5..];
     let end = body.find("-----END ")?;
-    let b64: String = body[..end]
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .collect();
+    let b64: String = body[..end].chars().filter(|c| !c.is_whitespace()).collect();
     Some((label, STANDARD.decode(b64).ok()?))
 }
 
@@ -165,7 +162,9 @@ fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         if n == 0 || n > 3 || rest.len() < n {
             return None;
         }
-        let len = rest[..n].iter().fold(0usize, |acc, b| acc << 8 | *b as usize);
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| acc << 8 | *b as usize);
         (len, &rest[n..])
     };
     (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
@@ -271,10 +270,7 @@ mod tests {
         let jwt = sign_with("ES256", &json!({"sub":"u1","exp":NOW + 60}), |m| {
             signer.sign(&rng, m).unwrap().as_ref().to_vec()
         });
-        assert_eq!(
-            subject(&verifier.verify(&jwt, NOW).unwrap()).unwrap(),
-            "u1"
-        );
+        assert_eq!(subject(&verifier.verify(&jwt, NOW).unwrap()).unwrap(), "u1");
         let other = Verifier::from_pem(&rcgen::KeyPair::generate().unwrap().public_key_pem());
         assert_eq!(
             other.unwrap().verify(&jwt, NOW),
@@ -290,12 +286,24 @@ mod tests {
 
     #[test]
     fn rs256_with_a_spki_pem_public_key() {
-        let private = include_str!("../../tests/fixtures/jwt-rsa-test-private.pem");
-        let public = include_str!("../../tests/fixtures/jwt-rsa-test-public.pem");
-        let (_, pkcs8) = pem_decode(private).unwrap();
-        let signer = signature::RsaKeyPair::from_pkcs8(&pkcs8).unwrap();
-        let verifier = Verifier::from_pem(public).unwrap();
+        // A throwaway 2048-bit key made for this test (DER: PKCS#8 and SPKI).
+        let pkcs8 = include_bytes!("../../tests/fixtures/jwt-rsa-test-private.pk8");
+        let spki_der = include_bytes!("../../tests/fixtures/jwt-rsa-test-public.der");
+        let pem = |label: &str, der: &[u8]| {
+            format!(
+                "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+                STANDARD.encode(der)
+            )
+        };
+        let signer = signature::RsaKeyPair::from_pkcs8(pkcs8).unwrap();
+        let verifier = Verifier::from_pem(&pem("PUBLIC KEY", spki_der)).unwrap();
         assert!(matches!(verifier, Verifier::Rs256(_)));
+        // The PKCS#1 form names the same key.
+        let pkcs1 = pem("RSA PUBLIC KEY", signer.public().as_ref());
+        assert!(matches!(
+            Verifier::from_pem(&pkcs1).unwrap(),
+            Verifier::Rs256(_)
+        ));
         let rng = ring::rand::SystemRandom::new();
         let jwt = sign_with("RS256", &json!({"sub":"u2"}), |m| {
             let mut sig = vec![0; signer.public().modulus_len()];
@@ -304,10 +312,7 @@ mod tests {
                 .unwrap();
             sig
         });
-        assert_eq!(
-            subject(&verifier.verify(&jwt, NOW).unwrap()).unwrap(),
-            "u2"
-        );
+        assert_eq!(subject(&verifier.verify(&jwt, NOW).unwrap()).unwrap(), "u2");
         let mut tampered = jwt.clone();
         tampered.insert(jwt.find('.').unwrap() + 2, 'x');
         assert!(verifier.verify(&tampered, NOW).is_err());
@@ -316,6 +321,9 @@ mod tests {
     #[test]
     fn garbage_keys_are_refused() {
         assert!(Verifier::from_pem("hello").is_err());
-        assert!(Verifier::from_pem("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n").is_err());
+        assert!(
+            Verifier::from_pem("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+                .is_err()
+        );
     }
 }

@@ -38,12 +38,13 @@ impl Store {
         event_key: &str,
         device_id: i64,
         owner: &str,
+        call_id: &str,
     ) -> Result<Claim, StoreError> {
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(
-                "INSERT INTO delivery_claims (event_key, device_id, owner, lease_until)
-                 VALUES ($1, $2, $3, now() + make_interval(secs => $4))
+                "INSERT INTO delivery_claims (event_key, device_id, owner, lease_until, call_id)
+                 VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5)
                  ON CONFLICT (event_key, device_id) DO UPDATE
                      SET owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until
                      WHERE delivery_claims.published_at IS NULL
@@ -53,7 +54,7 @@ impl Store {
             .await?;
         let lease = LEASE.as_secs_f64();
         if let Some(row) = client
-            .query_opt(&stmt, &[&event_key, &device_id, &owner, &lease])
+            .query_opt(&stmt, &[&event_key, &device_id, &owner, &lease, &call_id])
             .await?
         {
             let result: Option<serde_json::Value> = row.get(0);

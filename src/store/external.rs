@@ -214,8 +214,11 @@ impl ExternalTokens {
         };
         let client = pool.get().await?;
         if let Some(q) = &self.invalidate_query {
+            // The query may use only `$1`: pass as many parameters as it declares.
+            let stmt = client.prepare_cached(q).await?;
             let params: [&(dyn ToSql + Sync); 2] = [&k.raw_token, &reason];
-            client.execute(q.as_str(), &params).await?;
+            let n = stmt.params().len().min(2);
+            client.execute(&stmt, &params[..n]).await?;
         } else {
             client
                 .execute(

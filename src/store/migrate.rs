@@ -18,6 +18,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "delivery_claims",
         include_str!("../../migrations/0002_delivery_claims.sql"),
     ),
+    (3, "calls", include_str!("../../migrations/0003_calls.sql")),
 ];
 
 /// Arbitrary but fixed: the key of the advisory lock migrations hold.

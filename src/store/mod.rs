@@ -1,5 +1,6 @@
 //! Postgres: the connection pool, migrations, and the device queries.
 
+pub mod calls;
 pub mod claims;
 pub mod external;
 pub mod migrate;

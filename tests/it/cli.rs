@@ -13,6 +13,7 @@ fn command(db: &TestDb, id: &str) -> Command {
         .env("VPW__POSTGRES__URL", &db.url)
         .env("VPW__AMQP__CALL_EXCHANGE", format!("cli.{id}.calls"))
         .env("VPW__AMQP__WORK_QUEUE", format!("cli.{id}.work"))
+        .env("VPW__AMQP__CANCEL_QUEUE", format!("cli.{id}.cancels"))
         .env("VPW__AMQP__DEAD_LETTER_EXCHANGE", format!("cli.{id}.dlx"))
         .env("VPW__AMQP__DEAD_LETTER_QUEUE", format!("cli.{id}.dead"))
         .env("VPW__AMQP__RESULTS_EXCHANGE", format!("cli.{id}.results"))
@@ -63,7 +64,7 @@ async fn migrate_register_and_usage_errors() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("applied [1, 2]"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("applied [1, 2, 3]"));
     let again = run(&["migrate"]);
     assert!(String::from_utf8_lossy(&again.stdout).contains("up to date"));
 
@@ -196,7 +197,11 @@ async fn publish_call_queues_a_persistent_event() {
     assert_eq!(e["fromDisplayName"], "User 11");
     assert_eq!(e["hasVideo"], true);
     assert!(e["sentAt"].is_string());
-    for q in [format!("cli.{id}.work"), format!("cli.{id}.dead")] {
+    for q in [
+        format!("cli.{id}.work"),
+        format!("cli.{id}.cancels"),
+        format!("cli.{id}.dead"),
+    ] {
         let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
     }
     let _ = conn.close(200, "done".into()).await;

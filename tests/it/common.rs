@@ -168,6 +168,7 @@ impl TestEnv {
         cfg.postgres.pool_size = 4;
         cfg.amqp.call_exchange = format!("it.{id}.calls");
         cfg.amqp.work_queue = format!("it.{id}.work");
+        cfg.amqp.cancel_queue = format!("it.{id}.cancels");
         cfg.amqp.dead_letter_exchange = format!("it.{id}.dlx");
         cfg.amqp.dead_letter_queue = format!("it.{id}.dead");
         cfg.amqp.results_exchange = format!("it.{id}.results");
@@ -250,6 +251,19 @@ impl TestEnv {
             .publish(&self.cfg.amqp.call_exchange, "call.initiate", body, props)
             .await
             .expect("publish event");
+    }
+
+    /// Publishes a cancel as producers do: routing key `call.cancel`.
+    pub async fn publish_cancel(&self, event: serde_json::Value) {
+        self.publisher
+            .publish(
+                &self.cfg.amqp.call_exchange,
+                "call.cancel",
+                event.to_string().as_bytes(),
+                BasicProperties::default().with_content_type("application/json".into()),
+            )
+            .await
+            .expect("publish cancel");
     }
 
     pub async fn publish(&self, event: serde_json::Value) {
@@ -346,7 +360,11 @@ impl TestEnv {
         self.publisher.close().await;
         if let Ok(conn) = connect(&self.cfg.amqp, "test cleanup").await {
             if let Ok(ch) = conn.create_channel().await {
-                for q in [&self.cfg.amqp.work_queue, &self.cfg.amqp.dead_letter_queue] {
+                for q in [
+                    &self.cfg.amqp.work_queue,
+                    &self.cfg.amqp.cancel_queue,
+                    &self.cfg.amqp.dead_letter_queue,
+                ] {
                     let _ = ch
                         .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                         .await;
@@ -377,6 +395,7 @@ pub fn binary_for(cfg: &Config) -> std::process::Command {
         .env("VPW__POSTGRES__URL", &cfg.postgres.url)
         .env("VPW__AMQP__CALL_EXCHANGE", &cfg.amqp.call_exchange)
         .env("VPW__AMQP__WORK_QUEUE", &cfg.amqp.work_queue)
+        .env("VPW__AMQP__CANCEL_QUEUE", &cfg.amqp.cancel_queue)
         .env(
             "VPW__AMQP__DEAD_LETTER_EXCHANGE",
             &cfg.amqp.dead_letter_exchange,
@@ -411,6 +430,42 @@ pub async fn http_request(
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Like [`http_request`], with extra request headers (credentials).
+pub async fn http_request_with_headers(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect http");
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+         {extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(request.as_bytes()).await.expect("write");

@@ -44,6 +44,7 @@ fn amqp_names(cfg: &mut AmqpConfig) {
     let id = unique("");
     cfg.call_exchange = format!("doc.{id}.calls");
     cfg.work_queue = format!("doc.{id}.work");
+    cfg.cancel_queue = format!("doc.{id}.cancels");
     cfg.dead_letter_exchange = format!("doc.{id}.dlx");
     cfg.dead_letter_queue = format!("doc.{id}.dead");
     cfg.results_exchange = format!("doc.{id}.results");
@@ -61,7 +62,7 @@ async fn undeclare(cfg: &AmqpConfig) {
         return;
     };
     if let Ok(ch) = conn.create_channel().await {
-        for q in [&cfg.work_queue, &cfg.dead_letter_queue] {
+        for q in [&cfg.work_queue, &cfg.cancel_queue, &cfg.dead_letter_queue] {
             let _ = ch
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;

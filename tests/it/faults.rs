@@ -276,11 +276,13 @@ async fn broker_closing_every_connection_loses_and_duplicates_nothing() {
     );
     let closed = Instant::now();
     let worker_health = env.worker().health.clone();
+    let sessions_before = worker_health.sessions.load(Ordering::Relaxed);
     eventually("the consumer to reconnect", Duration::from_secs(30), || {
         let h = worker_health.clone();
         async move {
-            (h.sessions.load(Ordering::Relaxed) >= 2 && h.consuming.load(Ordering::Relaxed))
-                .then_some(())
+            (h.sessions.load(Ordering::Relaxed) >= sessions_before + 2
+                && h.consuming.load(Ordering::Relaxed))
+            .then_some(())
         }
     })
     .await;

@@ -2,11 +2,13 @@
 //! APNs simulator over TLS + HTTP/2. Each test isolates itself (own database,
 //! own AMQP names, own simulator), so they run in parallel and can be re-run.
 
+mod api;
 mod apns;
 mod cli;
 mod common;
 mod delivery;
 mod doctor;
 mod faults;
+mod lifecycle;
 mod ops;
 mod pipeline;

@@ -1,0 +1,196 @@
+//! Device registration over RabbitMQ, for backends that already publish events:
+//! `device.register` / `device.unregister` on the `voip.devices` topic exchange,
+//! consumed from the quorum queue `voip-push.devices`. The body is the one of
+//! `PUT /v1/devices` (`{"userId","token","bundleId"?,"environment"?}`; for an
+//! unregister only `token` matters) and the same rules apply.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::ExchangeKind;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::devices::{environment, register};
+use super::{text_field, ApiError, ApiState};
+use crate::amqp::{connect, AmqpError};
+use crate::event::token_suffix;
+use crate::store::normalize_token;
+
+/// Registrations are tiny and each is one upsert: a handful in flight is plenty.
+const PREFETCH: u16 = 16;
+/// Pause before a registration that met a database fault goes back to the queue,
+/// so an outage is not a hot requeue loop.
+const DB_RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    Register,
+    Unregister,
+}
+
+/// Consumes registration events until `shutdown`, reconnecting after broker
+/// failures. Does nothing when `devices.queue` is empty.
+pub async fn run(state: ApiState, shutdown: CancellationToken) {
+    if state.cfg.devices.queue.is_empty() {
+        return;
+    }
+    let backoff = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times();
+    let mut delays = backoff.build();
+    while !shutdown.is_cancelled() {
+        match session(&state, &shutdown, &mut || delays = backoff.build()).await {
+            Ok(true) => return,
+            Ok(false) => warn!("device events: the broker ended the consumer; reconnecting"),
+            Err(e) => {
+                let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                    "device events: cannot consume; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// One connection's life: `Ok(true)` at shutdown, `Ok(false)` when the broker
+/// ended the consumer. `connected` resets the reconnect backoff.
+async fn session(
+    state: &ApiState,
+    shutdown: &CancellationToken,
+    connected: &mut (dyn FnMut() + Send),
+) -> Result<bool, AmqpError> {
+    let cfg = &state.cfg.devices;
+    let conn = connect(&state.cfg.amqp, "device events").await?;
+    let ch = conn.create_channel().await?;
+    ch.exchange_declare(
+        cfg.exchange.as_str().into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(cfg.queue.as_str().into(), durable, args)
+        .await?;
+    ch.queue_bind(
+        cfg.queue.as_str().into(),
+        cfg.exchange.as_str().into(),
+        "device.*".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            cfg.queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    connected();
+    info!(queue = %cfg.queue, exchange = %cfg.exchange, "consuming device registration events");
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = conn.close(200, "shutdown".into()).await;
+                return Ok(true);
+            }
+            n = consumer.next() => n,
+        };
+        match next {
+            Some(Ok(d)) => settle(state, d).await?,
+            Some(Err(e)) => return Err(e.into()),
+            None => return Ok(false),
+        }
+    }
+}
+
+/// Applies one event and acknowledges it; a malformed one is rejected (to the
+/// queue's dead-letter policy, if any), a database fault returns it to the queue.
+async fn settle(state: &ApiState, d: Delivery) -> Result<(), AmqpError> {
+    match apply(state, d.routing_key.as_str(), &d.data).await {
+        Ok(()) => {
+            d.acker.ack(BasicAckOptions::default()).await?;
+        }
+        Err(e) if e.status.is_server_error() => {
+            warn!(error = %e.message, "device event: database unavailable; will retry");
+            tokio::time::sleep(DB_RETRY_PAUSE).await;
+            d.acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await?;
+        }
+        Err(e) => {
+            warn!(routing_key = %d.routing_key, error = e.code, message = %e.message,
+                "device event refused");
+            d.acker
+                .reject(BasicRejectOptions { requeue: false })
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn apply(state: &ApiState, routing_key: &str, body: &[u8]) -> Result<(), ApiError> {
+    let obj = super::json_object(Ok(bytes::Bytes::copy_from_slice(body)))?;
+    let kind_text = text_field(&obj, &["type"])?.unwrap_or_else(|| routing_key.to_string());
+    let kind = match kind_text.as_str() {
+        "device.register" => Kind::Register,
+        "device.unregister" => Kind::Unregister,
+        other => {
+            return Err(ApiError::bad_request(
+                "unknown_type",
+                format!("{other:?} is not device.register or device.unregister"),
+            ))
+        }
+    };
+    let token = text_field(
+        &obj,
+        &["token", "voipDeviceToken", "deviceToken", "voip_token"],
+    )?
+    .ok_or_else(|| ApiError::bad_request("missing_field", "token is required"))?;
+    match kind {
+        Kind::Register => {
+            let user_id = text_field(&obj, &["userId", "user_id"])?
+                .ok_or_else(|| ApiError::bad_request("missing_field", "userId is required"))?;
+            let bundle_id =
+                state.bundle_id(text_field(&obj, &["bundleId", "bundle_id"])?.as_deref())?;
+            let env = environment(&obj)?;
+            register(state, &user_id, &bundle_id, &token, env).await?;
+        }
+        Kind::Unregister => {
+            let token = normalize_token(&token)?;
+            let n = state.store.unregister_token(&token).await?;
+            info!(token_suffix = %token_suffix(&token), removed = n, "device unregistered by event");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,374 @@
+//! The only place that knows the business steps of one call event:
+//! parse → open the call → resolve devices → claim → push with fallback/retry →
+//! record → publish → settle.
+//!
+//! `handle` returns a [`Disposition`]; the consumer settles the message exactly once
+//! from it. `deliver.rs` has the per-device steps, `publish.rs` the results.
+
+mod deliver;
+mod publish;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::amqp::Publisher;
+use crate::apns::{Apns, App};
+use crate::config::Config;
+use crate::event::{
+    now_ms, now_rfc3339, token_suffix, CallEvent, EventType, InvalidEvent, InvalidKind, PushResult,
+    Status,
+};
+use crate::metrics::Metrics;
+use crate::store::calls::CallState;
+use crate::store::{Device, Store, StoreError};
+
+/// A message as taken from the queue.
+#[derive(Clone, Debug, Default)]
+pub struct Incoming {
+    pub body: Vec<u8>,
+    pub message_id: Option<String>,
+    /// AMQP `timestamp` property, UNIX seconds.
+    pub timestamp: Option<u64>,
+    /// The owner recorded on this message's delivery claims: the worker's id and
+    /// a sequence number, so two copies of one event in one worker still exclude
+    /// each other.
+    pub claim_owner: String,
+}
+
+/// How the consumer settles a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// Handled; every result is confirmed by the broker.
+    Ack,
+    /// Could not be handled now (database or broker trouble): tried again later.
+    Retry(String),
+    /// Never handleable: to the dead-letter queue with this reason.
+    DeadLetter { kind: &'static str, message: String },
+}
+
+/// Namespace of the stable `apns-id`s: UUIDv5(namespace, event id + device id), so
+/// every attempt for one (event, device) carries the same id.
+const APNS_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6f1d_3c2a_8b47_4e0f_9a61_2d5c_7e80_b934);
+
+/// APNs' limit for VoIP payloads (4096 for other push types).
+pub const MAX_VOIP_PAYLOAD: usize = 5120;
+
+pub struct Pipeline {
+    pub cfg: Arc<Config>,
+    pub store: Store,
+    pub apns: Arc<Apns>,
+    pub publisher: Arc<Publisher>,
+    pub metrics: Metrics,
+}
+
+/// Everything the pushes of one event share.
+struct Call<'a> {
+    app: &'a App,
+    event: &'a CallEvent,
+    /// Rings or cancel pushes.
+    kind: EventType,
+    event_id: &'a str,
+    payload: bytes::Bytes,
+    deadline: Instant,
+    expires_at_ms: i64,
+    sent_at_ms: i64,
+    base: &'a PushResult,
+    /// Who claims the deliveries (this worker and this message).
+    owner: &'a str,
+}
+
+impl Pipeline {
+    pub async fn handle(&self, msg: &Incoming) -> Disposition {
+        let event = match CallEvent::parse(&msg.body) {
+            Ok(e) => e,
+            Err(invalid) => return self.refuse(msg, invalid).await,
+        };
+        let span =
+            info_span!("event", call_id = %event.call_id, event_type = event.event_type.as_str());
+        async {
+            let Some(app) = self.apns.app(event.bundle_id.as_deref()) else {
+                let invalid = InvalidEvent {
+                    kind: InvalidKind::BadField,
+                    message: format!(
+                        "bundleId {:?} is not a configured app",
+                        event.bundle_id.as_deref().unwrap_or("")
+                    ),
+                    call_id: Some(event.call_id.clone()),
+                };
+                return self.refuse(msg, invalid).await;
+            };
+            match event.event_type {
+                EventType::Incoming => self.initiate(msg, &event, app).await,
+                EventType::Cancel => self.cancel(msg, &event, app).await,
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// When the call started, and its ring deadline (ms since epoch).
+    fn ring_window(&self, msg: &Incoming, event: &CallEvent) -> (i64, i64) {
+        let sent_at_ms = event
+            .sent_at_ms
+            .or(msg.timestamp.map(|s| s as i64 * 1000))
+            .unwrap_or_else(now_ms);
+        let ring_secs = event
+            .ring_timeout_secs
+            .unwrap_or(self.cfg.worker.ring_timeout_secs);
+        (sent_at_ms, sent_at_ms + ring_secs as i64 * 1000)
+    }
+
+    async fn initiate(&self, msg: &Incoming, event: &CallEvent, app: &App) -> Disposition {
+        let event_id = event_id(msg, event);
+        let (sent_at_ms, expires_at_ms) = self.ring_window(msg, event);
+        let state = match self
+            .store
+            .open_call(
+                &event.call_id,
+                &app.config.bundle_id,
+                &event.to_user_id,
+                expires_at_ms,
+            )
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => return self.retry("open the call", e),
+        };
+        let devices = match self
+            .store
+            .live_devices(&event.to_user_id, &app.config.bundle_id)
+            .await
+        {
+            Ok(d) => d,
+            Err(e) => return self.retry("resolve devices", e),
+        };
+        let base = base_result(&event_id, event, app);
+        let per_device = |status: Status, reason: &str| -> Vec<PushResult> {
+            devices
+                .iter()
+                .map(|d| PushResult {
+                    device_id: Some(d.id),
+                    token_suffix: Some(token_suffix(&d.token)),
+                    status,
+                    reason: Some(reason.to_string()),
+                    completed_at: now_rfc3339(),
+                    ..base.clone()
+                })
+                .collect()
+        };
+
+        let remaining_ms = expires_at_ms - now_ms();
+        let results: Vec<PushResult> = if devices.is_empty() {
+            info!(to_user_id = %event.to_user_id, "user has no live device for this app");
+            vec![PushResult {
+                completed_at: now_rfc3339(),
+                ..base.clone()
+            }]
+        } else if state == CallState::Cancelled {
+            info!("call was cancelled before its ring went out; not pushed");
+            per_device(Status::Cancelled, "call cancelled")
+        } else if remaining_ms <= 0 {
+            warn!(
+                late_ms = -remaining_ms,
+                "call event arrived after its ring deadline; not pushed"
+            );
+            per_device(
+                Status::Expired,
+                "ring deadline passed before the event was handled",
+            )
+        } else {
+            let call = Call {
+                app,
+                event,
+                kind: EventType::Incoming,
+                event_id: &event_id,
+                payload: bytes::Bytes::from(
+                    event.device_payload(sent_at_ms, expires_at_ms).to_string(),
+                ),
+                deadline: Instant::now() + Duration::from_millis(remaining_ms as u64),
+                expires_at_ms,
+                sent_at_ms,
+                base: &base,
+                owner: &msg.claim_owner,
+            };
+            let devices: Vec<Device> = devices.clone();
+            match self.push_all(&call, &devices).await {
+                Ok(r) => r,
+                Err(e) => return self.retry("claim a delivery", e),
+            }
+        };
+
+        if let Err(reason) = self.publish_and_mark(&event_id, &results).await {
+            return Disposition::Retry(reason);
+        }
+        let settled = call_state(&results);
+        if let Err(e) = self.store.settle_call(&event.call_id, settled).await {
+            warn!(error = %e, "could not record the call's state");
+        }
+        let outcome = if results.iter().any(|r| r.status == Status::Delivered) {
+            "delivered"
+        } else {
+            results
+                .first()
+                .map(|r| r.status.as_str())
+                .unwrap_or("no_device")
+        };
+        self.metrics.events.with_label_values(&[outcome]).inc();
+        Disposition::Ack
+    }
+
+    /// A cancel: record it (which stops every ring not yet sent, here or in any
+    /// replica), then send a `call.cancel` push to each device already rung, except
+    /// the one that answered, so an undelivered ring is replaced and a ringing
+    /// phone stops.
+    async fn cancel(&self, msg: &Incoming, event: &CallEvent, app: &App) -> Disposition {
+        let event_id = event_id(msg, event);
+        let ring_deadline = match self
+            .store
+            .cancel_call(
+                &event.call_id,
+                &app.config.bundle_id,
+                &event.to_user_id,
+                event.reason.as_deref(),
+                event.answered_device_id.as_deref(),
+            )
+            .await
+        {
+            Ok(d) => d,
+            Err(e) => return self.retry("record the cancel", e),
+        };
+        info!(
+            reason = event.reason.as_deref().unwrap_or(""),
+            "call cancelled"
+        );
+        if !self.cfg.worker.cancel_push {
+            self.metrics.events.with_label_values(&["cancel"]).inc();
+            return Disposition::Ack;
+        }
+        let rung = match self.store.rung_devices(&event.call_id).await {
+            Ok(r) => r,
+            Err(e) => return self.retry("find rung devices", e),
+        };
+        let answered = (event.reason.as_deref() == Some("answered_elsewhere"))
+            .then_some(event.answered_device_id.as_deref())
+            .flatten();
+        let devices: Vec<Device> = rung
+            .into_iter()
+            .filter(|d| answered != Some(d.device_id.to_string().as_str()))
+            .map(|d| Device {
+                id: d.device_id,
+                token: d.token,
+                environment: d.environment,
+                updated_at_ms: 0,
+            })
+            .collect();
+        // The ring's own deadline bounds its cancel: after it, APNs has dropped an
+        // undelivered ring (its expiration) and the phone has stopped ringing.
+        let (sent_at_ms, own_deadline) = self.ring_window(msg, event);
+        let expires_at_ms = ring_deadline.unwrap_or(own_deadline);
+        let remaining_ms = expires_at_ms - now_ms();
+        let base = base_result(&event_id, event, app);
+        let results = if devices.is_empty() || remaining_ms <= 0 {
+            Vec::new()
+        } else {
+            let call = Call {
+                app,
+                event,
+                kind: EventType::Cancel,
+                event_id: &event_id,
+                payload: bytes::Bytes::from(
+                    event.device_payload(sent_at_ms, expires_at_ms).to_string(),
+                ),
+                deadline: Instant::now() + Duration::from_millis(remaining_ms as u64),
+                expires_at_ms,
+                sent_at_ms,
+                base: &base,
+                owner: &msg.claim_owner,
+            };
+            match self.push_all(&call, &devices).await {
+                Ok(r) => r,
+                Err(e) => return self.retry("claim a cancel push", e),
+            }
+        };
+        if let Err(reason) = self.publish_and_mark(&event_id, &results).await {
+            return Disposition::Retry(reason);
+        }
+        self.metrics.events.with_label_values(&["cancel"]).inc();
+        Disposition::Ack
+    }
+
+    /// Claims and pushes every device at once; a device another worker owns yields
+    /// no result here.
+    async fn push_all(
+        &self,
+        call: &Call<'_>,
+        devices: &[Device],
+    ) -> Result<Vec<PushResult>, StoreError> {
+        let claimed = join_all(devices.iter().map(|d| self.claimed_push(call, d))).await;
+        let mut results = Vec::with_capacity(claimed.len());
+        for r in claimed {
+            if let Some(result) = r? {
+                results.push(result);
+            }
+        }
+        Ok(results)
+    }
+
+    fn retry(&self, step: &str, e: StoreError) -> Disposition {
+        warn!(step, error = %e, "event could not be handled now; it will be retried");
+        self.metrics.events.with_label_values(&["retried"]).inc();
+        Disposition::Retry(format!("{step}: {e}"))
+    }
+}
+
+/// A call's state from its deliveries' results.
+fn call_state(results: &[PushResult]) -> CallState {
+    let all = |s: Status| !results.is_empty() && results.iter().all(|r| r.status == s);
+    if results.iter().any(|r| r.status == Status::Delivered) {
+        CallState::Delivered
+    } else if all(Status::Cancelled) {
+        CallState::Cancelled
+    } else if all(Status::Expired) {
+        CallState::Expired
+    } else {
+        CallState::Failed
+    }
+}
+
+fn base_result(event_id: &str, event: &CallEvent, app: &App) -> PushResult {
+    PushResult {
+        event_id: event_id.to_string(),
+        event_type: event.event_type.as_str().into(),
+        call_id: Some(event.call_id.clone()),
+        to_user_id: Some(event.to_user_id.clone()),
+        device_id: None,
+        token_suffix: None,
+        bundle_id: Some(app.config.bundle_id.clone()),
+        status: Status::NoDevice,
+        environment: None,
+        fallback_used: false,
+        apns_id: None,
+        apns_status: None,
+        reason: None,
+        attempts: 0,
+        latency_ms: None,
+        completed_at: String::new(),
+    }
+}
+
+/// The event's id: the producer's `message_id`, or one derived from the call id
+/// and type so a redelivery gets the same id.
+fn event_id(msg: &Incoming, event: &CallEvent) -> String {
+    match &msg.message_id {
+        Some(id) if !id.is_empty() => id.clone(),
+        _ => stable_event_id(&event.call_id, event.event_type.as_str()),
+    }
+}
+
+fn stable_event_id(call_id: &str, kind: &str) -> String {
+    uuid::Uuid::new_v5(&APNS_ID_NAMESPACE, format!("{call_id}/{kind}").as_bytes()).to_string()
+}

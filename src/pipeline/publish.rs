@@ -1,0 +1,128 @@
+//! Results out: publishing with confirms, marking claims published, and refusing
+//! malformed events.
+
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use tracing::warn;
+
+use super::{stable_event_id, Disposition, Incoming, Pipeline};
+use crate::event::{now_rfc3339, EventType, InvalidEvent, PushResult, Status};
+
+/// Publishing results is retried this long (the publisher reconnects in between)
+/// before the event is tried again from the start.
+const RESULT_PUBLISH_PATIENCE: Duration = Duration::from_secs(30);
+
+impl Pipeline {
+    /// Counts, publishes and marks the results of one event as published.
+    pub(super) async fn publish_and_mark(
+        &self,
+        event_id: &str,
+        results: &[PushResult],
+    ) -> Result<(), String> {
+        for r in results {
+            let env = r.environment.map(|e| e.as_str()).unwrap_or("none");
+            self.metrics
+                .deliveries
+                .with_label_values(&[r.status.as_str(), env])
+                .inc();
+        }
+        self.publish_results(results)
+            .await
+            .map_err(|e| format!("publish results: {e}"))?;
+        let published: Vec<i64> = results.iter().filter_map(|r| r.device_id).collect();
+        if !published.is_empty() {
+            if let Err(e) = self.store.mark_published(event_id, &published).await {
+                // Harmless: a redelivery would re-publish the stored results, never push.
+                warn!(error = %e, "could not mark results as published");
+            }
+        }
+        Ok(())
+    }
+
+    /// A malformed event: an `invalid_event` result when a call id was readable,
+    /// then the dead-letter queue.
+    pub(super) async fn refuse(&self, msg: &Incoming, invalid: InvalidEvent) -> Disposition {
+        warn!(kind = invalid.kind.label(), call_id = invalid.call_id.as_deref().unwrap_or(""),
+            error = %invalid.message, "refusing malformed call event");
+        if let Some(call_id) = &invalid.call_id {
+            let result = PushResult {
+                event_id: msg
+                    .message_id
+                    .clone()
+                    .unwrap_or_else(|| stable_event_id(call_id, "invalid")),
+                event_type: EventType::Incoming.as_str().into(),
+                call_id: Some(call_id.clone()),
+                to_user_id: None,
+                device_id: None,
+                token_suffix: None,
+                bundle_id: None,
+                status: Status::InvalidEvent,
+                environment: None,
+                fallback_used: false,
+                apns_id: None,
+                apns_status: None,
+                reason: Some(invalid.to_string()),
+                attempts: 0,
+                latency_ms: None,
+                completed_at: now_rfc3339(),
+            };
+            self.metrics
+                .deliveries
+                .with_label_values(&["invalid_event", "none"])
+                .inc();
+            if let Err(e) = self.publish_results(std::slice::from_ref(&result)).await {
+                return Disposition::Retry(format!("publish invalid_event result: {e}"));
+            }
+        }
+        self.metrics.events.with_label_values(&["invalid"]).inc();
+        Disposition::DeadLetter {
+            kind: invalid.kind.label(),
+            message: invalid.message,
+        }
+    }
+
+    /// Publishes every result and waits for the broker's confirms, retrying (with
+    /// reconnects) for a while before giving up.
+    async fn publish_results(&self, results: &[PushResult]) -> Result<(), String> {
+        let exchange = &self.cfg.amqp.results_exchange;
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(100);
+        let mut pending: Vec<&PushResult> = results.iter().collect();
+        while !pending.is_empty() {
+            let outcomes = join_all(pending.iter().map(|r| async move {
+                let body = serde_json::to_vec(r).expect("results serialise");
+                let key = format!("push.{}", r.status.as_str());
+                self.publisher
+                    .publish_json(exchange, &key, &body, None)
+                    .await
+            }))
+            .await;
+            let mut failed = Vec::new();
+            let mut last_error = String::new();
+            for (r, outcome) in pending.iter().zip(outcomes) {
+                match outcome {
+                    Ok(()) => self
+                        .metrics
+                        .results_published
+                        .with_label_values(&[r.status.as_str()])
+                        .inc(),
+                    Err(e) => {
+                        last_error = e.to_string();
+                        failed.push(*r);
+                    }
+                }
+            }
+            if !failed.is_empty() {
+                if started.elapsed() > RESULT_PUBLISH_PATIENCE {
+                    return Err(last_error);
+                }
+                warn!(failed = failed.len(), error = %last_error, "result publish failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            pending = failed;
+        }
+        Ok(())
+    }
+}
