@@ -319,16 +319,24 @@ pub async fn rabbitmq(cfg: &AmqpConfig, timeout: Duration) -> Vec<Check> {
             .await
         }
     };
-    let (missing_exchanges, work_q, dead_q) = tokio::join!(
+    let (missing_exchanges, work_q, dead_q, cancel_q) = tokio::join!(
         futures_util::future::join_all(exchange_checks),
         queue_probe(&cfg.work_queue),
         queue_probe(&cfg.dead_letter_queue),
+        queue_probe(&cfg.cancel_queue),
     );
     let mut missing: Vec<String> = missing_exchanges.into_iter().flatten().collect();
     if let Err(e) = &work_q {
         missing.push(format!(
             "queue {} (VPW__AMQP__WORK_QUEUE): {}",
             cfg.work_queue,
+            short(e)
+        ));
+    }
+    if let Err(e) = &cancel_q {
+        missing.push(format!(
+            "queue {} (VPW__AMQP__CANCEL_QUEUE): {}",
+            cfg.cancel_queue,
             short(e)
         ));
     }
@@ -340,7 +348,7 @@ pub async fn rabbitmq(cfg: &AmqpConfig, timeout: Duration) -> Vec<Check> {
         ));
     }
     out.push(if missing.is_empty() {
-        topology.pass("3 exchanges, 2 queues")
+        topology.pass("3 exchanges, 3 queues")
     } else {
         topology.fail(
             format!("missing: {}", missing.join("; ")),

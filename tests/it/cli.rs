@@ -14,6 +14,8 @@ fn command(db: &TestDb, id: &str) -> Command {
         .env("VPW__AMQP__CALL_EXCHANGE", format!("cli.{id}.calls"))
         .env("VPW__AMQP__WORK_QUEUE", format!("cli.{id}.work"))
         .env("VPW__AMQP__CANCEL_QUEUE", format!("cli.{id}.cancels"))
+        .env("VPW__DEVICES__EXCHANGE", format!("cli.{id}.devices"))
+        .env("VPW__DEVICES__QUEUE", format!("cli.{id}.devices-q"))
         .env("VPW__AMQP__DEAD_LETTER_EXCHANGE", format!("cli.{id}.dlx"))
         .env("VPW__AMQP__DEAD_LETTER_QUEUE", format!("cli.{id}.dead"))
         .env("VPW__AMQP__RESULTS_EXCHANGE", format!("cli.{id}.results"))

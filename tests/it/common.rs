@@ -169,6 +169,8 @@ impl TestEnv {
         cfg.amqp.call_exchange = format!("it.{id}.calls");
         cfg.amqp.work_queue = format!("it.{id}.work");
         cfg.amqp.cancel_queue = format!("it.{id}.cancels");
+        cfg.devices.exchange = format!("it.{id}.devices");
+        cfg.devices.queue = format!("it.{id}.devices-q");
         cfg.amqp.dead_letter_exchange = format!("it.{id}.dlx");
         cfg.amqp.dead_letter_queue = format!("it.{id}.dead");
         cfg.amqp.results_exchange = format!("it.{id}.results");
@@ -364,6 +366,7 @@ impl TestEnv {
                     &self.cfg.amqp.work_queue,
                     &self.cfg.amqp.cancel_queue,
                     &self.cfg.amqp.dead_letter_queue,
+                    &self.cfg.devices.queue,
                 ] {
                     let _ = ch
                         .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
@@ -373,6 +376,7 @@ impl TestEnv {
                     &self.cfg.amqp.call_exchange,
                     &self.cfg.amqp.dead_letter_exchange,
                     &self.cfg.amqp.results_exchange,
+                    &self.cfg.devices.exchange,
                 ] {
                     let _ = ch
                         .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
@@ -396,6 +400,8 @@ pub fn binary_for(cfg: &Config) -> std::process::Command {
         .env("VPW__AMQP__CALL_EXCHANGE", &cfg.amqp.call_exchange)
         .env("VPW__AMQP__WORK_QUEUE", &cfg.amqp.work_queue)
         .env("VPW__AMQP__CANCEL_QUEUE", &cfg.amqp.cancel_queue)
+        .env("VPW__DEVICES__EXCHANGE", &cfg.devices.exchange)
+        .env("VPW__DEVICES__QUEUE", &cfg.devices.queue)
         .env(
             "VPW__AMQP__DEAD_LETTER_EXCHANGE",
             &cfg.amqp.dead_letter_exchange,
