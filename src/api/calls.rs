@@ -52,7 +52,15 @@ pub async fn post_internal_call(
 }
 
 async fn accept(s: &ApiState, body: Result<Bytes, BytesRejection>) -> Result<String, ApiError> {
-    let mut obj = json_object(body)?;
+    accept_object(s, json_object(body)?).await
+}
+
+/// Checks an event like the consumer would, publishes it with a confirm, and
+/// returns its event id.
+pub(super) async fn accept_object(
+    s: &ApiState,
+    mut obj: serde_json::Map<String, Value>,
+) -> Result<String, ApiError> {
     let bytes = serde_json::to_vec(&obj).unwrap_or_default();
     let event = CallEvent::parse(&bytes).map_err(|e| {
         let status = match e.kind {

@@ -8,6 +8,7 @@
 //! `/users/{identity}/voip-token`).
 
 pub mod auth;
+pub mod call_status;
 pub mod calls;
 pub mod device_events;
 pub mod devices;
@@ -22,7 +23,7 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
@@ -217,6 +218,8 @@ pub fn router(state: ApiState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), rate_limit));
     Router::new()
         .route("/v1/calls", post(calls::post_call))
+        .route("/v1/calls/{call_id}", get(call_status::get_call))
+        .route("/v1/calls/{call_id}/cancel", post(call_status::post_cancel))
         .route("/api/internal/push/call", post(calls::post_internal_call))
         .merge(registration)
         .layer(DefaultBodyLimit::max(state.cfg.http.max_body_bytes))
