@@ -79,14 +79,22 @@ pub struct PostgresConfig {
     pub pool_size: usize,
     /// How long a query waits for a pooled connection before the event is retried.
     pub pool_timeout_ms: u64,
+    /// Wait for the WAL flush of every write. Off by default: claims, attempts
+    /// and results are many small writes, and only a Postgres crash (not a clean
+    /// restart) could lose the last fraction of a second of them. Cancels are
+    /// always flushed.
+    pub synchronous_commit: bool,
 }
 
 impl Default for PostgresConfig {
     fn default() -> Self {
         Self {
             url: "postgres://postgres@127.0.0.1:5432/voip_push".into(),
-            pool_size: 16,
+            // A ring attempt holds a connection for its APNs round trip (the call's
+            // lock), so the pool is sized for the pushes in flight.
+            pool_size: 32,
             pool_timeout_ms: 5_000,
+            synchronous_commit: false,
         }
     }
 }
@@ -97,6 +105,7 @@ impl fmt::Debug for PostgresConfig {
             .field("url", &redact_url(&self.url))
             .field("pool_size", &self.pool_size)
             .field("pool_timeout_ms", &self.pool_timeout_ms)
+            .field("synchronous_commit", &self.synchronous_commit)
             .finish()
     }
 }

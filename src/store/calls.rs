@@ -210,8 +210,13 @@ impl Store {
         reason: Option<&str>,
         answered_device_id: Option<&str>,
     ) -> Result<Option<i64>, StoreError> {
-        let client = self.pool.get().await?;
-        let row = client
+        let mut client = self.pool.get().await?;
+        // Always flushed, whatever postgres.synchronous_commit says: a cancel
+        // lost in a crash could let its call ring.
+        let tx = client.transaction().await?;
+        tx.batch_execute("SET LOCAL synchronous_commit = on")
+            .await?;
+        let row = tx
             .query_one(
                 "INSERT INTO calls (call_id, bundle_id, to_user_id, state, cancelled_at, settled_at,
                                     cancel_reason, answered_device_id)
@@ -226,6 +231,7 @@ impl Store {
                 &[&call_id, &bundle_id, &to_user_id, &reason, &answered_device_id],
             )
             .await?;
+        tx.commit().await?;
         Ok(row.get(0))
     }
 
@@ -321,13 +327,13 @@ impl Store {
     /// Settles a ringing call; a cancelled (or already settled) call keeps its state.
     pub async fn settle_call(&self, call_id: &str, state: CallState) -> Result<(), StoreError> {
         let client = self.pool.get().await?;
-        client
-            .execute(
+        let stmt = client
+            .prepare_cached(
                 "UPDATE calls SET state = $2, settled_at = clock_timestamp()
                  WHERE call_id = $1 AND state = 'ringing'",
-                &[&call_id, &state.as_str()],
             )
             .await?;
+        client.execute(&stmt, &[&call_id, &state.as_str()]).await?;
         Ok(())
     }
 

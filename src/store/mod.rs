@@ -123,8 +123,16 @@ pub async fn ensure_database(url: &str) -> Result<bool, StoreError> {
 
 impl Store {
     pub fn connect(cfg: &PostgresConfig) -> Result<Self, StoreError> {
+        let mut pg = pg_config(&cfg.url)?;
+        if !cfg.synchronous_commit {
+            // The worker's writes are many and small; waiting for each WAL flush
+            // makes Postgres the bottleneck. A Postgres crash (not a restart) can
+            // then lose the last fraction of a second of them; cancels are always
+            // committed synchronously (see `cancel_call`).
+            pg.options("-c synchronous_commit=off");
+        }
         let mgr = Manager::from_config(
-            pg_config(&cfg.url)?,
+            pg,
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,

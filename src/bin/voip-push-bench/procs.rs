@@ -52,6 +52,9 @@ impl WorkerProc {
             .env("VPW__POSTGRES__URL", &cfg.postgres.url)
             .env("VPW__AMQP__CALL_EXCHANGE", &cfg.amqp.call_exchange)
             .env("VPW__AMQP__WORK_QUEUE", &cfg.amqp.work_queue)
+            .env("VPW__AMQP__CANCEL_QUEUE", &cfg.amqp.cancel_queue)
+            .env("VPW__DEVICES__EXCHANGE", &cfg.devices.exchange)
+            .env("VPW__DEVICES__QUEUE", &cfg.devices.queue)
             .env(
                 "VPW__AMQP__DEAD_LETTER_EXCHANGE",
                 &cfg.amqp.dead_letter_exchange,

@@ -96,6 +96,9 @@ impl Bench {
         cfg.postgres.url = postgres_url.to_string();
         cfg.amqp.call_exchange = format!("{PREFIX}.calls");
         cfg.amqp.work_queue = format!("{PREFIX}.work");
+        cfg.amqp.cancel_queue = format!("{PREFIX}.cancels");
+        cfg.devices.exchange = format!("{PREFIX}.devices");
+        cfg.devices.queue = format!("{PREFIX}.devices-q");
         cfg.amqp.dead_letter_exchange = format!("{PREFIX}.dlx");
         cfg.amqp.dead_letter_queue = format!("{PREFIX}.dead");
         cfg.amqp.results_exchange = format!("{PREFIX}.results");
@@ -217,7 +220,9 @@ impl Bench {
             let a = &self.cfg.amqp;
             for q in [
                 &a.work_queue,
+                &a.cancel_queue,
                 &a.dead_letter_queue,
+                &self.cfg.devices.queue,
                 &self.reference_queue,
                 &self.results_queue,
             ] {
@@ -229,6 +234,7 @@ impl Bench {
                 &a.call_exchange,
                 &a.dead_letter_exchange,
                 &a.results_exchange,
+                &self.cfg.devices.exchange,
             ] {
                 let _ = ch
                     .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
