@@ -104,9 +104,26 @@ struct Endpoint {
     base: String,
     host: String,
     port: u16,
+    /// `trusted` connections first, then the probation ones.
     slots: Vec<tokio::sync::Mutex<Option<Conn>>>,
+    trusted: usize,
     next: AtomicUsize,
+    next_probation: AtomicUsize,
 }
+
+/// Which connections a request travels on. APNs may cut a connection to one
+/// stream after a rejected push until its next success (observed), so a burst of
+/// dead or unproven tokens would stall the rings queued behind it. Pushes to
+/// tokens APNs has accepted before keep connections of their own; unproven
+/// tokens and environment fallbacks go on probation connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    Trusted,
+    Probation,
+}
+
+/// Probation connections per environment.
+const PROBATION_CONNECTIONS: usize = 1;
 
 /// A connection in a slot; `id` tells a replaced connection from its successor.
 struct Conn {
@@ -186,10 +203,12 @@ impl ApnsClient {
                 base,
                 host,
                 port,
-                slots: (0..settings.connections_per_environment.max(1))
+                slots: (0..settings.connections_per_environment.max(1) + PROBATION_CONNECTIONS)
                     .map(|_| tokio::sync::Mutex::new(None))
                     .collect(),
+                trusted: settings.connections_per_environment.max(1),
                 next: AtomicUsize::new(0),
+                next_probation: AtomicUsize::new(0),
             })
         };
         Ok(Self {
@@ -257,8 +276,15 @@ impl ApnsClient {
     async fn sender(
         &self,
         ep: &Endpoint,
+        lane: Lane,
     ) -> Result<(usize, u64, SendRequest<Full<Bytes>>), SendError> {
-        let idx = ep.next.fetch_add(1, Ordering::Relaxed) % ep.slots.len();
+        let idx = match lane {
+            Lane::Trusted => ep.next.fetch_add(1, Ordering::Relaxed) % ep.trusted,
+            Lane::Probation => {
+                let probation = ep.slots.len() - ep.trusted;
+                ep.trusted + ep.next_probation.fetch_add(1, Ordering::Relaxed) % probation
+            }
+        };
         let mut slot = ep.slots[idx].lock().await;
         if let Some(c) = slot.as_ref() {
             if !c.sender.is_closed() {
@@ -305,6 +331,17 @@ impl ApnsClient {
         req: &PushRequest,
         timeout: Duration,
     ) -> Result<ApnsResponse, SendError> {
+        self.send_on(env, Lane::Trusted, req, timeout).await
+    }
+
+    /// [`ApnsClient::send`] on the connections of `lane`.
+    pub async fn send_on(
+        &self,
+        env: Environment,
+        lane: Lane,
+        req: &PushRequest,
+        timeout: Duration,
+    ) -> Result<ApnsResponse, SendError> {
         let ep = self.endpoint(env);
         let environment = env.as_str();
         let timeout = timeout.min(self.settings.request_timeout);
@@ -313,7 +350,7 @@ impl ApnsClient {
         // for the whole timeout means the connection is as good as dead.
         let in_use: std::sync::Mutex<Option<(usize, u64)>> = std::sync::Mutex::new(None);
         let attempt = async {
-            let (idx, id, mut sender) = self.sender(ep).await?;
+            let (idx, id, mut sender) = self.sender(ep, lane).await?;
             *in_use.lock().expect("in_use lock") = Some((idx, id));
             let request = build_request(&ep.base, req);
             let result = async {

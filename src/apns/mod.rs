@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tracing::{info, warn};
 
-pub use client::{ApnsClient, ApnsResponse, ClientSettings, PushRequest, SendError};
+pub use client::{ApnsClient, ApnsResponse, ClientSettings, Lane, PushRequest, SendError};
 pub use outcome::{classify, Action};
 pub use token::{ProviderToken, SigningKey};
 
@@ -248,7 +248,17 @@ impl Apns {
                     out.attempts += 1;
                     out.environment = env;
                     let started = Instant::now();
-                    let sent = app.client.send(env, &request, push.deadline - now).await;
+                    // A proven token rides the trusted connections; unproven tokens and
+                    // fallbacks cannot stall it there.
+                    let lane = if push.proven && !out.fallback_used {
+                        Lane::Trusted
+                    } else {
+                        Lane::Probation
+                    };
+                    let sent = app
+                        .client
+                        .send_on(env, lane, &request, push.deadline - now)
+                        .await;
                     let record = AttemptRecord {
                         environment: env,
                         apns_status: sent.as_ref().ok().map(|r| r.status),
@@ -358,6 +368,8 @@ pub struct DevicePush<'a> {
     pub deadline: Instant,
     /// `apns-expiration`: UNIX seconds.
     pub expiration_unix: u64,
+    /// APNs accepted this token before (see [`Lane`]).
+    pub proven: bool,
 }
 
 /// Called around every attempt of one delivery: the place where a cancelled call

@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub struct StallControl {
     accepted: AtomicU64,
     stalled_below: AtomicU64,
+    dropped_below: AtomicU64,
 }
 
 impl StallControl {
@@ -27,6 +28,17 @@ impl StallControl {
     pub fn stall_existing(&self) {
         self.stalled_below
             .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    /// Every connection accepted so far fails its next read or write, as after a
+    /// reset.
+    pub fn drop_existing(&self) {
+        self.dropped_below
+            .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    fn is_dropped(&self, number: u64) -> bool {
+        number < self.dropped_below.load(Ordering::SeqCst)
     }
 
     pub fn accepted(&self) -> u64 {
@@ -62,6 +74,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Stallable<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.control.is_dropped(self.number) {
+            return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+        }
         if self.control.is_stalled(self.number) {
             return Poll::Pending;
         }
@@ -75,6 +90,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Stallable<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.control.is_dropped(self.number) {
+            return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+        }
         if self.control.is_stalled(self.number) {
             return Poll::Pending;
         }

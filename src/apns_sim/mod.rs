@@ -72,6 +72,8 @@ pub struct RecordedRequest {
     pub reason: Option<String>,
     pub apns_id: Option<String>,
     pub at_ms: i64,
+    /// Which connection carried it (numbered as accepted, both environments).
+    pub connection: u64,
 }
 
 /// A scripted answer for one token, used instead of the normal verdict once the
@@ -126,6 +128,11 @@ struct ConnState {
     key: Option<(String, String)>,
     /// The provider token in use and when (simulator clock) it was first seen.
     token: Option<(String, u64)>,
+    number: u64,
+    /// One stream at a time: until the connection's first accepted push, and again
+    /// after a rejected one until the next success (as APNs is observed to do).
+    restricted: bool,
+    gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 pub struct SimOptions {
@@ -254,6 +261,11 @@ impl ApnsSim {
         self.state.stalls.stall_existing();
     }
 
+    /// Closes every connection open now, abruptly (a TCP reset, no GOAWAY).
+    pub fn drop_existing_connections(&self) {
+        self.state.stalls.drop_existing();
+    }
+
     /// Sends GOAWAY on every open connection.
     pub fn goaway(&self) {
         self.state.goaway.send_modify(|n| *n += 1);
@@ -315,7 +327,11 @@ async fn serve_apns(
                 debug!(%peer, "TLS handshake failed");
                 return;
             };
-            let conn_state = Arc::new(Mutex::new(ConnState::default()));
+            let conn_state = Arc::new(Mutex::new(ConnState {
+                number,
+                restricted: true,
+                ..ConnState::default()
+            }));
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 let conn_state = conn_state.clone();
@@ -366,6 +382,15 @@ async fn handle(
         .strip_prefix("/3/device/")
         .unwrap_or_default()
         .to_ascii_lowercase();
+    let (gate, number) = {
+        let c = conn.lock().expect("conn lock");
+        (c.restricted.then(|| c.gate.clone()), c.number)
+    };
+    // While restricted, requests on this connection are answered one at a time.
+    let _one_stream = match gate {
+        Some(g) => Some(g.lock_owned().await),
+        None => None,
+    };
     let verdict = decide(&parts, &body, &token, env, state, conn);
     let (status, reason, timestamp_ms, delay_ms) = match &verdict {
         Ok(Some(s)) => (s.status, s.reason.clone(), s.timestamp_ms, s.delay_ms),
@@ -415,9 +440,15 @@ async fn handle(
             reason: reason.clone(),
             apns_id: Some(apns_id.clone()),
             at_ms: now_ms(),
+            connection: number,
         });
     if delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    }
+    match status {
+        200 => conn.lock().expect("conn lock").restricted = false,
+        400 | 410 => conn.lock().expect("conn lock").restricted = true,
+        _ => {}
     }
     answer(env, status, reason.as_deref(), timestamp_ms, Some(apns_id))
 }

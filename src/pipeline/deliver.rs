@@ -186,6 +186,7 @@ impl Pipeline {
             payload: call.payload.clone(),
             deadline: call.deadline,
             expiration_unix: (call.expires_at_ms as u64).div_ceil(1000),
+            proven: device.proven,
         };
         let (store, call_id, device_id) = (&self.store, call.event.call_id.as_str(), device.id);
         let out = match call.kind {

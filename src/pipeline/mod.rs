@@ -264,6 +264,8 @@ impl Pipeline {
                 token: d.token,
                 environment: d.environment,
                 updated_at_ms: 0,
+                // It accepted the ring.
+                proven: true,
             })
             .collect();
         // The ring's own deadline bounds its cancel: after it, APNs has dropped an

@@ -166,6 +166,8 @@ impl ExternalTokens {
                 environment: env.or(learned_env),
                 // Unknown: the team's table does not say when it was registered.
                 updated_at_ms: 0,
+                // An environment learned from a success proves the token.
+                proven: learned_env.is_some(),
             });
             known.insert(id, k);
         }

@@ -69,6 +69,8 @@ pub struct Device {
     pub environment: Option<Environment>,
     /// Last registration, ms since epoch (compared with APNs' 410 timestamp).
     pub updated_at_ms: i64,
+    /// APNs has accepted a push to this token before.
+    pub proven: bool,
 }
 
 #[derive(Clone)]
@@ -222,7 +224,8 @@ impl Store {
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT id, voip_token, environment, (extract(epoch FROM updated_at) * 1000)::bigint
+                "SELECT id, voip_token, environment, (extract(epoch FROM updated_at) * 1000)::bigint,
+                        last_success_at IS NOT NULL
                  FROM devices
                  WHERE user_id = $1 AND bundle_id = $2 AND invalidated_at IS NULL
                  ORDER BY id",
@@ -236,6 +239,7 @@ impl Store {
                 token: r.get(1),
                 environment: Environment::parse(r.get::<_, &str>(2)),
                 updated_at_ms: r.get(3),
+                proven: r.get(4),
             })
             .collect())
     }

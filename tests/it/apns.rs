@@ -482,3 +482,38 @@ async fn simulator_refuses_a_new_provider_token_within_twenty_minutes_on_one_con
     rig.client.reset(Environment::Production).await;
     assert_eq!(answer(&rig, Environment::Production, &second).await.0, 200);
 }
+
+#[tokio::test]
+async fn a_new_connection_answers_one_stream_at_a_time_until_its_first_success() {
+    let rig = rig().await;
+    let (a, b) = (random_token(), random_token());
+    for t in [&a, &b] {
+        rig.sim.register_token(Environment::Production, t, BUNDLE);
+    }
+    let slow = Scripted {
+        status: 200,
+        delay_ms: 300,
+        ..Default::default()
+    };
+    rig.sim.script(&a, [slow]);
+    let (ra, rb) = (request(&a, &rig.jwt), request(&b, &rig.jwt));
+    let first = rig
+        .client
+        .send(Environment::Production, &ra, Duration::from_secs(5));
+    let second = async {
+        // Sent while the first is still unanswered, on the same connection.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        rig.client
+            .send(Environment::Production, &rb, Duration::from_secs(5))
+            .await
+    };
+    let (x, y) = tokio::join!(first, second);
+    assert_eq!((x.unwrap().status, y.unwrap().status), (200, 200));
+    let recorded = rig.sim.requests();
+    assert_eq!(recorded.len(), 2);
+    assert_eq!(recorded[0].connection, recorded[1].connection);
+    assert!(
+        recorded[1].at_ms >= recorded[0].at_ms + 300,
+        "the second stream waited for the first answer"
+    );
+}

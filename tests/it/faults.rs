@@ -438,11 +438,12 @@ async fn blackholed_apns_path_is_replaced_within_the_ring() {
     env.start_worker().await;
     env.device("bh", Some(Environment::Production), Environment::Production)
         .await;
-    env.publish(json!({"callId":"bh-0","toUserId":"bh"})).await;
-    assert_eq!(
-        env.results_for("bh-0", 1).await[0].status,
-        Status::Delivered
-    );
+    // Two calls: the first proves the token (on a probation connection), the
+    // second opens the connection proven tokens use: the one the fault hits.
+    for warm in ["bh-0", "bh-00"] {
+        env.publish(json!({"callId": warm, "toUserId": "bh"})).await;
+        assert_eq!(env.results_for(warm, 1).await[0].status, Status::Delivered);
+    }
 
     relay.blackhole_existing();
     let struck = Instant::now();
