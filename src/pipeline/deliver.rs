@@ -211,7 +211,9 @@ impl Pipeline {
                     .await
             }
         };
-        let status = self.learn(device, &out).await;
+        // A ring's success was recorded with its attempt, in the call's transaction.
+        let success_recorded = call.kind == EventType::Incoming && device.id > 0;
+        let status = self.learn(device, &out, success_recorded).await;
         if status == Status::Delivered && call.kind == EventType::Incoming {
             let e2e = (now_ms() - call.sent_at_ms).max(0) as f64 / 1000.0;
             self.metrics.end_to_end.observe(e2e);
@@ -245,7 +247,12 @@ impl Pipeline {
     /// Applies what APNs taught us about the token; returns the result status.
     /// A database error here is logged, not retried: the push already happened, and
     /// re-running the event would ring the phone again.
-    async fn learn(&self, device: &Device, out: &DeliveryOutcome) -> Status {
+    async fn learn(
+        &self,
+        device: &Device,
+        out: &DeliveryOutcome,
+        success_recorded: bool,
+    ) -> Status {
         let reason = out
             .last
             .as_ref()
@@ -254,9 +261,11 @@ impl Pipeline {
         let result: Result<Status, StoreError> = async {
             Ok(match out.action {
                 FinalAction::Delivered => {
-                    self.store
-                        .record_success(device.id, out.environment)
-                        .await?;
+                    if !success_recorded {
+                        self.store
+                            .record_success(device.id, out.environment)
+                            .await?;
+                    }
                     Status::Delivered
                 }
                 FinalAction::Invalidate => {

@@ -202,12 +202,12 @@ impl Pipeline {
             }
         };
 
-        if let Err(reason) = self.publish_and_mark(&event_id, &results).await {
-            return Disposition::Retry(reason);
-        }
         let settled = call_state(&results);
-        if let Err(e) = self.store.settle_call(&event.call_id, settled).await {
-            warn!(error = %e, "could not record the call's state");
+        if let Err(reason) = self
+            .publish_and_mark(&event_id, &results, Some((&event.call_id, settled)))
+            .await
+        {
+            return Disposition::Retry(reason);
         }
         let outcome = if results.iter().any(|r| r.status == Status::Delivered) {
             "delivered"
@@ -296,7 +296,7 @@ impl Pipeline {
                 Err(e) => return self.retry("claim a cancel push", e),
             }
         };
-        if let Err(reason) = self.publish_and_mark(&event_id, &results).await {
+        if let Err(reason) = self.publish_and_mark(&event_id, &results, None).await {
             return Disposition::Retry(reason);
         }
         self.metrics.events.with_label_values(&["cancel"]).inc();

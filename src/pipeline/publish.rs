@@ -8,17 +8,20 @@ use tracing::warn;
 
 use super::{stable_event_id, Disposition, Incoming, Pipeline};
 use crate::event::{now_rfc3339, EventType, InvalidEvent, PushResult, Status};
+use crate::store::calls::CallState;
 
 /// Publishing results is retried this long (the publisher reconnects in between)
 /// before the event is tried again from the start.
 const RESULT_PUBLISH_PATIENCE: Duration = Duration::from_secs(30);
 
 impl Pipeline {
-    /// Counts, publishes and marks the results of one event as published.
+    /// Counts and publishes the results of one event, then marks them published
+    /// (and settles the call, for a ring).
     pub(super) async fn publish_and_mark(
         &self,
         event_id: &str,
         results: &[PushResult],
+        settle: Option<(&str, CallState)>,
     ) -> Result<(), String> {
         for r in results {
             let env = r.environment.map(|e| e.as_str()).unwrap_or("none");
@@ -31,11 +34,10 @@ impl Pipeline {
             .await
             .map_err(|e| format!("publish results: {e}"))?;
         let published: Vec<i64> = results.iter().filter_map(|r| r.device_id).collect();
-        if !published.is_empty() {
-            if let Err(e) = self.store.mark_published(event_id, &published).await {
-                // Harmless: a redelivery would re-publish the stored results, never push.
-                warn!(error = %e, "could not mark results as published");
-            }
+        if let Err(e) = self.store.finish_event(event_id, &published, settle).await {
+            // Harmless: a redelivery would re-publish the stored results, never push;
+            // the call's state stays `ringing` in the trace.
+            warn!(error = %e, "could not mark results as published");
         }
         Ok(())
     }

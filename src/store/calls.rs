@@ -88,12 +88,23 @@ const INSERT_ATTEMPT: &str = "INSERT INTO delivery_attempts
     (call_id, device_id, event_type, environment, apns_status, reason, apns_id, latency_ms)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
+const RECORD_RING_ATTEMPT: &str = "WITH success AS (
+        UPDATE devices SET last_success_at = now(), environment = $4
+        WHERE id = $2 AND $2 > 0 AND $5::smallint = 200
+    )
+    INSERT INTO delivery_attempts
+    (call_id, device_id, event_type, environment, apns_status, reason, apns_id, latency_ms)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+
 impl RingPermit {
-    /// Records the attempt and releases the call.
+    /// Records the attempt (and a success on the device, for devices of our own
+    /// table) and releases the call.
     pub async fn record(mut self, a: &AttemptRecord) -> Result<(), StoreError> {
         let client = self.client.take().expect("a permit records once");
         let result = async {
-            let stmt = client.prepare_cached(INSERT_ATTEMPT).await?;
+            // One statement records the attempt and, on success, the device's
+            // success and learned environment (what `Store::record_success` does).
+            let stmt = client.prepare_cached(RECORD_RING_ATTEMPT).await?;
             let status = a.apns_status.map(|s| s as i16);
             let latency = a.latency_ms.min(i32::MAX as u64) as i32;
             let environment = a.environment.as_str();
@@ -322,19 +333,6 @@ impl Store {
                 environment: Environment::parse(r.get::<_, &str>(2)),
             })
             .collect())
-    }
-
-    /// Settles a ringing call; a cancelled (or already settled) call keeps its state.
-    pub async fn settle_call(&self, call_id: &str, state: CallState) -> Result<(), StoreError> {
-        let client = self.pool.get().await?;
-        let stmt = client
-            .prepare_cached(
-                "UPDATE calls SET state = $2, settled_at = clock_timestamp()
-                 WHERE call_id = $1 AND state = 'ringing'",
-            )
-            .await?;
-        client.execute(&stmt, &[&call_id, &state.as_str()]).await?;
-        Ok(())
     }
 
     /// The call's state, or `None` for a call never seen.

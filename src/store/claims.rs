@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use super::calls::CallState;
 use super::{Store, StoreError};
 
 /// How long a claim outlives its owner's last renewal. Owners renew every
@@ -43,10 +44,11 @@ impl Store {
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(
-                "INSERT INTO delivery_claims (event_key, device_id, owner, lease_until, call_id)
-                 VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5)
+                "INSERT INTO delivery_claims (event_key, device_id, owner, lease_until, call_id, worker_id)
+                 VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, split_part($3, '/', 1))
                  ON CONFLICT (event_key, device_id) DO UPDATE
-                     SET owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until
+                     SET owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until,
+                         worker_id = EXCLUDED.worker_id
                      WHERE delivery_claims.published_at IS NULL
                        AND (delivery_claims.lease_until < now() OR delivery_claims.owner = EXCLUDED.owner)
                  RETURNING result",
@@ -95,20 +97,33 @@ impl Store {
         Ok(())
     }
 
-    /// Marks the results of an event as confirmed by the broker.
-    pub async fn mark_published(
+    /// After an event's results were confirmed by the broker: marks its claims
+    /// published and, for a ring, settles its call (a cancelled call keeps its
+    /// state) — one statement, one commit.
+    pub async fn finish_event(
         &self,
         event_key: &str,
         device_ids: &[i64],
+        settle: Option<(&str, CallState)>,
     ) -> Result<(), StoreError> {
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(
-                "UPDATE delivery_claims SET published_at = now()
-                 WHERE event_key = $1 AND device_id = ANY($2) AND published_at IS NULL",
+                "WITH published AS (
+                     UPDATE delivery_claims SET published_at = now()
+                     WHERE event_key = $1 AND device_id = ANY($2) AND published_at IS NULL
+                 )
+                 UPDATE calls SET state = $4, settled_at = clock_timestamp()
+                 WHERE call_id = $3 AND state = 'ringing'",
             )
             .await?;
-        client.execute(&stmt, &[&event_key, &device_ids]).await?;
+        let (call_id, state) = match settle {
+            Some((c, s)) => (Some(c), Some(s.as_str())),
+            None => (None, None),
+        };
+        client
+            .execute(&stmt, &[&event_key, &device_ids, &call_id, &state])
+            .await?;
         Ok(())
     }
 
@@ -121,7 +136,7 @@ impl Store {
         Ok(client
             .execute(
                 "UPDATE delivery_claims SET lease_until = now() + make_interval(secs => $2)
-                 WHERE owner LIKE $1 || '/%' AND published_at IS NULL",
+                 WHERE worker_id = $1 AND published_at IS NULL",
                 &[&worker_id, &lease],
             )
             .await?)

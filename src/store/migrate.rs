@@ -19,6 +19,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../migrations/0002_delivery_claims.sql"),
     ),
     (3, "calls", include_str!("../../migrations/0003_calls.sql")),
+    (
+        4,
+        "claim_worker",
+        include_str!("../../migrations/0004_claim_worker.sql"),
+    ),
 ];
 
 /// Arbitrary but fixed: the key of the advisory lock migrations hold.
