@@ -81,6 +81,36 @@ struct Call<'a> {
     owner: &'a str,
 }
 
+impl<'a> Call<'a> {
+    /// The pushes of `event` (rings or cancel pushes, by its type), due before
+    /// `expires_at_ms`.
+    fn new(
+        app: &'a App,
+        event: &'a CallEvent,
+        event_id: &'a str,
+        base: &'a PushResult,
+        owner: &'a str,
+        sent_at_ms: i64,
+        expires_at_ms: i64,
+    ) -> Self {
+        let remaining_ms = (expires_at_ms - now_ms()).max(0) as u64;
+        Call {
+            app,
+            event,
+            kind: event.event_type,
+            event_id,
+            payload: bytes::Bytes::from(
+                event.device_payload(sent_at_ms, expires_at_ms).to_string(),
+            ),
+            deadline: Instant::now() + Duration::from_millis(remaining_ms),
+            expires_at_ms,
+            sent_at_ms,
+            base,
+            owner,
+        }
+    }
+}
+
 impl Pipeline {
     pub async fn handle(&self, msg: &Incoming) -> Disposition {
         let event = match CallEvent::parse(&msg.body) {
@@ -181,21 +211,15 @@ impl Pipeline {
                 "ring deadline passed before the event was handled",
             )
         } else {
-            let call = Call {
+            let call = Call::new(
                 app,
                 event,
-                kind: EventType::Incoming,
-                event_id: &event_id,
-                payload: bytes::Bytes::from(
-                    event.device_payload(sent_at_ms, expires_at_ms).to_string(),
-                ),
-                deadline: Instant::now() + Duration::from_millis(remaining_ms as u64),
-                expires_at_ms,
+                &event_id,
+                &base,
+                &msg.claim_owner,
                 sent_at_ms,
-                base: &base,
-                owner: &msg.claim_owner,
-            };
-            let devices: Vec<Device> = devices.clone();
+                expires_at_ms,
+            );
             match self.push_all(&call, &devices).await {
                 Ok(r) => r,
                 Err(e) => return self.retry("claim a delivery", e),
@@ -277,20 +301,15 @@ impl Pipeline {
         let results = if devices.is_empty() || remaining_ms <= 0 {
             Vec::new()
         } else {
-            let call = Call {
+            let call = Call::new(
                 app,
                 event,
-                kind: EventType::Cancel,
-                event_id: &event_id,
-                payload: bytes::Bytes::from(
-                    event.device_payload(sent_at_ms, expires_at_ms).to_string(),
-                ),
-                deadline: Instant::now() + Duration::from_millis(remaining_ms as u64),
-                expires_at_ms,
+                &event_id,
+                &base,
+                &msg.claim_owner,
                 sent_at_ms,
-                base: &base,
-                owner: &msg.claim_owner,
-            };
+                expires_at_ms,
+            );
             match self.push_all(&call, &devices).await {
                 Ok(r) => r,
                 Err(e) => return self.retry("claim a cancel push", e),
