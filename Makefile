@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/debug/voip-push-worker
 
-.PHONY: demo test test-faults lint check-ops fmt build run migrate apns-sim services bench
+.PHONY: demo test test-faults tools lint check-ops fmt build run migrate apns-sim services bench
 
 ## The main job end to end on this machine: migrate, simulator, device, call, result, metrics.
 demo: services
@@ -11,7 +11,7 @@ demo: services
 
 ## The whole suite: formatting, lints, ops checks, unit and integration tests
 ## (real RabbitMQ, Postgres, TLS/HTTP/2), then the fault-injection tests.
-test: services lint check-ops
+test: services tools lint check-ops
 	@$(CARGO) nextest --version >/dev/null 2>&1 || { echo "make test needs cargo-nextest: cargo install --locked cargo-nextest" >&2; exit 2; }
 	$(CARGO) nextest run --no-fail-fast
 	$(MAKE) --no-print-directory test-faults
@@ -50,6 +50,10 @@ migrate:
 
 apns-sim:
 	$(CARGO) run --quiet -- apns-sim --ca-out target/apns-sim-ca.pem
+
+## Installs promtool, kubectl, kubernetes-validate and cargo-nextest where missing.
+tools:
+	@scripts/ensure-tools.sh
 
 ## Starts PostgreSQL and RabbitMQ if this machine has them installed but stopped.
 services:
