@@ -15,10 +15,10 @@ cd "$(dirname "$0")/.."
 KUBERNETES_VERSION=${KUBERNETES_VERSION:-1.30.0}
 
 for tool in promtool kubectl python3; do
-    command -v "$tool" >/dev/null || { echo "check-ops: $tool is missing (`make tools` installs it)" >&2; exit 1; }
+    command -v "$tool" >/dev/null || { echo "check-ops: $tool is missing (make tools installs it)" >&2; exit 1; }
 done
 python3 -c 'import kubernetes_validate, yaml' 2>/dev/null \
-    || { echo "check-ops: python module kubernetes-validate is missing (`make tools` installs it)" >&2; exit 1; }
+    || { echo "check-ops: python module kubernetes-validate is missing (make tools installs it)" >&2; exit 1; }
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
