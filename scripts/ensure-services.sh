@@ -29,3 +29,14 @@ if ! amqp_up; then
     fi
     wait_for RabbitMQ amqp_up
 fi
+
+# The fault-injection suite raises a memory alarm by setting a tiny watermark and
+# puts it back when it ends; a run killed in between would leave every publisher
+# blocked. Undo only that (a watermark below 1%), never a deliberate setting.
+if command -v rabbitmqctl >/dev/null 2>&1; then
+    mark=$(rabbitmqctl environment 2>/dev/null | sed -n 's/.*{vm_memory_high_watermark,\([0-9.e-]*\)}.*/\1/p' | head -n1)
+    if [ -n "$mark" ] && python3 -c "import sys; sys.exit(0 if float('$mark') < 0.01 else 1)" 2>/dev/null; then
+        echo "ensure-services: RabbitMQ memory watermark was left at $mark; restoring 0.4"
+        rabbitmqctl set_vm_memory_high_watermark 0.4 >/dev/null
+    fi
+fi

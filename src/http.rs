@@ -39,6 +39,9 @@ pub fn router(state: HttpState) -> Router {
 }
 
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
+    s.metrics
+        .amqp_publish_blocked
+        .set(i64::from(s.api.publisher.is_blocked()));
     (
         [(
             header::CONTENT_TYPE,
@@ -66,6 +69,14 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not consuming from RabbitMQ\n".to_string(),
+        );
+    }
+    if s.api.publisher.is_blocked() {
+        // Results cannot be published, so no event can be settled: take this
+        // replica out of rotation until the broker's alarm clears.
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "RabbitMQ is blocking publishes (resource alarm)\n".to_string(),
         );
     }
     match tokio::time::timeout(READY_DB_TIMEOUT, s.store.ping()).await {

@@ -71,6 +71,8 @@ pub struct Metrics {
     pub provider_tokens_signed: IntCounter,
     pub apns_connections_opened: IntCounterVec,
     pub results_published: IntCounterVec,
+    /// 1 while RabbitMQ blocks the result publisher (a memory or disk alarm).
+    pub amqp_publish_blocked: IntGauge,
 }
 
 impl Default for Metrics {
@@ -165,6 +167,14 @@ impl Metrics {
             .register(Box::new(provider_tokens_signed.clone()))
             .expect("register");
 
+        let amqp_publish_blocked = IntGauge::new(
+            "voip_push_amqp_publish_blocked",
+            "1 while RabbitMQ blocks publishing results (memory or disk alarm); events wait unsettled.",
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(amqp_publish_blocked.clone()))
+            .expect("register");
         let m = Self {
             registry,
             events,
@@ -179,6 +189,7 @@ impl Metrics {
             provider_tokens_signed,
             apns_connections_opened,
             results_published,
+            amqp_publish_blocked,
         };
         m.zero_known_series();
         m

@@ -2,11 +2,15 @@
 //! consumer connection (or broker flow control on it) never holds results back.
 //! A lost connection is reopened on the next publish.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use futures_util::StreamExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{BasicProperties, Channel, Connection, Event};
 use tokio::sync::Mutex;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{connect, AmqpError};
 use crate::config::AmqpConfig;
@@ -15,6 +19,9 @@ pub struct Publisher {
     cfg: AmqpConfig,
     role: &'static str,
     link: Mutex<Option<(Connection, Channel)>>,
+    /// Set while the broker blocks this connection's publishes (a memory or disk
+    /// alarm): confirms wait until it lifts.
+    blocked: Arc<AtomicBool>,
 }
 
 impl Publisher {
@@ -23,7 +30,13 @@ impl Publisher {
             cfg,
             role,
             link: Mutex::new(None),
+            blocked: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Whether the broker is blocking publishes on this connection now.
+    pub fn is_blocked(&self) -> bool {
+        self.blocked.load(Ordering::Relaxed)
     }
 
     /// A connected confirm-mode channel, reconnecting if the last one was lost.
@@ -36,10 +49,35 @@ impl Publisher {
             info!(role = self.role, "publisher connection lost; reconnecting");
         }
         let conn = connect(&self.cfg, self.role).await?;
+        self.watch_blocking(&conn);
         let ch = conn.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         *link = Some((conn, ch.clone()));
         Ok(ch)
+    }
+
+    /// Follows `connection.blocked` / `connection.unblocked` for as long as the
+    /// connection lives.
+    fn watch_blocking(&self, conn: &Connection) {
+        let mut events = conn.events_listener();
+        let blocked = self.blocked.clone();
+        let role = self.role;
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                match event {
+                    Event::ConnectionBlocked(reason) => {
+                        warn!(role, %reason, "RabbitMQ blocks publishing (resource alarm); results wait until it lifts");
+                        blocked.store(true, Ordering::Relaxed);
+                    }
+                    Event::ConnectionUnblocked => {
+                        info!(role, "RabbitMQ accepts publishing again");
+                        blocked.store(false, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+            }
+            blocked.store(false, Ordering::Relaxed);
+        });
     }
 
     /// Publishes one persistent message and waits for the broker's confirm.

@@ -614,3 +614,97 @@ async fn fuzzed_messages_are_all_dead_lettered_and_good_events_flow() {
     );
     env.cleanup().await;
 }
+
+/// Puts RabbitMQ's memory watermark back however the test ends: a broker left in
+/// alarm would block every publisher on the machine.
+struct WatermarkGuard(String);
+
+impl WatermarkGuard {
+    /// Remembers the current watermark (0.4 when it cannot be read).
+    fn new() -> Self {
+        let env = Command::new("rabbitmqctl").arg("environment").output().ok();
+        let current = env
+            .and_then(|o| {
+                let text = String::from_utf8_lossy(&o.stdout).into_owned();
+                let at = text.find("{vm_memory_high_watermark,")?;
+                let rest = &text[at + "{vm_memory_high_watermark,".len()..];
+                Some(rest[..rest.find('}')?].trim().to_string())
+            })
+            .filter(|v| v.parse::<f64>().is_ok())
+            .unwrap_or_else(|| "0.4".into());
+        Self(current)
+    }
+}
+
+impl Drop for WatermarkGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", &self.0])
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn broker_blocking_publishes_holds_events_until_it_lifts() {
+    let env = TestEnv::with(|c| c.worker.concurrency = 2).await;
+    let mut results = DurableResults::declare(&env.cfg).await;
+    // Slow pushes, so events are still in flight when the alarm goes off.
+    let calls = load(&env, "blk", 20, 400).await;
+    publish_all(&env, &calls).await;
+    results.wait_at_least(2, Duration::from_secs(30)).await;
+
+    let guard = WatermarkGuard::new();
+    let out = Command::new("rabbitmqctl")
+        .args(["set_vm_memory_high_watermark", "0.0000001"])
+        .output()
+        .expect("rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let alarm = Instant::now();
+    // The worker's next result publish is blocked: it says so, and leaves rotation.
+    let (status, body) = eventually(
+        "readyz to report the block",
+        Duration::from_secs(30),
+        || {
+            let env = &env;
+            async move {
+                let (status, body) = env.http_get("/readyz").await;
+                (status == 503 && body.contains("blocking publishes")).then_some((status, body))
+            }
+        },
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    let (_, metrics) = env.http_get("/metrics").await;
+    assert_eq!(
+        crate::common::metric(&metrics, "voip_push_amqp_publish_blocked"),
+        1.0
+    );
+    let blocked_for = alarm.elapsed();
+
+    drop(guard);
+    let lifted = Instant::now();
+    results
+        .wait_all(&call_ids(&calls), Duration::from_secs(60))
+        .await;
+    eventually("readyz to recover", Duration::from_secs(20), || {
+        let env = &env;
+        async move { (env.http_get("/readyz").await.0 == 200).then_some(()) }
+    })
+    .await;
+    let duplicates = duplicate_pushes(&env);
+    println!(
+        "fault-report: broker memory alarm (publishes blocked): events {}, results {}, duplicate pushes {duplicates}, duplicate results {}, block seen {blocked_for:.1?} after the alarm, all results {:.1?} after it lifted",
+        calls.len(),
+        results.seen.len(),
+        results.duplicate_results(),
+        lifted.elapsed()
+    );
+    assert_eq!(duplicates, 0);
+    assert_eq!(results.duplicate_results(), 0);
+    results.delete().await;
+    env.cleanup().await;
+}
