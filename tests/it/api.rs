@@ -637,6 +637,31 @@ async fn registration_events_on_the_devices_exchange() {
             .await;
         }
     };
+    // The exchange exists a moment before the worker's queue is bound to it: wait
+    // for the worker to consume, or the first registrations would go nowhere.
+    eventually("the devices consumer", Duration::from_secs(20), || {
+        let (cfg, queue) = (env.cfg.amqp.clone(), queue.clone());
+        async move {
+            let conn = voip_push_worker::amqp::connect(&cfg, "test probe")
+                .await
+                .ok()?;
+            let ch = conn.create_channel().await.ok()?;
+            let q = ch
+                .queue_declare(
+                    queue.as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+                .ok();
+            let _ = conn.close(200, "done".into()).await;
+            q.filter(|q| q.consumer_count() > 0).map(|_| ())
+        }
+    })
+    .await;
     let token = random_token().to_ascii_uppercase();
     let lower = token.to_ascii_lowercase();
     publish("device.register", json!({"userId":"e1","token":"nothex"})).await;
