@@ -24,12 +24,18 @@ struct RingHooks<'a> {
     store: &'a Store,
     call_id: &'a str,
     device_id: i64,
+    /// The first attempt's lock, taken with the claim.
+    first: std::sync::Mutex<Option<RingPermit>>,
 }
 
 impl AttemptHooks for RingHooks<'_> {
     type Permit = RingPermit;
 
     async fn before(&self) -> Result<Option<RingPermit>, String> {
+        let first = self.first.lock().expect("permit lock").take();
+        if let Some(permit) = first {
+            return Ok(Some(permit));
+        }
         self.store
             .ring_permit(self.call_id, self.device_id, EventType::Incoming.as_str())
             .await
@@ -83,13 +89,23 @@ impl Pipeline {
         device: &Device,
     ) -> Result<Option<PushResult>, StoreError> {
         loop {
-            match self
-                .store
-                .claim(call.event_id, device.id, call.owner, &call.event.call_id)
-                .await?
-            {
+            let (claim, first) = match call.kind {
+                // A ring claims in one transaction with its first attempt's lock.
+                EventType::Incoming => {
+                    self.store
+                        .claim_for_ring(call.event_id, device.id, call.owner, &call.event.call_id)
+                        .await?
+                }
+                EventType::Cancel => (
+                    self.store
+                        .claim(call.event_id, device.id, call.owner, &call.event.call_id)
+                        .await?,
+                    None,
+                ),
+            };
+            match claim {
                 Claim::Push => {
-                    let result = self.push_device(call, device).await;
+                    let result = self.push_device(call, device, first).await;
                     self.complete_claim(call.event_id, device.id, &result).await;
                     return Ok(Some(result));
                 }
@@ -151,7 +167,12 @@ impl Pipeline {
         }
     }
 
-    async fn push_device(&self, call: &Call<'_>, device: &Device) -> PushResult {
+    async fn push_device(
+        &self,
+        call: &Call<'_>,
+        device: &Device,
+        first: Option<RingPermit>,
+    ) -> PushResult {
         let apns_id = uuid::Uuid::new_v5(
             &APNS_ID_NAMESPACE,
             format!("{}/{}", call.event_id, device.id).as_bytes(),
@@ -195,6 +216,7 @@ impl Pipeline {
                     store,
                     call_id,
                     device_id,
+                    first: std::sync::Mutex::new(first),
                 };
                 self.apns
                     .deliver(call.app, &push, &hooks, &self.metrics)

@@ -96,7 +96,45 @@ const RECORD_RING_ATTEMPT: &str = "WITH success AS (
     (call_id, device_id, event_type, environment, apns_status, reason, apns_id, latency_ms)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
+/// The call's row, locked until the attempt is recorded.
+const LOCK_CALL: &str = "SELECT state FROM calls WHERE call_id = $1 FOR SHARE";
+
 impl RingPermit {
+    /// Takes the call lock on a connection already inside a transaction (the
+    /// one that claimed the delivery): `None` when the call was cancelled.
+    pub async fn lock_call(
+        client: Object,
+        call_id: &str,
+        device_id: i64,
+    ) -> Result<Option<Self>, StoreError> {
+        let permit = RingPermit {
+            client: Some(client),
+            call_id: call_id.to_string(),
+            device_id,
+            event_type: "call.incoming",
+        };
+        let c = permit.client.as_ref().expect("just set");
+        let stmt = c.prepare_cached(LOCK_CALL).await?;
+        let row = c.query_opt(&stmt, &[&call_id]).await?;
+        permit.unless_cancelled(row).await
+    }
+
+    /// The permit, or `None` (transaction rolled back) when the call's row says
+    /// it was cancelled.
+    async fn unless_cancelled(
+        mut self,
+        row: Option<tokio_postgres::Row>,
+    ) -> Result<Option<Self>, StoreError> {
+        if row.is_some_and(|r| CallState::parse(r.get(0)) == CallState::Cancelled) {
+            let client = self.client.take().expect("a live permit");
+            if client.batch_execute("ROLLBACK").await.is_err() {
+                drop(Object::take(client));
+            }
+            return Ok(None);
+        }
+        Ok(Some(self))
+    }
+
     /// Records the attempt (and a success on the device, for devices of our own
     /// table) and releases the call.
     pub async fn record(mut self, a: &AttemptRecord) -> Result<(), StoreError> {
@@ -255,16 +293,14 @@ impl Store {
         event_type: &'static str,
     ) -> Result<Option<RingPermit>, StoreError> {
         let client = self.pool.get().await?;
-        let mut permit = RingPermit {
+        let permit = RingPermit {
             client: Some(client),
             call_id: call_id.to_string(),
             device_id,
             event_type,
         };
         let client = permit.client.as_ref().expect("just set");
-        let stmt = client
-            .prepare_cached("SELECT state FROM calls WHERE call_id = $1 FOR SHARE")
-            .await?;
+        let stmt = client.prepare_cached(LOCK_CALL).await?;
         // Pipelined: BEGIN and the locking read in one round trip.
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&call_id];
         let (began, row) = tokio::join!(
@@ -272,15 +308,7 @@ impl Store {
             client.query_opt(&stmt, &params)
         );
         began?;
-        let state = row?.map(|r| CallState::parse(r.get(0)));
-        if state == Some(CallState::Cancelled) {
-            let client = permit.client.take().expect("just set");
-            if client.batch_execute("ROLLBACK").await.is_err() {
-                drop(Object::take(client));
-            }
-            return Ok(None);
-        }
-        Ok(Some(permit))
+        permit.unless_cancelled(row?).await
     }
 
     /// Records an attempt outside any call lock (cancel pushes).

@@ -32,6 +32,44 @@ pub enum Claim {
     Busy,
 }
 
+/// Takes (or takes over) the claim of (event, device); returns the stored result
+/// when an earlier owner recorded one, no row when a live owner holds it.
+const CLAIM: &str =
+    "INSERT INTO delivery_claims (event_key, device_id, owner, lease_until, call_id, worker_id)
+     VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, split_part($3, '/', 1))
+     ON CONFLICT (event_key, device_id) DO UPDATE
+         SET owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until,
+             worker_id = EXCLUDED.worker_id
+         WHERE delivery_claims.published_at IS NULL
+           AND (delivery_claims.lease_until < now() OR delivery_claims.owner = EXCLUDED.owner)
+     RETURNING result";
+
+const CLAIM_PUBLISHED: &str =
+    "SELECT published_at IS NOT NULL FROM delivery_claims WHERE event_key = $1 AND device_id = $2";
+
+/// Drops a connection whose transaction is in an unknown state instead of
+/// returning it to the pool.
+fn detach(client: deadpool_postgres::Object, e: tokio_postgres::Error) -> StoreError {
+    drop(deadpool_postgres::Object::take(client));
+    e.into()
+}
+
+/// What an unsuccessful claim (no row returned) means.
+fn claim_not_taken(row: Option<tokio_postgres::Row>) -> Claim {
+    match row {
+        Some(r) if r.get::<_, bool>(0) => Claim::Done,
+        // Held by a live owner, or gone between the two statements (purged): look again.
+        _ => Claim::Busy,
+    }
+}
+
+fn claim_taken(result: Option<serde_json::Value>) -> Claim {
+    match result {
+        None => Claim::Push,
+        Some(r) => Claim::Republish(r),
+    }
+}
+
 impl Store {
     /// Claims (event, device) for `owner`, taking over a lapsed lease.
     pub async fn claim(
@@ -42,40 +80,64 @@ impl Store {
         call_id: &str,
     ) -> Result<Claim, StoreError> {
         let client = self.pool.get().await?;
-        let stmt = client
-            .prepare_cached(
-                "INSERT INTO delivery_claims (event_key, device_id, owner, lease_until, call_id, worker_id)
-                 VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, split_part($3, '/', 1))
-                 ON CONFLICT (event_key, device_id) DO UPDATE
-                     SET owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until,
-                         worker_id = EXCLUDED.worker_id
-                     WHERE delivery_claims.published_at IS NULL
-                       AND (delivery_claims.lease_until < now() OR delivery_claims.owner = EXCLUDED.owner)
-                 RETURNING result",
-            )
-            .await?;
+        let stmt = client.prepare_cached(CLAIM).await?;
         let lease = LEASE.as_secs_f64();
         if let Some(row) = client
             .query_opt(&stmt, &[&event_key, &device_id, &owner, &lease, &call_id])
             .await?
         {
-            let result: Option<serde_json::Value> = row.get(0);
-            return Ok(match result {
-                None => Claim::Push,
-                Some(r) => Claim::Republish(r),
-            });
+            return Ok(claim_taken(row.get(0)));
         }
         let row = client
-            .query_opt(
-                "SELECT published_at IS NOT NULL FROM delivery_claims WHERE event_key = $1 AND device_id = $2",
-                &[&event_key, &device_id],
-            )
+            .query_opt(CLAIM_PUBLISHED, &[&event_key, &device_id])
             .await?;
-        Ok(match row {
-            Some(r) if r.get::<_, bool>(0) => Claim::Done,
-            // Gone between the two statements (purged): treat as busy and look again.
-            _ => Claim::Busy,
-        })
+        Ok(claim_not_taken(row))
+    }
+
+    /// [`Store::claim`] for a ring, in one transaction with the first attempt's
+    /// call lock: on `Push`, the claim commits with that attempt's record (one
+    /// commit fewer per ring), and a worker that dies before leaves no claim.
+    /// The permit is `None` when the call was cancelled.
+    pub async fn claim_for_ring(
+        &self,
+        event_key: &str,
+        device_id: i64,
+        owner: &str,
+        call_id: &str,
+    ) -> Result<(Claim, Option<super::calls::RingPermit>), StoreError> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(CLAIM).await?;
+        let lease = LEASE.as_secs_f64();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&event_key, &device_id, &owner, &lease, &call_id];
+        // Pipelined: BEGIN and the claim in one round trip.
+        let (began, row) = tokio::join!(
+            client.batch_execute("BEGIN"),
+            client.query_opt(&stmt, &params)
+        );
+        let row = match began.and(row) {
+            Ok(r) => r,
+            Err(e) => return Err(detach(client, e)),
+        };
+        let claim = match row {
+            Some(r) => claim_taken(r.get(0)),
+            None => match client
+                .query_opt(CLAIM_PUBLISHED, &[&event_key, &device_id])
+                .await
+            {
+                Ok(r) => claim_not_taken(r),
+                Err(e) => return Err(detach(client, e)),
+            },
+        };
+        if claim != Claim::Push {
+            // A lapsed lease taken over (Republish) must be kept.
+            if let Err(e) = client.batch_execute("COMMIT").await {
+                return Err(detach(client, e));
+            }
+            return Ok((claim, None));
+        }
+        let permit = super::calls::RingPermit::lock_call(client, call_id, device_id).await?;
+        Ok((Claim::Push, permit))
     }
 
     /// Records the outcome of a claimed push.
