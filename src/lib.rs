@@ -126,12 +126,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
         apns,
         publisher: publisher.clone(),
         metrics: metrics.clone(),
+        open_claims: store::claims::OpenClaims::default(),
     });
     let worker_id = uuid::Uuid::new_v4().simple().to_string();
     info!(%worker_id, "worker id (owner of its delivery claims)");
     tokio::spawn(upkeep(
         pipeline.store.clone(),
-        worker_id.clone(),
+        pipeline.open_claims.clone(),
         Duration::from_secs(cfg.worker.claim_retention_hours * 3600),
         Duration::from_secs(cfg.worker.call_retention_days * 86_400),
         shutdown.clone(),
@@ -175,7 +176,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
 /// attempts.
 async fn upkeep(
     store: Store,
-    worker_id: String,
+    open_claims: store::claims::OpenClaims,
     retention: Duration,
     call_retention: Duration,
     shutdown: CancellationToken,
@@ -188,7 +189,7 @@ async fn upkeep(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(store::claims::LEASE_RENEW_EVERY) => {}
         }
-        if let Err(e) = store.renew_leases(&worker_id).await {
+        if let Err(e) = store.renew_leases(&open_claims.snapshot()).await {
             warn!(error = %e, "could not renew delivery claim leases");
         }
         if last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY) {

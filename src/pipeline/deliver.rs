@@ -103,6 +103,9 @@ impl Pipeline {
                     None,
                 ),
             };
+            if matches!(claim, Claim::Push | Claim::Republish(_)) {
+                self.open_claims.add(call.event_id, device.id);
+            }
             match claim {
                 Claim::Push => {
                     let result = self.push_device(call, device, first).await;

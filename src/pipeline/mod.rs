@@ -63,6 +63,8 @@ pub struct Pipeline {
     pub apns: Arc<Apns>,
     pub publisher: Arc<Publisher>,
     pub metrics: Metrics,
+    /// Claims taken and not yet published: their leases are renewed.
+    pub open_claims: crate::store::claims::OpenClaims,
 }
 
 /// Everything the pushes of one event share.

@@ -34,7 +34,9 @@ impl Pipeline {
             .await
             .map_err(|e| format!("publish results: {e}"))?;
         let published: Vec<i64> = results.iter().filter_map(|r| r.device_id).collect();
-        if let Err(e) = self.store.finish_event(event_id, &published, settle).await {
+        let finished = self.store.finish_event(event_id, &published, settle).await;
+        self.open_claims.remove(event_id, &published);
+        if let Err(e) = finished {
             // Harmless: a redelivery would re-publish the stored results, never push;
             // the call's state stays `ringing` in the trace.
             warn!(error = %e, "could not mark results as published");

@@ -32,6 +32,36 @@ pub enum Claim {
     Busy,
 }
 
+/// The claims this worker holds open (taken, result not yet published): the
+/// ones whose leases it renews.
+#[derive(Clone, Default)]
+pub struct OpenClaims(std::sync::Arc<std::sync::Mutex<std::collections::HashSet<(String, i64)>>>);
+
+impl OpenClaims {
+    pub fn add(&self, event_key: &str, device_id: i64) {
+        self.0
+            .lock()
+            .expect("open claims lock")
+            .insert((event_key.to_string(), device_id));
+    }
+
+    pub fn remove(&self, event_key: &str, device_ids: &[i64]) {
+        let mut open = self.0.lock().expect("open claims lock");
+        for d in device_ids {
+            open.remove(&(event_key.to_string(), *d));
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<(String, i64)> {
+        self.0
+            .lock()
+            .expect("open claims lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
 /// Takes (or takes over) the claim of (event, device); returns the stored result
 /// when an earlier owner recorded one, no row when a live owner holds it.
 const CLAIM: &str =
@@ -189,17 +219,23 @@ impl Store {
         Ok(())
     }
 
-    /// Extends every open claim of worker `worker_id` (owners are
-    /// `<worker id>/<message>`): the heartbeat that tells other workers this one
-    /// is alive.
-    pub async fn renew_leases(&self, worker_id: &str) -> Result<u64, StoreError> {
+    /// Extends the leases of these open claims (the worker's own): the heartbeat
+    /// that tells other workers their owner is alive.
+    pub async fn renew_leases(&self, keys: &[(String, i64)]) -> Result<u64, StoreError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let (events, devices): (Vec<&str>, Vec<i64>) =
+            keys.iter().map(|(e, d)| (e.as_str(), *d)).unzip();
         let client = self.pool.get().await?;
         let lease = LEASE.as_secs_f64();
         Ok(client
             .execute(
-                "UPDATE delivery_claims SET lease_until = now() + make_interval(secs => $2)
-                 WHERE worker_id = $1 AND published_at IS NULL",
-                &[&worker_id, &lease],
+                "UPDATE delivery_claims c SET lease_until = now() + make_interval(secs => $3)
+                 FROM unnest($1::text[], $2::bigint[]) AS k(event_key, device_id)
+                 WHERE c.event_key = k.event_key AND c.device_id = k.device_id
+                   AND c.published_at IS NULL",
+                &[&events, &devices, &lease],
             )
             .await?)
     }

@@ -7,23 +7,13 @@ use tokio_postgres::Client;
 use super::StoreError;
 
 /// (version, name, SQL). Append only: an applied migration is never edited.
+#[rustfmt::skip]
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
-    (
-        1,
-        "devices",
-        include_str!("../../migrations/0001_devices.sql"),
-    ),
-    (
-        2,
-        "delivery_claims",
-        include_str!("../../migrations/0002_delivery_claims.sql"),
-    ),
+    (1, "devices", include_str!("../../migrations/0001_devices.sql")),
+    (2, "delivery_claims", include_str!("../../migrations/0002_delivery_claims.sql")),
     (3, "calls", include_str!("../../migrations/0003_calls.sql")),
-    (
-        4,
-        "claim_worker",
-        include_str!("../../migrations/0004_claim_worker.sql"),
-    ),
+    (4, "claim_worker", include_str!("../../migrations/0004_claim_worker.sql")),
+    (5, "claims_hot_updates", include_str!("../../migrations/0005_claims_hot_updates.sql")),
 ];
 
 /// Arbitrary but fixed: the key of the advisory lock migrations hold.

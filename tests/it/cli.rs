@@ -66,7 +66,7 @@ async fn migrate_register_and_usage_errors() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("applied [1, 2, 3, 4]"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("applied [1, 2, 3, 4, 5]"));
     let again = run(&["migrate"]);
     assert!(String::from_utf8_lossy(&again.stdout).contains("up to date"));
 

@@ -708,3 +708,70 @@ async fn broker_blocking_publishes_holds_events_until_it_lifts() {
     results.delete().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_live_owner_keeps_its_claim_through_long_retries() {
+    // Worker A retries one push for longer than a claim lease (10 s) while worker
+    // B holds a duplicate of the event: A's renewals must keep B from taking over.
+    let env = TestEnv::with(|c| c.worker.concurrency = 2).await;
+    let second = voip_push_worker::start(env.cfg.clone(), CancellationToken::new())
+        .await
+        .unwrap();
+    let mut results = DurableResults::declare(&env.cfg).await;
+    let token = env
+        .device(
+            "lease",
+            Some(Environment::Production),
+            Environment::Production,
+        )
+        .await;
+    env.sim.script(
+        &token,
+        std::iter::repeat_n(
+            Scripted {
+                status: 503,
+                reason: Some("ServiceUnavailable".into()),
+                delay_ms: 200,
+                ..Default::default()
+            },
+            30,
+        ),
+    );
+    let body = json!({"callId": "lease-1", "toUserId": "lease", "ringTimeoutSecs": 60}).to_string();
+    let props = || {
+        BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id("lease-msg".into())
+    };
+    env.publish_with(body.as_bytes(), props()).await;
+    env.publish_with(body.as_bytes(), props()).await;
+    results
+        .wait_all(&["lease-1".to_string()], Duration::from_secs(60))
+        .await;
+    let (w1, w2) = (env.worker().metrics.clone(), second.metrics.clone());
+    eventually("both copies settled", Duration::from_secs(30), || {
+        let (w1, w2) = (w1.clone(), w2.clone());
+        async move { (w1.in_flight.get() == 0 && w2.in_flight.get() == 0).then_some(()) }
+    })
+    .await;
+    results.drain().await;
+    let requests = env.sim.requests();
+    let accepted = requests.iter().filter(|r| r.status == 200).count();
+    let span_ms = requests.iter().map(|r| r.at_ms).max().unwrap()
+        - requests.iter().map(|r| r.at_ms).min().unwrap();
+    println!(
+        "fault-report: one push retried for {:.1} s with a duplicate on another worker: attempts {}, accepted {accepted}, results {}",
+        span_ms as f64 / 1000.0,
+        requests.len(),
+        results.seen.len()
+    );
+    assert!(
+        span_ms > 10_000,
+        "the retries outlasted a lease ({span_ms} ms)"
+    );
+    assert_eq!(accepted, 1, "pushed once");
+    assert_eq!(results.seen.len(), 1, "one result");
+    second.stop().await;
+    results.delete().await;
+    env.cleanup().await;
+}
