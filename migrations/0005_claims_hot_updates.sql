@@ -1,7 +1,4 @@
--- A claim is written three times (taken, result, published). With no index on
--- the columns those writes change, and room left on each page, Postgres can
--- update it in place (HOT) instead of adding an entry to every index each time.
--- Open claims are now renewed by key (the worker keeps the list), so the partial
--- index on unpublished claims is no longer needed.
+-- Open claims are renewed by key (the worker keeps the list of the claims it
+-- holds), so the partial index on unpublished claims is no longer needed, and
+-- marking a claim published no longer has to move it out of an index.
 DROP INDEX delivery_claims_open_by_worker;
-ALTER TABLE delivery_claims SET (fillfactor = 70);
