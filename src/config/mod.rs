@@ -2,6 +2,8 @@
 //! `VPW__SECTION__KEY` environment variables. Validation happens once, here, so a
 //! bad deployment fails at start with one clear line instead of at the first call.
 
+mod backends;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,6 +11,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::event::Environment;
+
+pub use backends::{DevicesConfig, HttpConfig, StoreConfig, TwilioConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -108,137 +112,6 @@ impl fmt::Debug for PostgresConfig {
             .field("synchronous_commit", &self.synchronous_commit)
             .finish()
     }
-}
-
-#[derive(Clone, Deserialize, Serialize)]
-#[serde(default)]
-pub struct HttpConfig {
-    pub listen: String,
-    /// The backends' shared secret for `/v1/*` and `/api/internal/*`; unset: those
-    /// endpoints answer 404.
-    pub service_token: Option<String>,
-    /// HS256 secret of the app users' bearer JWTs (`PUT /api/v1/me/devices`, ...).
-    pub user_jwt_secret: Option<String>,
-    /// Instead of the secret: a PEM public key (RS256 or ES256).
-    pub user_jwt_public_key_file: Option<PathBuf>,
-    /// API request bodies above this are refused with 413. A call event or a
-    /// registration is a few hundred bytes; 16 KiB is the event limit of the queue.
-    pub max_body_bytes: usize,
-    /// Registration requests per client address: a token bucket refilled at this
-    /// rate and holding at most `rate_limit_burst`. 0 turns the limit off.
-    pub rate_limit_per_minute: u32,
-    pub rate_limit_burst: u32,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        Self {
-            listen: "0.0.0.0:9464".into(),
-            service_token: None,
-            user_jwt_secret: None,
-            user_jwt_public_key_file: None,
-            max_body_bytes: crate::event::MAX_EVENT_BYTES,
-            // An app registers its token at launch and when PushKit rotates it:
-            // a few times a day. 60/min with a burst of 20 leaves room for NAT'd
-            // offices while stopping token-guessing floods.
-            rate_limit_per_minute: 60,
-            rate_limit_burst: 20,
-        }
-    }
-}
-
-/// Shows whether a secret is set, never the secret.
-fn redacted(secret: &Option<String>) -> &'static str {
-    match secret {
-        Some(s) if !s.is_empty() => "<redacted>",
-        _ => "<unset>",
-    }
-}
-
-impl fmt::Debug for HttpConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HttpConfig")
-            .field("listen", &self.listen)
-            .field("service_token", &redacted(&self.service_token))
-            .field("user_jwt_secret", &redacted(&self.user_jwt_secret))
-            .field("user_jwt_public_key_file", &self.user_jwt_public_key_file)
-            .field("max_body_bytes", &self.max_body_bytes)
-            .field("rate_limit_per_minute", &self.rate_limit_per_minute)
-            .field("rate_limit_burst", &self.rate_limit_burst)
-            .finish()
-    }
-}
-
-/// Twilio Voice access tokens (`POST /twilio/token`); off unless every id and the
-/// secret are set.
-#[derive(Clone, Deserialize, Serialize)]
-#[serde(default)]
-pub struct TwilioConfig {
-    pub account_sid: Option<String>,
-    pub api_key_sid: Option<String>,
-    pub api_key_secret: Option<String>,
-    pub twiml_app_sid: Option<String>,
-    pub push_credential_sid: Option<String>,
-    /// Lifetime of an access token; Twilio accepts at most 24 h.
-    pub token_ttl_secs: u64,
-}
-
-impl Default for TwilioConfig {
-    fn default() -> Self {
-        Self {
-            account_sid: None,
-            api_key_sid: None,
-            api_key_secret: None,
-            twiml_app_sid: None,
-            push_credential_sid: None,
-            token_ttl_secs: 3600,
-        }
-    }
-}
-
-impl fmt::Debug for TwilioConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TwilioConfig")
-            .field("account_sid", &self.account_sid)
-            .field("api_key_sid", &self.api_key_sid)
-            .field("api_key_secret", &redacted(&self.api_key_secret))
-            .field("twiml_app_sid", &self.twiml_app_sid)
-            .field("push_credential_sid", &self.push_credential_sid)
-            .field("token_ttl_secs", &self.token_ttl_secs)
-            .finish()
-    }
-}
-
-/// Device registration events on RabbitMQ (`device.register`, `device.unregister`).
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(default)]
-pub struct DevicesConfig {
-    /// Topic exchange the backends publish registrations to.
-    pub exchange: String,
-    /// Quorum queue the worker consumes them from; empty turns the consumer off.
-    pub queue: String,
-}
-
-impl Default for DevicesConfig {
-    fn default() -> Self {
-        Self {
-            exchange: "voip.devices".into(),
-            queue: "voip-push.devices".into(),
-        }
-    }
-}
-
-/// Where device tokens come from when a team keeps them in its own tables.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(default)]
-pub struct StoreConfig {
-    /// SQL returning a user's tokens instead of our `devices` table: `$1` is the
-    /// user id (as text, or converted when the query wants an integer); columns
-    /// `token`, optional `environment` and `bundle_id`.
-    pub token_query: Option<String>,
-    /// SQL run when such a token is invalidated: `$1` token, `$2` reason. Unset:
-    /// the invalidation is recorded in our `devices` table.
-    pub invalidate_query: Option<String>,
 }
 
 /// One app that can receive calls: its bundle id and the team key that signs for it.
