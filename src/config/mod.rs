@@ -352,6 +352,51 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The `VPW__*` variables that give another process this configuration's
+    /// connections, AMQP and device-event names, APNs endpoints and first app (the
+    /// single-app shorthand). What a supervisor — the benchmark, the tests — sets
+    /// when it starts workers as processes.
+    pub fn process_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            ("VPW__AMQP__URL", self.amqp.url.clone()),
+            ("VPW__POSTGRES__URL", self.postgres.url.clone()),
+            ("VPW__AMQP__CALL_EXCHANGE", self.amqp.call_exchange.clone()),
+            ("VPW__AMQP__WORK_QUEUE", self.amqp.work_queue.clone()),
+            ("VPW__AMQP__CANCEL_QUEUE", self.amqp.cancel_queue.clone()),
+            (
+                "VPW__AMQP__DEAD_LETTER_EXCHANGE",
+                self.amqp.dead_letter_exchange.clone(),
+            ),
+            (
+                "VPW__AMQP__DEAD_LETTER_QUEUE",
+                self.amqp.dead_letter_queue.clone(),
+            ),
+            (
+                "VPW__AMQP__RESULTS_EXCHANGE",
+                self.amqp.results_exchange.clone(),
+            ),
+            ("VPW__DEVICES__EXCHANGE", self.devices.exchange.clone()),
+            ("VPW__DEVICES__QUEUE", self.devices.queue.clone()),
+            (
+                "VPW__APNS__PRODUCTION_URL",
+                self.apns.production_url.clone(),
+            ),
+            ("VPW__APNS__SANDBOX_URL", self.apns.sandbox_url.clone()),
+        ];
+        if let Some(ca) = &self.apns.ca_file {
+            env.push(("VPW__APNS__CA_FILE", ca.display().to_string()));
+        }
+        if let Some(app) = self.apps().first() {
+            env.push(("VPW__APNS__BUNDLE_ID", app.bundle_id.clone()));
+            env.push(("VPW__APNS__TEAM_ID", app.team_id.clone()));
+            env.push(("VPW__APNS__KEY_ID", app.key_id.clone()));
+            env.push(("VPW__APNS__KEY_FILE", app.key_file.display().to_string()));
+        }
+        env
+    }
+}
+
 /// Hides the password of a URL like `amqp://user:secret@host/`.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {

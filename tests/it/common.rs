@@ -38,6 +38,20 @@ pub fn random_token() -> String {
         .collect()
 }
 
+/// Waits until none of these workers has an event in flight.
+pub async fn wait_idle(workers: &[&Worker]) {
+    let metrics: Vec<_> = workers.iter().map(|w| w.metrics.clone()).collect();
+    eventually(
+        "the workers to settle every event",
+        Duration::from_secs(30),
+        || {
+            let idle = metrics.iter().all(|m| m.in_flight.get() == 0);
+            async move { idle.then_some(()) }
+        },
+    )
+    .await;
+}
+
 /// Polls `f` until it returns `Some`, or panics at the deadline.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where
@@ -392,33 +406,11 @@ impl TestEnv {
 /// The worker binary configured like `cfg` (database, AMQP names, APNs URLs and
 /// CA, its first app), through the environment an operator would set.
 pub fn binary_for(cfg: &Config) -> std::process::Command {
-    let app = &cfg.apps()[0];
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_voip-push-worker"));
     c.env_remove("VPW_CONFIG")
         .env("VPW_LOG", "warn")
-        .env("VPW__POSTGRES__URL", &cfg.postgres.url)
-        .env("VPW__AMQP__CALL_EXCHANGE", &cfg.amqp.call_exchange)
-        .env("VPW__AMQP__WORK_QUEUE", &cfg.amqp.work_queue)
-        .env("VPW__AMQP__CANCEL_QUEUE", &cfg.amqp.cancel_queue)
-        .env("VPW__DEVICES__EXCHANGE", &cfg.devices.exchange)
-        .env("VPW__DEVICES__QUEUE", &cfg.devices.queue)
-        .env(
-            "VPW__AMQP__DEAD_LETTER_EXCHANGE",
-            &cfg.amqp.dead_letter_exchange,
-        )
-        .env("VPW__AMQP__DEAD_LETTER_QUEUE", &cfg.amqp.dead_letter_queue)
-        .env("VPW__AMQP__RESULTS_EXCHANGE", &cfg.amqp.results_exchange)
-        .env("VPW__HTTP__LISTEN", "127.0.0.1:0")
-        .env("VPW__APNS__PRODUCTION_URL", &cfg.apns.production_url)
-        .env("VPW__APNS__SANDBOX_URL", &cfg.apns.sandbox_url)
-        .env(
-            "VPW__APNS__CA_FILE",
-            cfg.apns.ca_file.as_ref().expect("CA file"),
-        )
-        .env("VPW__APNS__BUNDLE_ID", &app.bundle_id)
-        .env("VPW__APNS__TEAM_ID", &app.team_id)
-        .env("VPW__APNS__KEY_ID", &app.key_id)
-        .env("VPW__APNS__KEY_FILE", &app.key_file);
+        .envs(cfg.process_env())
+        .env("VPW__HTTP__LISTEN", "127.0.0.1:0");
     c
 }
 
@@ -430,28 +422,7 @@ pub async fn http_request(
     path: &str,
     body: &str,
 ) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect http");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(request.as_bytes()).await.expect("write");
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.expect("read");
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status line");
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    http_request_with_headers(addr, method, path, &[], body).await
 }
 
 /// Like [`http_request`], with extra request headers (credentials).

@@ -499,17 +499,7 @@ async fn two_workers_and_duplicated_messages_push_each_device_once() {
         .wait_all(&call_ids(&calls), Duration::from_secs(60))
         .await;
     // Let stragglers (the second copies) finish, then count.
-    let w1 = env.worker().metrics.clone();
-    let w2 = second.metrics.clone();
-    eventually(
-        "both copies of every event settled",
-        Duration::from_secs(30),
-        || {
-            let (w1, w2) = (w1.clone(), w2.clone());
-            async move { (w1.in_flight.get() == 0 && w2.in_flight.get() == 0).then_some(()) }
-        },
-    )
-    .await;
+    crate::common::wait_idle(&[env.worker(), &second]).await;
     results.drain().await;
     let duplicates = duplicate_pushes(&env);
     let dup_results = results.duplicate_results();
@@ -748,12 +738,7 @@ async fn a_live_owner_keeps_its_claim_through_long_retries() {
     results
         .wait_all(&["lease-1".to_string()], Duration::from_secs(60))
         .await;
-    let (w1, w2) = (env.worker().metrics.clone(), second.metrics.clone());
-    eventually("both copies settled", Duration::from_secs(30), || {
-        let (w1, w2) = (w1.clone(), w2.clone());
-        async move { (w1.in_flight.get() == 0 && w2.in_flight.get() == 0).then_some(()) }
-    })
-    .await;
+    crate::common::wait_idle(&[env.worker(), &second]).await;
     results.drain().await;
     let requests = env.sim.requests();
     let accepted = requests.iter().filter(|r| r.status == 200).count();

@@ -39,7 +39,6 @@ impl WorkerProc {
     /// operator would set. Other `VPW__*` variables of the bench's environment
     /// (concurrency, pool size) pass through.
     pub fn spawn(bin: &Path, cfg: &Config, log: std::path::PathBuf) -> Result<Self, String> {
-        let app = &cfg.apps()[0];
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()?)
             .parse()
             .map_err(|e| format!("{e}"))?;
@@ -48,30 +47,8 @@ impl WorkerProc {
             .arg("run")
             .env_remove("VPW_CONFIG")
             .env("VPW_LOG", std::env::var("VPW_LOG").unwrap_or("warn".into()))
-            .env("VPW__AMQP__URL", &cfg.amqp.url)
-            .env("VPW__POSTGRES__URL", &cfg.postgres.url)
-            .env("VPW__AMQP__CALL_EXCHANGE", &cfg.amqp.call_exchange)
-            .env("VPW__AMQP__WORK_QUEUE", &cfg.amqp.work_queue)
-            .env("VPW__AMQP__CANCEL_QUEUE", &cfg.amqp.cancel_queue)
-            .env("VPW__DEVICES__EXCHANGE", &cfg.devices.exchange)
-            .env("VPW__DEVICES__QUEUE", &cfg.devices.queue)
-            .env(
-                "VPW__AMQP__DEAD_LETTER_EXCHANGE",
-                &cfg.amqp.dead_letter_exchange,
-            )
-            .env("VPW__AMQP__DEAD_LETTER_QUEUE", &cfg.amqp.dead_letter_queue)
-            .env("VPW__AMQP__RESULTS_EXCHANGE", &cfg.amqp.results_exchange)
+            .envs(cfg.process_env())
             .env("VPW__HTTP__LISTEN", http.to_string())
-            .env("VPW__APNS__PRODUCTION_URL", &cfg.apns.production_url)
-            .env("VPW__APNS__SANDBOX_URL", &cfg.apns.sandbox_url)
-            .env(
-                "VPW__APNS__CA_FILE",
-                cfg.apns.ca_file.as_ref().expect("the bench sets a CA file"),
-            )
-            .env("VPW__APNS__BUNDLE_ID", &app.bundle_id)
-            .env("VPW__APNS__TEAM_ID", &app.team_id)
-            .env("VPW__APNS__KEY_ID", &app.key_id)
-            .env("VPW__APNS__KEY_FILE", &app.key_file)
             // A short drain: at the end of a phase nothing is in flight.
             .env("VPW__WORKER__DRAIN_TIMEOUT_SECS", "5")
             .stdin(Stdio::null())
