@@ -56,6 +56,9 @@ pub const RETRY_REASONS: &[&str] = &[
     "redelivered",
 ];
 
+/// `voip_push_stage_duration_seconds{stage}`: the steps of one event.
+pub const STAGES: &[&str] = &["resolve", "claim", "deliver", "record", "publish", "settle"];
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
@@ -64,6 +67,9 @@ pub struct Metrics {
     pub apns_requests: IntCounterVec,
     pub apns_request_duration: HistogramVec,
     pub end_to_end: Histogram,
+    /// Time spent in each step of an event (`STAGES`), waits for a pooled
+    /// connection or a batch included.
+    pub stage_duration: HistogramVec,
     pub environment_fallbacks: IntCounterVec,
     pub tokens_invalidated: IntCounterVec,
     pub retries: IntCounterVec,
@@ -153,6 +159,20 @@ impl Metrics {
         registry
             .register(Box::new(end_to_end.clone()))
             .expect("register");
+        let stage_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "voip_push_stage_duration_seconds",
+                "Time an event spends in each step: resolve (call row and devices), claim, \
+                 deliver (APNs attempts and their records), record (the claim's result), \
+                 publish (results confirmed by the broker), settle (claims and call marked).",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["stage"],
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(stage_duration.clone()))
+            .expect("register");
         let in_flight = IntGauge::new("voip_push_in_flight", "Call events being worked on now.")
             .expect("metric");
         registry
@@ -182,6 +202,7 @@ impl Metrics {
             apns_requests,
             apns_request_duration,
             end_to_end,
+            stage_duration,
             environment_fallbacks,
             tokens_invalidated,
             retries,
@@ -230,9 +251,20 @@ impl Metrics {
             self.apns_request_duration.with_label_values(&[env]);
             self.apns_connections_opened.with_label_values(&[env]);
         }
+        for stage in STAGES {
+            self.stage_duration.with_label_values(&[stage]);
+        }
         for status in DELIVERY_STATUSES {
             self.results_published.with_label_values(&[status]);
         }
+    }
+
+    /// Observes the time until the returned timer drops in `stage`'s histogram.
+    pub fn stage(&self, stage: &'static str) -> prometheus::HistogramTimer {
+        debug_assert!(STAGES.contains(&stage), "unknown stage {stage}");
+        self.stage_duration
+            .with_label_values(&[stage])
+            .start_timer()
     }
 
     /// The Prometheus text exposition of every metric.

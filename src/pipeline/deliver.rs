@@ -89,6 +89,7 @@ impl Pipeline {
         device: &Device,
     ) -> Result<Option<PushResult>, StoreError> {
         loop {
+            let timer = self.metrics.stage("claim");
             let (claim, first) = match call.kind {
                 // A ring claims in one transaction with its first attempt's lock.
                 EventType::Incoming => {
@@ -103,12 +104,16 @@ impl Pipeline {
                     None,
                 ),
             };
+            drop(timer);
             if matches!(claim, Claim::Push | Claim::Republish(_)) {
                 self.open_claims.add(call.event_id, device.id);
             }
             match claim {
                 Claim::Push => {
+                    let timer = self.metrics.stage("deliver");
                     let result = self.push_device(call, device, first).await;
+                    drop(timer);
+                    let _timer = self.metrics.stage("record");
                     self.complete_claim(call.event_id, device.id, &result).await;
                     return Ok(Some(result));
                 }

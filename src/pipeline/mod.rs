@@ -157,24 +157,24 @@ impl Pipeline {
     async fn initiate(&self, msg: &Incoming, event: &CallEvent, app: &App) -> Disposition {
         let event_id = event_id(msg, event);
         let (sent_at_ms, expires_at_ms) = self.ring_window(msg, event);
-        let state = match self
-            .store
-            .open_call(
+        // Independent: both go out at once (each batched with other events').
+        let timer = self.metrics.stage("resolve");
+        let (state, devices) = tokio::join!(
+            self.store.open_call(
                 &event.call_id,
                 &app.config.bundle_id,
                 &event.to_user_id,
                 expires_at_ms,
-            )
-            .await
-        {
+            ),
+            self.store
+                .live_devices(&event.to_user_id, &app.config.bundle_id)
+        );
+        drop(timer);
+        let state = match state {
             Ok(s) => s,
             Err(e) => return self.retry("open the call", e),
         };
-        let devices = match self
-            .store
-            .live_devices(&event.to_user_id, &app.config.bundle_id)
-            .await
-        {
+        let devices = match devices {
             Ok(d) => d,
             Err(e) => return self.retry("resolve devices", e),
         };

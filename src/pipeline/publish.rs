@@ -30,11 +30,15 @@ impl Pipeline {
                 .with_label_values(&[r.status.as_str(), env])
                 .inc();
         }
+        let timer = self.metrics.stage("publish");
         self.publish_results(results)
             .await
             .map_err(|e| format!("publish results: {e}"))?;
+        drop(timer);
         let published: Vec<i64> = results.iter().filter_map(|r| r.device_id).collect();
+        let timer = self.metrics.stage("settle");
         let finished = self.store.finish_event(event_id, &published, settle).await;
+        drop(timer);
         self.open_claims.remove(event_id, &published);
         if let Err(e) = finished {
             // Harmless: a redelivery would re-publish the stored results, never push;

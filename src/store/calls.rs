@@ -97,26 +97,26 @@ const RECORD_RING_ATTEMPT: &str = "WITH success AS (
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
 /// The call's row, locked until the attempt is recorded.
-const LOCK_CALL: &str = "SELECT state FROM calls WHERE call_id = $1 FOR SHARE";
+pub(super) const LOCK_CALL: &str = "SELECT state FROM calls WHERE call_id = $1 FOR SHARE";
 
 impl RingPermit {
-    /// Takes the call lock on a connection already inside a transaction (the
-    /// one that claimed the delivery): `None` when the call was cancelled.
-    pub async fn lock_call(
+    /// The permit of a connection inside a transaction (the one that claimed
+    /// the delivery) that read the call's row with [`LOCK_CALL`]: `None` when
+    /// the call was cancelled.
+    pub async fn locked(
         client: Object,
         call_id: &str,
         device_id: i64,
+        row: Option<tokio_postgres::Row>,
     ) -> Result<Option<Self>, StoreError> {
-        let permit = RingPermit {
+        RingPermit {
             client: Some(client),
             call_id: call_id.to_string(),
             device_id,
             event_type: "call.incoming",
-        };
-        let c = permit.client.as_ref().expect("just set");
-        let stmt = c.prepare_cached(LOCK_CALL).await?;
-        let row = c.query_opt(&stmt, &[&call_id]).await?;
-        permit.unless_cancelled(row).await
+        }
+        .unless_cancelled(row)
+        .await
     }
 
     /// The permit, or `None` (transaction rolled back) when the call's row says
@@ -169,6 +169,57 @@ impl RingPermit {
         }
         result
     }
+}
+
+/// A call to open (see [`Store::open_call`]).
+#[derive(Clone, Debug)]
+pub struct OpenCall {
+    call_id: String,
+    bundle_id: String,
+    to_user_id: String,
+    ring_deadline_ms: i64,
+}
+
+/// Opens many calls in one statement; each request gets its call's state.
+async fn open_calls(
+    pool: deadpool_postgres::Pool,
+    reqs: Vec<OpenCall>,
+) -> Result<Vec<CallState>, StoreError> {
+    // One row per call: ON CONFLICT cannot touch a row twice in one statement.
+    // Sorted, so two batches lock shared rows in the same order.
+    let mut unique: Vec<&OpenCall> = reqs.iter().collect();
+    unique.sort_unstable_by(|a, b| a.call_id.cmp(&b.call_id));
+    unique.dedup_by(|a, b| a.call_id == b.call_id);
+    let ids: Vec<&str> = unique.iter().map(|r| r.call_id.as_str()).collect();
+    let bundles: Vec<&str> = unique.iter().map(|r| r.bundle_id.as_str()).collect();
+    let users: Vec<&str> = unique.iter().map(|r| r.to_user_id.as_str()).collect();
+    let deadlines: Vec<i64> = unique.iter().map(|r| r.ring_deadline_ms).collect();
+    let client = pool.get().await?;
+    let stmt = client
+        .prepare_cached(
+            "INSERT INTO calls (call_id, bundle_id, to_user_id, ring_deadline)
+             SELECT c, b, u, to_timestamp(d / 1000.0)
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS k(c, b, u, d)
+             ON CONFLICT (call_id) DO UPDATE
+                 SET ring_deadline = COALESCE(calls.ring_deadline, EXCLUDED.ring_deadline)
+             RETURNING call_id, state",
+        )
+        .await?;
+    let rows = client
+        .query(&stmt, &[&ids, &bundles, &users, &deadlines])
+        .await?;
+    let states: std::collections::HashMap<&str, CallState> = rows
+        .iter()
+        .map(|r| (r.get(0), CallState::parse(r.get(1))))
+        .collect();
+    reqs.iter()
+        .map(|r| {
+            states
+                .get(r.call_id.as_str())
+                .copied()
+                .ok_or_else(|| StoreError::Batch(format!("call {} was not opened", r.call_id)))
+        })
+        .collect()
 }
 
 /// A call with every delivery and attempt (CONTRACT §10).
@@ -229,23 +280,15 @@ impl Store {
         to_user_id: &str,
         ring_deadline_ms: i64,
     ) -> Result<CallState, StoreError> {
-        let client = self.pool.get().await?;
-        let stmt = client
-            .prepare_cached(
-                "INSERT INTO calls (call_id, bundle_id, to_user_id, ring_deadline)
-                 VALUES ($1, $2, $3, to_timestamp($4::bigint / 1000.0))
-                 ON CONFLICT (call_id) DO UPDATE
-                     SET ring_deadline = COALESCE(calls.ring_deadline, EXCLUDED.ring_deadline)
-                 RETURNING state",
-            )
-            .await?;
-        let row = client
-            .query_one(
-                &stmt,
-                &[&call_id, &bundle_id, &to_user_id, &ring_deadline_ms],
-            )
-            .await?;
-        Ok(CallState::parse(row.get(0)))
+        let req = OpenCall {
+            call_id: call_id.to_string(),
+            bundle_id: bundle_id.to_string(),
+            to_user_id: to_user_id.to_string(),
+            ring_deadline_ms,
+        };
+        super::batcher(&self.batches.open_call, &self.batches, open_calls)
+            .call(req)
+            .await
     }
 
     /// Records a cancel (creating the call if its initiate has not arrived). Waits

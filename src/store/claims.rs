@@ -62,6 +62,85 @@ impl OpenClaims {
     }
 }
 
+/// A claim's recorded result (see [`Store::complete_claim`]).
+#[derive(Clone, Debug)]
+pub struct Completed {
+    event_key: String,
+    device_id: i64,
+    result: serde_json::Value,
+}
+
+/// An event whose results the broker confirmed (see [`Store::finish_event`]).
+#[derive(Clone, Debug)]
+pub struct Finished {
+    event_key: String,
+    device_ids: Vec<i64>,
+    settle: Option<(String, CallState)>,
+}
+
+/// Records many claims' results in one statement.
+async fn complete_claims(
+    pool: deadpool_postgres::Pool,
+    reqs: Vec<Completed>,
+) -> Result<Vec<()>, StoreError> {
+    let events: Vec<&str> = reqs.iter().map(|r| r.event_key.as_str()).collect();
+    let devices: Vec<i64> = reqs.iter().map(|r| r.device_id).collect();
+    let results: Vec<&serde_json::Value> = reqs.iter().map(|r| &r.result).collect();
+    let client = pool.get().await?;
+    // `event_key = ANY` keeps the plan on the primary key whatever the batch size.
+    let stmt = client
+        .prepare_cached(
+            "UPDATE delivery_claims c SET result = k.r
+             FROM unnest($1::text[], $2::bigint[], $3::jsonb[]) AS k(e, d, r)
+             WHERE c.event_key = ANY($1) AND c.event_key = k.e AND c.device_id = k.d",
+        )
+        .await?;
+    client
+        .execute(&stmt, &[&events, &devices, &results])
+        .await?;
+    Ok(vec![(); reqs.len()])
+}
+
+/// Marks many events' claims published and settles their calls: one
+/// statement, one commit.
+async fn finish_events(
+    pool: deadpool_postgres::Pool,
+    reqs: Vec<Finished>,
+) -> Result<Vec<()>, StoreError> {
+    let (mut events, mut devices) = (Vec::new(), Vec::new());
+    for r in &reqs {
+        for d in &r.device_ids {
+            events.push(r.event_key.as_str());
+            devices.push(*d);
+        }
+    }
+    // Sorted, so two batches lock shared calls in the same order.
+    let mut settle: Vec<(&str, &str)> = reqs
+        .iter()
+        .filter_map(|r| r.settle.as_ref().map(|(c, s)| (c.as_str(), s.as_str())))
+        .collect();
+    settle.sort_unstable();
+    let (calls, states): (Vec<&str>, Vec<&str>) = settle.into_iter().unzip();
+    let client = pool.get().await?;
+    let stmt = client
+        .prepare_cached(
+            "WITH published AS (
+                 UPDATE delivery_claims c SET published_at = now()
+                 FROM unnest($1::text[], $2::bigint[]) AS k(e, d)
+                 WHERE c.event_key = ANY($1) AND c.event_key = k.e AND c.device_id = k.d
+                   AND c.published_at IS NULL
+             )
+             UPDATE calls c SET state = k.s, settled_at = clock_timestamp()
+             FROM unnest($3::text[], $4::text[]) AS k(id, s)
+             WHERE c.call_id = ANY($3) AND c.call_id = k.id AND c.state = 'ringing'",
+        )
+        .await?;
+    client
+        .execute(&stmt, &[&events, &devices, &calls, &states])
+        .await?;
+    Ok(vec![(); reqs.len()])
+}
+
 /// Takes (or takes over) the claim of (event, device); returns the stored result
 /// when an earlier owner recorded one, no row when a live owner holds it.
 const CLAIM: &str =
@@ -137,15 +216,19 @@ impl Store {
     ) -> Result<(Claim, Option<super::calls::RingPermit>), StoreError> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(CLAIM).await?;
+        let lock = client.prepare_cached(super::calls::LOCK_CALL).await?;
         let lease = LEASE.as_secs_f64();
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
             [&event_key, &device_id, &owner, &lease, &call_id];
-        // Pipelined: BEGIN and the claim in one round trip.
-        let (began, row) = tokio::join!(
+        let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&call_id];
+        // Pipelined: BEGIN, the claim and the call lock in one round trip. The
+        // lock is taken even when the claim is not ours; it goes with the commit.
+        let (began, row, call) = tokio::join!(
             client.batch_execute("BEGIN"),
-            client.query_opt(&stmt, &params)
+            client.query_opt(&stmt, &params),
+            client.query_opt(&lock, &lock_params)
         );
-        let row = match began.and(row) {
+        let (row, call) = match began.and(row).and_then(|r| call.map(|c| (r, c))) {
             Ok(r) => r,
             Err(e) => return Err(detach(client, e)),
         };
@@ -166,7 +249,7 @@ impl Store {
             }
             return Ok((claim, None));
         }
-        let permit = super::calls::RingPermit::lock_call(client, call_id, device_id).await?;
+        let permit = super::calls::RingPermit::locked(client, call_id, device_id, call).await?;
         Ok((Claim::Push, permit))
     }
 
@@ -177,46 +260,33 @@ impl Store {
         device_id: i64,
         result: &serde_json::Value,
     ) -> Result<(), StoreError> {
-        let client = self.pool.get().await?;
-        let stmt = client
-            .prepare_cached(
-                "UPDATE delivery_claims SET result = $3 WHERE event_key = $1 AND device_id = $2",
-            )
-            .await?;
-        client
-            .execute(&stmt, &[&event_key, &device_id, result])
-            .await?;
-        Ok(())
+        let req = Completed {
+            event_key: event_key.to_string(),
+            device_id,
+            result: result.clone(),
+        };
+        super::batcher(&self.batches.complete_claim, &self.batches, complete_claims)
+            .call(req)
+            .await
     }
 
     /// After an event's results were confirmed by the broker: marks its claims
     /// published and, for a ring, settles its call (a cancelled call keeps its
-    /// state) — one statement, one commit.
+    /// state).
     pub async fn finish_event(
         &self,
         event_key: &str,
         device_ids: &[i64],
         settle: Option<(&str, CallState)>,
     ) -> Result<(), StoreError> {
-        let client = self.pool.get().await?;
-        let stmt = client
-            .prepare_cached(
-                "WITH published AS (
-                     UPDATE delivery_claims SET published_at = now()
-                     WHERE event_key = $1 AND device_id = ANY($2) AND published_at IS NULL
-                 )
-                 UPDATE calls SET state = $4, settled_at = clock_timestamp()
-                 WHERE call_id = $3 AND state = 'ringing'",
-            )
-            .await?;
-        let (call_id, state) = match settle {
-            Some((c, s)) => (Some(c), Some(s.as_str())),
-            None => (None, None),
+        let req = Finished {
+            event_key: event_key.to_string(),
+            device_ids: device_ids.to_vec(),
+            settle: settle.map(|(c, s)| (c.to_string(), s)),
         };
-        client
-            .execute(&stmt, &[&event_key, &device_ids, &call_id, &state])
-            .await?;
-        Ok(())
+        super::batcher(&self.batches.finish_event, &self.batches, finish_events)
+            .call(req)
+            .await
     }
 
     /// Extends the leases of these open claims (the worker's own): the heartbeat

@@ -1,10 +1,12 @@
 //! Postgres: the connection pool, migrations, and the device queries.
 
+mod batch;
 pub mod calls;
 pub mod claims;
 pub mod external;
 pub mod migrate;
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -29,12 +31,29 @@ pub enum StoreError {
     },
     #[error("invalid device token: {0}")]
     BadToken(&'static str),
+    /// A batched statement failed for every request in it (see `batch`).
+    #[error("postgres (batched statement): {0}")]
+    Batch(String),
 }
 
 impl StoreError {
     /// A database that is down or slow is worth waiting for; a bad token is not.
     pub fn is_retryable(&self) -> bool {
         !matches!(self, StoreError::BadToken(_) | StoreError::Url(_))
+    }
+
+    /// Postgres refused the statement itself (a value, a constraint, a deadlock),
+    /// as opposed to a lost connection or a server shutting down.
+    fn is_statement_error(&self) -> bool {
+        use tokio_postgres::error::SqlState;
+        match self {
+            StoreError::Db(e) => e.code().is_some_and(|c| {
+                let class = &c.code()[..2];
+                matches!(class, "22" | "23" | "42") || *c == SqlState::T_R_DEADLOCK_DETECTED
+            }),
+            StoreError::BadToken(_) => true,
+            _ => false,
+        }
     }
 }
 
@@ -73,11 +92,82 @@ pub struct Device {
     pub proven: bool,
 }
 
+/// Batched statements find every row by key (`= ANY` on an index). A table
+/// whose statistics call it small (new, or not analyzed since it grew) gets a
+/// sequential scan in the statement's cached plan instead, and keeps it as the
+/// table grows: measured 5.5 ms per batch against 40,000 claims, the largest
+/// cost of the whole pipeline. These connections never scan a table.
+fn without_seqscan(mut pg: tokio_postgres::Config) -> tokio_postgres::Config {
+    let options = format!("{} -c enable_seqscan=off", pg.get_options().unwrap_or(""));
+    pg.options(options.trim());
+    pg
+}
+
+fn build_pool(
+    pg: tokio_postgres::Config,
+    size: usize,
+    timeout: Duration,
+) -> Result<Pool, StoreError> {
+    let mgr = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(mgr)
+        .max_size(size)
+        .wait_timeout(Some(timeout))
+        .create_timeout(Some(timeout))
+        .recycle_timeout(Some(timeout))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|e| StoreError::Url(e.to_string()))
+}
+
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
     /// Set when `store.token_query` points at a team's own token table.
-    external: Option<std::sync::Arc<external::ExternalTokens>>,
+    external: Option<Arc<external::ExternalTokens>>,
+    batches: Arc<Batches>,
+}
+
+/// The per-event statements that concurrent events share (see `batch`), each
+/// started on first use, with connections of their own: behind ring
+/// transactions in the main pool, a batch would wait as long as its slowest
+/// push.
+struct Batches {
+    pool: Pool,
+    open_call: OnceLock<batch::Batcher<calls::OpenCall, calls::CallState>>,
+    live_devices: OnceLock<batch::Batcher<(String, String), Vec<Device>>>,
+    complete_claim: OnceLock<batch::Batcher<claims::Completed, ()>>,
+    finish_event: OnceLock<batch::Batcher<claims::Finished, ()>>,
+}
+
+/// Most requests in one batched statement, batches of one kind under way at
+/// once, and kinds of batches.
+const BATCH_MAX: usize = 64;
+const BATCHES_IN_FLIGHT: usize = 1;
+const BATCHERS: usize = 4;
+
+/// The batcher in `slot`, started with `run` on first use.
+fn batcher<'a, R, T, Fut>(
+    slot: &'a OnceLock<batch::Batcher<R, T>>,
+    batches: &Batches,
+    run: fn(Pool, Vec<R>) -> Fut,
+) -> &'a batch::Batcher<R, T>
+where
+    R: Clone + Send + 'static,
+    T: Send + 'static,
+    Fut: std::future::Future<Output = Result<Vec<T>, StoreError>> + Send + 'static,
+{
+    slot.get_or_init(|| {
+        let pool = batches.pool.clone();
+        batch::Batcher::spawn(BATCH_MAX, BATCHES_IN_FLIGHT, move |reqs| {
+            run(pool.clone(), reqs)
+        })
+    })
 }
 
 fn pg_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
@@ -133,32 +223,24 @@ impl Store {
             // committed synchronously (see `cancel_call`).
             pg.options("-c synchronous_commit=off");
         }
-        let mgr = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let timeout = Some(Duration::from_millis(cfg.pool_timeout_ms));
-        let pool = Pool::builder(mgr)
-            .max_size(cfg.pool_size)
-            .wait_timeout(timeout)
-            .create_timeout(timeout)
-            .recycle_timeout(timeout)
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| StoreError::Url(e.to_string()))?;
+        let timeout = Duration::from_millis(cfg.pool_timeout_ms);
         Ok(Self {
-            pool,
+            pool: build_pool(pg.clone(), cfg.pool_size, timeout)?,
             external: None,
+            batches: Arc::new(Batches {
+                pool: build_pool(without_seqscan(pg), BATCHERS * BATCHES_IN_FLIGHT, timeout)?,
+                open_call: OnceLock::new(),
+                live_devices: OnceLock::new(),
+                complete_claim: OnceLock::new(),
+                finish_event: OnceLock::new(),
+            }),
         })
     }
 
     /// Reads tokens with `store.token_query` (when set) instead of our `devices`
     /// table; see [`external`].
     pub fn with_token_queries(mut self, cfg: &crate::config::StoreConfig) -> Self {
-        self.external = external::ExternalTokens::from_config(cfg).map(std::sync::Arc::new);
+        self.external = external::ExternalTokens::from_config(cfg).map(Arc::new);
         self
     }
 
@@ -221,27 +303,9 @@ impl Store {
         if let Some(ext) = &self.external {
             return ext.live_devices(&self.pool, user_id, bundle_id).await;
         }
-        let client = self.pool.get().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT id, voip_token, environment, (extract(epoch FROM updated_at) * 1000)::bigint,
-                        last_success_at IS NOT NULL
-                 FROM devices
-                 WHERE user_id = $1 AND bundle_id = $2 AND invalidated_at IS NULL
-                 ORDER BY id",
-            )
-            .await?;
-        let rows = client.query(&stmt, &[&user_id, &bundle_id]).await?;
-        Ok(rows
-            .iter()
-            .map(|r| Device {
-                id: r.get(0),
-                token: r.get(1),
-                environment: Environment::parse(r.get::<_, &str>(2)),
-                updated_at_ms: r.get(3),
-                proven: r.get(4),
-            })
-            .collect())
+        batcher(&self.batches.live_devices, &self.batches, live_devices_of)
+            .call((user_id.to_string(), bundle_id.to_string()))
+            .await
     }
 
     /// Records a success and the environment that accepted the token, so the next
@@ -289,6 +353,52 @@ impl Store {
             .await?;
         Ok(n == 1)
     }
+}
+
+/// The live devices of many (user, bundle) pairs in one statement.
+async fn live_devices_of(
+    pool: Pool,
+    keys: Vec<(String, String)>,
+) -> Result<Vec<Vec<Device>>, StoreError> {
+    let mut users: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+    let mut bundles: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+    for v in [&mut users, &mut bundles] {
+        v.sort_unstable();
+        v.dedup();
+    }
+    let client = pool.get().await?;
+    // `= ANY` on both columns keeps to the (user_id, bundle_id) index; pairs
+    // nobody asked for (another user's app) are dropped below.
+    let stmt = client
+        .prepare_cached(
+            "SELECT id, voip_token, environment, (extract(epoch FROM updated_at) * 1000)::bigint,
+                    last_success_at IS NOT NULL, user_id, bundle_id
+             FROM devices
+             WHERE user_id = ANY($1) AND bundle_id = ANY($2) AND invalidated_at IS NULL
+             ORDER BY id",
+        )
+        .await?;
+    let rows = client.query(&stmt, &[&users, &bundles]).await?;
+    let mut found: std::collections::HashMap<(&str, &str), Vec<Device>> =
+        std::collections::HashMap::new();
+    for r in &rows {
+        found.entry((r.get(5), r.get(6))).or_default().push(Device {
+            id: r.get(0),
+            token: r.get(1),
+            environment: Environment::parse(r.get::<_, &str>(2)),
+            updated_at_ms: r.get(3),
+            proven: r.get(4),
+        });
+    }
+    Ok(keys
+        .iter()
+        .map(|(u, b)| {
+            found
+                .get(&(u.as_str(), b.as_str()))
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect())
 }
 
 #[cfg(test)]

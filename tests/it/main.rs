@@ -4,6 +4,7 @@
 
 mod api;
 mod apns;
+mod batching;
 mod cli;
 mod common;
 mod delivery;

@@ -98,6 +98,7 @@ impl WorkerProc {
                 "voip_push_apns_connections_opened_total",
             ),
             apns_requests: metric_sum(&metrics, "voip_push_apns_requests_total"),
+            stage_mean_ms: stage_means(&metrics),
         })
     }
 
@@ -124,6 +125,32 @@ pub struct WorkerSample {
     pub provider_tokens_signed: f64,
     pub apns_connections_opened: f64,
     pub apns_requests: f64,
+    /// Mean milliseconds an event spent in each step, over the process's life
+    /// (`voip_push_stage_duration_seconds`).
+    pub stage_mean_ms: Vec<(String, f64)>,
+}
+
+/// Mean of each `stage` of `voip_push_stage_duration_seconds`, in ms.
+fn stage_means(text: &str) -> Vec<(String, f64)> {
+    voip_push_worker::metrics::STAGES
+        .iter()
+        .map(|stage| {
+            let series = |suffix: &str| {
+                let prefix =
+                    format!("voip_push_stage_duration_seconds_{suffix}{{stage=\"{stage}\"}} ");
+                text.lines()
+                    .find_map(|l| l.strip_prefix(prefix.as_str())?.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            let (sum, count) = (series("sum"), series("count"));
+            let mean = if count > 0.0 {
+                sum / count * 1000.0
+            } else {
+                0.0
+            };
+            (stage.to_string(), round3(mean))
+        })
+        .collect()
 }
 
 /// Sum of every series of `name` in Prometheus text.

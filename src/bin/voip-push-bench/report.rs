@@ -245,6 +245,20 @@ impl Report {
                 w.sample.apns_connections_opened
             );
         }
+        for w in &self.workers {
+            let stages: Vec<String> = w
+                .sample
+                .stage_mean_ms
+                .iter()
+                .map(|(stage, ms)| format!("{stage} {ms:.1}"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "  {:<22} mean ms per step: {}",
+                w.role,
+                stages.join(", ")
+            );
+        }
         let _ = writeln!(s, "\nTargets");
         for t in &self.targets {
             let _ = writeln!(
