@@ -101,8 +101,7 @@ async fn complete_claims(
     Ok(vec![(); reqs.len()])
 }
 
-/// Marks many events' claims published and settles their calls: one
-/// statement, one commit.
+/// Marks many events' claims published and settles their calls.
 async fn finish_events(
     pool: deadpool_postgres::Pool,
     reqs: Vec<Finished>,
@@ -122,22 +121,33 @@ async fn finish_events(
     settle.sort_unstable();
     let (calls, states): (Vec<&str>, Vec<&str>) = settle.into_iter().unzip();
     let client = pool.get().await?;
-    let stmt = client
+    // Two statements, each its own transaction (pipelined: one round trip). In
+    // one, the claims' row locks were held while waiting for a call's row, which
+    // a duplicate's claim transaction may hold while it waits for those claims:
+    // a deadlock, and a failed batch.
+    let publish = client
         .prepare_cached(
-            "WITH published AS (
-                 UPDATE delivery_claims c SET published_at = now()
-                 FROM unnest($1::text[], $2::bigint[]) AS k(e, d)
-                 WHERE c.event_key = ANY($1) AND c.event_key = k.e AND c.device_id = k.d
-                   AND c.published_at IS NULL
-             )
-             UPDATE calls c SET state = k.s, settled_at = clock_timestamp()
-             FROM unnest($3::text[], $4::text[]) AS k(id, s)
-             WHERE c.call_id = ANY($3) AND c.call_id = k.id AND c.state = 'ringing'",
+            "UPDATE delivery_claims c SET published_at = now()
+             FROM unnest($1::text[], $2::bigint[]) AS k(e, d)
+             WHERE c.event_key = ANY($1) AND c.event_key = k.e AND c.device_id = k.d
+               AND c.published_at IS NULL",
         )
         .await?;
-    client
-        .execute(&stmt, &[&events, &devices, &calls, &states])
+    let settle = client
+        .prepare_cached(
+            "UPDATE calls c SET state = k.s, settled_at = clock_timestamp()
+             FROM unnest($1::text[], $2::text[]) AS k(id, s)
+             WHERE c.call_id = ANY($1) AND c.call_id = k.id AND c.state = 'ringing'",
+        )
         .await?;
+    let claim_keys: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&events, &devices];
+    let call_states: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&calls, &states];
+    let (published, settled) = tokio::join!(
+        client.execute(&publish, &claim_keys),
+        client.execute(&settle, &call_states)
+    );
+    published?;
+    settled?;
     Ok(vec![(); reqs.len()])
 }
 
