@@ -12,18 +12,20 @@ WORKDIR /src
 # Dependencies first, against empty sources: this layer is rebuilt only when
 # Cargo.toml or Cargo.lock change, not at every source edit.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src tests/it \
+RUN mkdir -p src/bin/voip-push-bench tests/it \
     && echo 'fn main() {}' > src/main.rs \
+    && echo 'fn main() {}' > src/bin/voip-push-bench/main.rs \
     && touch src/lib.rs tests/it/main.rs \
-    && cargo build --release --locked \
+    && cargo build --release --locked --bin voip-push-worker \
     && rm -rf src
 
 # The real sources. `touch` makes them newer than the placeholders' build outputs,
-# whatever times the build context carries. Migrations are compiled in.
+# whatever times the build context carries. Migrations are compiled in. Only
+# the worker is built: the benchmark (src/bin) runs from a checkout.
 COPY src ./src
 COPY migrations ./migrations
 RUN touch src/main.rs src/lib.rs \
-    && cargo build --release --locked \
+    && cargo build --release --locked --bin voip-push-worker \
     && install -D -m 0755 target/release/voip-push-worker /out/voip-push-worker
 
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
