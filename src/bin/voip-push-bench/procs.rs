@@ -127,11 +127,17 @@ pub struct WorkerSample {
     pub apns_requests: f64,
     /// Mean milliseconds an event spent in each step, over the process's life
     /// (`voip_push_stage_duration_seconds`).
-    pub stage_mean_ms: Vec<(String, f64)>,
+    pub stage_mean_ms: Vec<StageMean>,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct StageMean {
+    pub stage: &'static str,
+    pub mean_ms: f64,
 }
 
 /// Mean of each `stage` of `voip_push_stage_duration_seconds`, in ms.
-fn stage_means(text: &str) -> Vec<(String, f64)> {
+fn stage_means(text: &str) -> Vec<StageMean> {
     voip_push_worker::metrics::STAGES
         .iter()
         .map(|stage| {
@@ -148,7 +154,10 @@ fn stage_means(text: &str) -> Vec<(String, f64)> {
             } else {
                 0.0
             };
-            (stage.to_string(), round3(mean))
+            StageMean {
+                stage,
+                mean_ms: round3(mean),
+            }
         })
         .collect()
 }

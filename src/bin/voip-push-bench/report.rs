@@ -250,7 +250,7 @@ impl Report {
                 .sample
                 .stage_mean_ms
                 .iter()
-                .map(|(stage, ms)| format!("{stage} {ms:.1}"))
+                .map(|m| format!("{} {:.1}", m.stage, m.mean_ms))
                 .collect();
             let _ = writeln!(
                 s,
