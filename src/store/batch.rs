@@ -11,12 +11,17 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
+use tracing::warn;
 
 use super::StoreError;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// A batch slower than this is logged: every event in it waited that long.
+const SLOW_BATCH: Duration = Duration::from_secs(1);
 
 /// Requests of one kind, executed in batches by a task of its own.
 pub struct Batcher<R, T> {
@@ -30,8 +35,8 @@ where
 {
     /// Starts the task: at most `max` requests a batch, `in_flight` batches at
     /// once. `run` answers a batch with one result per request, in order. The
-    /// task ends when the batcher is dropped.
-    pub fn spawn<F, Fut>(max: usize, in_flight: usize, run: F) -> Self
+    /// task ends when the batcher is dropped. `name` is for the logs.
+    pub fn spawn<F, Fut>(name: &'static str, max: usize, in_flight: usize, run: F) -> Self
     where
         F: Fn(Vec<R>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<T>, StoreError>> + Send + 'static,
@@ -52,8 +57,17 @@ where
                 }
                 let run = run.clone();
                 tokio::spawn(async move {
+                    let (started, size) = (Instant::now(), batch.len());
                     execute(&*run, batch).await;
                     drop(slot);
+                    if started.elapsed() > SLOW_BATCH {
+                        warn!(
+                            statement = name,
+                            requests = size,
+                            ms = started.elapsed().as_millis() as u64,
+                            "shared statement was slow"
+                        );
+                    }
                 });
             }
         });
@@ -119,7 +133,7 @@ mod tests {
     async fn concurrent_requests_share_batches_and_keep_their_order() {
         let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = sizes.clone();
-        let batcher = Batcher::spawn(8, 1, move |reqs: Vec<u32>| {
+        let batcher = Batcher::spawn("test", 8, 1, move |reqs: Vec<u32>| {
             seen.lock().unwrap().push(reqs.len());
             async move {
                 tokio::task::yield_now().await;
@@ -138,7 +152,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_batch_runs_again_request_by_request() {
         // A statement error (a value Postgres refuses) in one request of a batch.
-        let batcher = Batcher::spawn(8, 1, |reqs: Vec<i32>| async move {
+        let batcher = Batcher::spawn("test", 8, 1, |reqs: Vec<i32>| async move {
             if reqs.contains(&-1) {
                 return Err(StoreError::BadToken("refused"));
             }

@@ -286,9 +286,14 @@ impl Store {
             to_user_id: to_user_id.to_string(),
             ring_deadline_ms,
         };
-        super::batcher(&self.batches.open_call, &self.batches, open_calls)
-            .call(req)
-            .await
+        super::batcher(
+            "open_call",
+            &self.batches.open_call,
+            &self.batches,
+            open_calls,
+        )
+        .call(req)
+        .await
     }
 
     /// Records a cancel (creating the call if its initiate has not arrived). Waits

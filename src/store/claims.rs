@@ -275,9 +275,14 @@ impl Store {
             device_id,
             result: result.clone(),
         };
-        super::batcher(&self.batches.complete_claim, &self.batches, complete_claims)
-            .call(req)
-            .await
+        super::batcher(
+            "complete_claim",
+            &self.batches.complete_claim,
+            &self.batches,
+            complete_claims,
+        )
+        .call(req)
+        .await
     }
 
     /// After an event's results were confirmed by the broker: marks its claims
@@ -294,9 +299,14 @@ impl Store {
             device_ids: device_ids.to_vec(),
             settle: settle.map(|(c, s)| (c.to_string(), s)),
         };
-        super::batcher(&self.batches.finish_event, &self.batches, finish_events)
-            .call(req)
-            .await
+        super::batcher(
+            "finish_event",
+            &self.batches.finish_event,
+            &self.batches,
+            finish_events,
+        )
+        .call(req)
+        .await
     }
 
     /// Extends the leases of these open claims (the worker's own): the heartbeat

@@ -153,6 +153,7 @@ const BATCHERS: usize = 4;
 
 /// The batcher in `slot`, started with `run` on first use.
 fn batcher<'a, R, T, Fut>(
+    name: &'static str,
     slot: &'a OnceLock<batch::Batcher<R, T>>,
     batches: &Batches,
     run: fn(Pool, Vec<R>) -> Fut,
@@ -164,7 +165,7 @@ where
 {
     slot.get_or_init(|| {
         let pool = batches.pool.clone();
-        batch::Batcher::spawn(BATCH_MAX, BATCHES_IN_FLIGHT, move |reqs| {
+        batch::Batcher::spawn(name, BATCH_MAX, BATCHES_IN_FLIGHT, move |reqs| {
             run(pool.clone(), reqs)
         })
     })
@@ -303,9 +304,14 @@ impl Store {
         if let Some(ext) = &self.external {
             return ext.live_devices(&self.pool, user_id, bundle_id).await;
         }
-        batcher(&self.batches.live_devices, &self.batches, live_devices_of)
-            .call((user_id.to_string(), bundle_id.to_string()))
-            .await
+        batcher(
+            "live_devices",
+            &self.batches.live_devices,
+            &self.batches,
+            live_devices_of,
+        )
+        .call((user_id.to_string(), bundle_id.to_string()))
+        .await
     }
 
     /// Records a success and the environment that accepted the token, so the next
