@@ -194,7 +194,7 @@ impl Pipeline {
         };
 
         let remaining_ms = expires_at_ms - now_ms();
-        let results: Vec<PushResult> = if devices.is_empty() {
+        let not_pushed: Vec<PushResult> = if devices.is_empty() {
             info!(to_user_id = %event.to_user_id, "user has no live device for this app");
             vec![PushResult {
                 completed_at: now_rfc3339(),
@@ -213,6 +213,19 @@ impl Pipeline {
                 "ring deadline passed before the event was handled",
             )
         } else {
+            Vec::new()
+        };
+
+        let results = if !not_pushed.is_empty() {
+            let settled = call_state(&not_pushed);
+            if let Err(reason) = self
+                .publish_and_mark(&event_id, &not_pushed, Some((&event.call_id, settled)))
+                .await
+            {
+                return Disposition::Retry(reason);
+            }
+            not_pushed
+        } else {
             let call = Call::new(
                 app,
                 event,
@@ -222,19 +235,18 @@ impl Pipeline {
                 sent_at_ms,
                 expires_at_ms,
             );
-            match self.push_all(&call, &devices).await {
+            let results = match self.push_all(&call, &devices).await {
                 Ok(r) => r,
-                Err(e) => return self.retry("claim a delivery", e),
+                Err(e) => return e.disposition(self, "claim a delivery"),
+            };
+            // A copy of the event that published nothing leaves the call to the
+            // copy that did.
+            if !results.is_empty() {
+                self.settle_call(&event_id, &event.call_id, call_state(&results))
+                    .await;
             }
+            results
         };
-
-        let settled = call_state(&results);
-        if let Err(reason) = self
-            .publish_and_mark(&event_id, &results, Some((&event.call_id, settled)))
-            .await
-        {
-            return Disposition::Retry(reason);
-        }
         let outcome = if results.iter().any(|r| r.status == Status::Delivered) {
             "delivered"
         } else {
@@ -300,9 +312,7 @@ impl Pipeline {
         let expires_at_ms = ring_deadline.unwrap_or(own_deadline);
         let remaining_ms = expires_at_ms - now_ms();
         let base = base_result(&event_id, event, app);
-        let results = if devices.is_empty() || remaining_ms <= 0 {
-            Vec::new()
-        } else {
+        if !devices.is_empty() && remaining_ms > 0 {
             let call = Call::new(
                 app,
                 event,
@@ -312,28 +322,41 @@ impl Pipeline {
                 sent_at_ms,
                 expires_at_ms,
             );
-            match self.push_all(&call, &devices).await {
-                Ok(r) => r,
-                Err(e) => return self.retry("claim a cancel push", e),
+            if let Err(e) = self.push_all(&call, &devices).await {
+                return e.disposition(self, "claim a cancel push");
             }
-        };
-        if let Err(reason) = self.publish_and_mark(&event_id, &results, None).await {
-            return Disposition::Retry(reason);
         }
         self.metrics.events.with_label_values(&["cancel"]).inc();
         Disposition::Ack
     }
 
-    /// Claims and pushes every device at once; a device another worker owns yields
-    /// no result here.
+    /// Claims and pushes every device at once, and publishes each device's result
+    /// as soon as it is known; a device another copy of the event owns yields no
+    /// result here. Publishing per device matters: two copies of one event that
+    /// split its devices each wait for the other's claims, and publishing only
+    /// once every device was done made them wait for each other until the ring
+    /// deadline.
     async fn push_all(
         &self,
         call: &Call<'_>,
         devices: &[Device],
-    ) -> Result<Vec<PushResult>, StoreError> {
-        let claimed = join_all(devices.iter().map(|d| self.claimed_push(call, d))).await;
-        let mut results = Vec::with_capacity(claimed.len());
-        for r in claimed {
+    ) -> Result<Vec<PushResult>, PushAllError> {
+        let done = join_all(devices.iter().map(|d| async move {
+            let Some(result) = self
+                .claimed_push(call, d)
+                .await
+                .map_err(PushAllError::Claim)?
+            else {
+                return Ok(None);
+            };
+            self.publish_and_mark(call.event_id, std::slice::from_ref(&result), None)
+                .await
+                .map_err(PushAllError::Publish)?;
+            Ok(Some(result))
+        }))
+        .await;
+        let mut results = Vec::with_capacity(done.len());
+        for r in done {
             if let Some(result) = r? {
                 results.push(result);
             }
@@ -345,6 +368,21 @@ impl Pipeline {
         warn!(step, error = %e, "event could not be handled now; it will be retried");
         self.metrics.events.with_label_values(&["retried"]).inc();
         Disposition::Retry(format!("{step}: {e}"))
+    }
+}
+
+/// Why `push_all` stopped: the event is tried again.
+enum PushAllError {
+    Claim(StoreError),
+    Publish(String),
+}
+
+impl PushAllError {
+    fn disposition(self, pipeline: &Pipeline, step: &str) -> Disposition {
+        match self {
+            PushAllError::Claim(e) => pipeline.retry(step, e),
+            PushAllError::Publish(reason) => Disposition::Retry(reason),
+        }
     }
 }
 

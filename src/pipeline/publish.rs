@@ -45,6 +45,12 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Settles a ring's call from the results this copy of the event published.
+    pub(super) async fn settle_call(&self, event_id: &str, call_id: &str, state: CallState) {
+        let _timer = self.metrics.stage("settle");
+        self.finish(event_id, &[], Some((call_id, state))).await;
+    }
+
     /// Marks the claims published, retried through a short database outage: the
     /// claims stay open (their leases renewed) meanwhile, so a duplicate of the
     /// event waiting on them cannot take them over and publish the results again.

@@ -101,7 +101,9 @@ async fn complete_claims(
     Ok(vec![(); reqs.len()])
 }
 
-/// Marks many events' claims published and settles their calls.
+/// Marks many events' claims published and settles their calls. A call stays
+/// cancelled; a delivery reported by one copy of an event (which pushed some of
+/// its devices) wins over another copy's failure.
 async fn finish_events(
     pool: deadpool_postgres::Pool,
     reqs: Vec<Finished>,
@@ -137,7 +139,8 @@ async fn finish_events(
         .prepare_cached(
             "UPDATE calls c SET state = k.s, settled_at = clock_timestamp()
              FROM unnest($1::text[], $2::text[]) AS k(id, s)
-             WHERE c.call_id = ANY($1) AND c.call_id = k.id AND c.state = 'ringing'",
+             WHERE c.call_id = ANY($1) AND c.call_id = k.id
+               AND (c.state = 'ringing' OR (k.s = 'delivered' AND c.state IN ('failed', 'expired')))",
         )
         .await?;
     let claim_keys: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&events, &devices];

@@ -467,3 +467,64 @@ async fn dropped_connections_are_reopened() {
     assert!(env.sim.connections_accepted() > before);
     env.cleanup().await;
 }
+
+/// Two copies of one event that split its devices (each holds a claim the other
+/// waits for): each device's result goes out as soon as it is known, so neither
+/// copy holds the other up until the ring deadline.
+#[tokio::test]
+async fn a_copy_of_the_event_holding_one_device_does_not_hold_up_the_others_result() {
+    use lapin::BasicProperties;
+    use voip_push_worker::store::claims::Claim;
+
+    let mut env = TestEnv::new().await;
+    let first = env
+        .device("sp", Some(Environment::Production), Environment::Production)
+        .await;
+    let held = env
+        .device("sp", Some(Environment::Production), Environment::Production)
+        .await;
+    let devices = env.store.live_devices("sp", BUNDLE).await.unwrap();
+    let held_id = devices.iter().find(|d| d.token == held).unwrap().id;
+    // The other copy (another worker) has claimed `held` and is still at work.
+    let claim = env
+        .store
+        .claim("msg-split", held_id, "other-worker/1", "split-1")
+        .await
+        .unwrap();
+    assert_eq!(claim, Claim::Push);
+
+    let body = json!({"callId": "split-1", "toUserId": "sp", "fromUserId": 3}).to_string();
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id("msg-split".into());
+    env.publish_with(body.as_bytes(), props).await;
+    let results = env.results_for("split-1", 1).await;
+    assert_eq!(results[0].status, Status::Delivered);
+    assert_eq!(
+        results[0].token_suffix.as_deref(),
+        Some(&first[first.len() - 8..])
+    );
+    // Published while the other copy still holds its device: nothing was taken
+    // over, nothing pushed twice.
+    let pushed: Vec<String> = env.sim.requests().into_iter().map(|r| r.token).collect();
+    assert_eq!(pushed, vec![first.clone()]);
+
+    // The other copy finishes; this one stops waiting and settles the message.
+    let theirs = json!({"status": "delivered", "deviceId": held_id});
+    env.store
+        .complete_claim("msg-split", held_id, &theirs)
+        .await
+        .unwrap();
+    env.store
+        .finish_event("msg-split", &[held_id], None)
+        .await
+        .unwrap();
+    crate::common::wait_idle(&[env.worker()]).await;
+    let pushed: Vec<String> = env.sim.requests().into_iter().map(|r| r.token).collect();
+    assert_eq!(
+        pushed,
+        vec![first],
+        "the held device is the other copy's to push"
+    );
+    env.cleanup().await;
+}
