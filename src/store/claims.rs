@@ -145,9 +145,20 @@ async fn finish_events(
         .await?;
     let claim_keys: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&events, &devices];
     let call_states: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&calls, &states];
+    // A batch may hold only one kind (a device's claims, or a call to settle).
     let (published, settled) = tokio::join!(
-        client.execute(&publish, &claim_keys),
-        client.execute(&settle, &call_states)
+        async {
+            if events.is_empty() {
+                return Ok(0);
+            }
+            client.execute(&publish, &claim_keys).await
+        },
+        async {
+            if calls.is_empty() {
+                return Ok(0);
+            }
+            client.execute(&settle, &call_states).await
+        }
     );
     published?;
     settled?;
