@@ -101,7 +101,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
         addr: cfg.http.listen.clone(),
         source,
     })?;
-    let api_state = api::ApiState::new(cfg.clone(), store.clone(), publisher.clone())?;
+    let api_state = api::ApiState::new(
+        cfg.clone(),
+        store.clone(),
+        publisher.clone(),
+        metrics.clone(),
+    )?;
     api_state.log_groups();
     tokio::spawn(api::device_events::run(api_state.clone(), shutdown.clone()));
     let router = http::router(http::HttpState {

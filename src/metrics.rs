@@ -56,6 +56,20 @@ pub const RETRY_REASONS: &[&str] = &[
     "redelivered",
 ];
 
+/// `route` label values of the HTTP API metrics: the routes' templates (never a
+/// raw path, which would carry tokens and call ids).
+pub const API_ROUTES: &[&str] = &[
+    "/v1/calls",
+    "/v1/calls/{call_id}",
+    "/v1/calls/{call_id}/cancel",
+    "/api/internal/push/call",
+    "/v1/devices",
+    "/v1/devices/{token}",
+    "/api/v1/me/devices",
+    "/users/{identity}/voip-token",
+    "/twilio/token",
+];
+
 /// `voip_push_stage_duration_seconds{stage}`: the steps of one event.
 pub const STAGES: &[&str] = &["resolve", "claim", "deliver", "record", "publish", "settle"];
 
@@ -77,6 +91,9 @@ pub struct Metrics {
     pub provider_tokens_signed: IntCounter,
     pub apns_connections_opened: IntCounterVec,
     pub results_published: IntCounterVec,
+    /// HTTP API requests by route template and status code, and their duration.
+    pub api_requests: IntCounterVec,
+    pub api_request_duration: HistogramVec,
     /// 1 while RabbitMQ blocks the result publisher (a memory or disk alarm).
     pub amqp_publish_blocked: IntGauge,
 }
@@ -136,6 +153,23 @@ impl Metrics {
             "Result events confirmed by the broker, by status.",
             &["status"],
         );
+        let api_requests = counter(
+            "api_requests_total",
+            "HTTP API requests, by route template and status code.",
+            &["route", "code"],
+        );
+        let api_request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "voip_push_api_request_duration_seconds",
+                "HTTP API request durations, by route template (long polls included).",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(api_request_duration.clone()))
+            .expect("register");
         let apns_request_duration = HistogramVec::new(
             HistogramOpts::new(
                 "voip_push_apns_request_duration_seconds",
@@ -210,6 +244,8 @@ impl Metrics {
             provider_tokens_signed,
             apns_connections_opened,
             results_published,
+            api_requests,
+            api_request_duration,
             amqp_publish_blocked,
         };
         m.zero_known_series();
@@ -253,6 +289,10 @@ impl Metrics {
         }
         for stage in STAGES {
             self.stage_duration.with_label_values(&[stage]);
+        }
+        for route in API_ROUTES {
+            self.api_request_duration.with_label_values(&[route]);
+            self.api_requests.with_label_values(&[route, "200"]);
         }
         for status in DELIVERY_STATUSES {
             self.results_published.with_label_values(&[status]);

@@ -113,6 +113,7 @@ pub struct ApiState {
     pub auth: Arc<Auth>,
     pub twilio: Option<Arc<TwilioSigner>>,
     limiter: Arc<RateLimiter>,
+    pub metrics: crate::metrics::Metrics,
 }
 
 fn set(v: &Option<String>) -> Option<String> {
@@ -126,6 +127,7 @@ impl ApiState {
         cfg: Arc<Config>,
         store: Store,
         publisher: Arc<Publisher>,
+        metrics: crate::metrics::Metrics,
     ) -> Result<Self, ConfigError> {
         let users = match (
             set(&cfg.http.user_jwt_secret),
@@ -158,6 +160,7 @@ impl ApiState {
             auth: Arc::new(auth),
             twilio,
             limiter: Arc::new(limiter),
+            metrics,
         })
     }
 
@@ -222,8 +225,29 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/calls/{call_id}/cancel", post(call_status::post_cancel))
         .route("/api/internal/push/call", post(calls::post_internal_call))
         .merge(registration)
+        .route_layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(state.cfg.http.max_body_bytes))
         .with_state(state)
+}
+
+/// Counts and times every request by its route's template.
+async fn observe(State(s): State<ApiState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let started = std::time::Instant::now();
+    let response = next.run(req).await;
+    s.metrics
+        .api_request_duration
+        .with_label_values(&[&route])
+        .observe(started.elapsed().as_secs_f64());
+    s.metrics
+        .api_requests
+        .with_label_values(&[&route, response.status().as_str()])
+        .inc();
+    response
 }
 
 async fn rate_limit(State(s): State<ApiState>, req: Request, next: Next) -> Response {

@@ -284,6 +284,29 @@ async fn backends_register_and_unregister_with_the_service_token() {
     let upper = format!("/v1/devices/{}", token.to_ascii_uppercase());
     assert_eq!(req(&env, "DELETE", &upper, auth, "").await.0, 204);
     assert!(tokens_of(&env, "42", BUNDLE).await.is_empty());
+
+    // Every request above is counted by its route's template and status code;
+    // no token ever becomes a label.
+    let (_, text) = env.http_get("/metrics").await;
+    let count = |labels: &str| {
+        crate::common::metric(&text, &format!("voip_push_api_requests_total{{{labels}}}"))
+    };
+    assert_eq!(count(r#"code="200",route="/v1/devices""#), 1.0);
+    assert_eq!(count(r#"code="401",route="/v1/devices/{token}""#), 1.0);
+    assert_eq!(count(r#"code="403",route="/v1/devices/{token}""#), 1.0);
+    assert_eq!(count(r#"code="400",route="/v1/devices/{token}""#), 1.0);
+    assert_eq!(count(r#"code="204",route="/v1/devices/{token}""#), 1.0);
+    assert_eq!(
+        crate::common::metric(
+            &text,
+            r#"voip_push_api_request_duration_seconds_count{route="/v1/devices/{token}"}"#
+        ),
+        4.0
+    );
+    assert!(
+        !text.to_ascii_lowercase().contains(&token[..16]),
+        "a token leaked into /metrics"
+    );
     env.cleanup().await;
 }
 
