@@ -113,6 +113,13 @@ impl Metrics {
             registry.register(Box::new(c.clone())).expect("register");
             c
         };
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let opts = HistogramOpts::new(format!("voip_push_{name}"), help)
+                .buckets(LATENCY_BUCKETS.to_vec());
+            let h = HistogramVec::new(opts, labels).expect("metric");
+            registry.register(Box::new(h.clone())).expect("register");
+            h
+        };
         let events = counter(
             "events_total",
             "Call events taken from the queue, by how they ended.",
@@ -158,30 +165,16 @@ impl Metrics {
             "HTTP API requests, by route template and status code.",
             &["route", "code"],
         );
-        let api_request_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "voip_push_api_request_duration_seconds",
-                "HTTP API request durations, by route template (long polls included).",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+        let api_request_duration = histogram(
+            "api_request_duration_seconds",
+            "HTTP API request durations, by route template (long polls included).",
             &["route"],
-        )
-        .expect("metric");
-        registry
-            .register(Box::new(api_request_duration.clone()))
-            .expect("register");
-        let apns_request_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "voip_push_apns_request_duration_seconds",
-                "Time from sending an APNs request to its answer.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+        );
+        let apns_request_duration = histogram(
+            "apns_request_duration_seconds",
+            "Time from sending an APNs request to its answer.",
             &["environment"],
-        )
-        .expect("metric");
-        registry
-            .register(Box::new(apns_request_duration.clone()))
-            .expect("register");
+        );
         let end_to_end = Histogram::with_opts(
             HistogramOpts::new(
                 "voip_push_end_to_end_seconds",
@@ -193,20 +186,13 @@ impl Metrics {
         registry
             .register(Box::new(end_to_end.clone()))
             .expect("register");
-        let stage_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "voip_push_stage_duration_seconds",
-                "Time an event spends in each step: resolve (call row and devices), claim, \
-                 deliver (APNs attempts and their records), record (the claim's result), \
-                 publish (results confirmed by the broker), settle (claims and call marked).",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+        let stage_duration = histogram(
+            "stage_duration_seconds",
+            "Time an event spends in each step: resolve (call row and devices), claim, \
+             deliver (APNs attempts and their records), record (the claim's result), \
+             publish (results confirmed by the broker), settle (claims and call marked).",
             &["stage"],
-        )
-        .expect("metric");
-        registry
-            .register(Box::new(stage_duration.clone()))
-            .expect("register");
+        );
         let in_flight = IntGauge::new("voip_push_in_flight", "Call events being worked on now.")
             .expect("metric");
         registry
