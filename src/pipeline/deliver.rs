@@ -15,10 +15,6 @@ use crate::store::{Device, Store, StoreError};
 /// How often a worker looks again at a claim another live worker holds.
 const CLAIM_POLL: Duration = Duration::from_millis(250);
 
-/// How long recording a finished push is retried (a database restart takes a
-/// few seconds).
-const COMPLETE_CLAIM_PATIENCE: Duration = Duration::from_secs(30);
-
 /// Rings: each attempt first takes the call's lock and stops if it was cancelled.
 struct RingHooks<'a> {
     store: &'a Store,
@@ -153,25 +149,12 @@ impl Pipeline {
     /// the event would push the device again.
     async fn complete_claim(&self, event_id: &str, device_id: i64, result: &PushResult) {
         let stored = serde_json::to_value(result).expect("results serialise");
-        let mut delay = Duration::from_millis(100);
-        let started = Instant::now();
-        loop {
-            match self
-                .store
-                .complete_claim(event_id, device_id, &stored)
-                .await
-            {
-                Ok(()) => return,
-                Err(e) if started.elapsed() < COMPLETE_CLAIM_PATIENCE => {
-                    warn!(device_id, error = %e, "could not record the push yet; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-                Err(e) => {
-                    warn!(device_id, error = %e, "could not record the push in its claim");
-                    return;
-                }
-            }
+        let recorded = super::patiently("record the push in its claim", || {
+            self.store.complete_claim(event_id, device_id, &stored)
+        })
+        .await;
+        if let Err(e) = recorded {
+            warn!(device_id, error = %e, "could not record the push in its claim");
         }
     }
 

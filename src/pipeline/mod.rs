@@ -194,29 +194,30 @@ impl Pipeline {
         };
 
         let remaining_ms = expires_at_ms - now_ms();
-        let not_pushed: Vec<PushResult> = if devices.is_empty() {
+        // The results of an event that is not pushed at all; `None`: push.
+        let not_pushed: Option<Vec<PushResult>> = if devices.is_empty() {
             info!(to_user_id = %event.to_user_id, "user has no live device for this app");
-            vec![PushResult {
+            Some(vec![PushResult {
                 completed_at: now_rfc3339(),
                 ..base.clone()
-            }]
+            }])
         } else if state == CallState::Cancelled {
             info!("call was cancelled before its ring went out; not pushed");
-            per_device(Status::Cancelled, "call cancelled")
+            Some(per_device(Status::Cancelled, "call cancelled"))
         } else if remaining_ms <= 0 {
             warn!(
                 late_ms = -remaining_ms,
                 "call event arrived after its ring deadline; not pushed"
             );
-            per_device(
+            Some(per_device(
                 Status::Expired,
                 "ring deadline passed before the event was handled",
-            )
+            ))
         } else {
-            Vec::new()
+            None
         };
 
-        let results = if !not_pushed.is_empty() {
+        let results = if let Some(not_pushed) = not_pushed {
             let settled = call_state(&not_pushed);
             if let Err(reason) = self
                 .publish_and_mark(&event_id, &not_pushed, Some((&event.call_id, settled)))
@@ -382,6 +383,31 @@ impl PushAllError {
         match self {
             PushAllError::Claim(e) => pipeline.retry(step, e),
             PushAllError::Publish(reason) => Disposition::Retry(reason),
+        }
+    }
+}
+
+/// How long a store write that must follow a push is retried (a database restart
+/// takes a few seconds).
+const STORE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Runs `write` until it succeeds, pausing 100 ms (doubling up to 2 s) between
+/// tries, for up to [`STORE_PATIENCE`]; then returns its last error.
+async fn patiently<F, Fut>(what: &str, mut write: F) -> Result<(), StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), StoreError>>,
+{
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match write().await {
+            Err(e) if started.elapsed() < STORE_PATIENCE => {
+                warn!(step = what, error = %e, "store write failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            done => return done,
         }
     }
 }

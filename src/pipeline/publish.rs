@@ -14,9 +14,6 @@ use crate::store::calls::CallState;
 /// before the event is tried again from the start.
 const RESULT_PUBLISH_PATIENCE: Duration = Duration::from_secs(30);
 
-/// How long marking published results is retried.
-const FINISH_PATIENCE: Duration = Duration::from_secs(30);
-
 impl Pipeline {
     /// Counts and publishes the results of one event, then marks them published
     /// (and settles the call, for a ring).
@@ -55,23 +52,14 @@ impl Pipeline {
     /// claims stay open (their leases renewed) meanwhile, so a duplicate of the
     /// event waiting on them cannot take them over and publish the results again.
     async fn finish(&self, event_id: &str, published: &[i64], settle: Option<(&str, CallState)>) {
-        let started = Instant::now();
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match self.store.finish_event(event_id, published, settle).await {
-                Ok(()) => break,
-                Err(e) if started.elapsed() < FINISH_PATIENCE => {
-                    warn!(error = %e, "could not mark results as published yet; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-                Err(e) => {
-                    // A duplicate of the event may now re-publish the stored results
-                    // (never push again); the call's state stays `ringing` in the trace.
-                    warn!(error = %e, "could not mark results as published");
-                    break;
-                }
-            }
+        let finished = super::patiently("mark results as published", || {
+            self.store.finish_event(event_id, published, settle)
+        })
+        .await;
+        if let Err(e) = finished {
+            // A duplicate of the event may now re-publish the stored results (never
+            // push again); the call's state stays `ringing` in the trace.
+            warn!(error = %e, "could not mark results as published");
         }
         self.open_claims.remove(event_id, published);
     }
