@@ -38,8 +38,7 @@ pub async fn get_call(
     Path(call_id): Path<String>,
     Query(q): Query<StatusQuery>,
 ) -> ApiResult {
-    s.require_service_group()?;
-    s.auth.service(&headers)?;
+    s.require_service(&headers)?;
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(MAX_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
     loop {
@@ -67,8 +66,7 @@ pub async fn post_cancel(
     Path(call_id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    s.require_service_group()?;
-    s.auth.service(&headers)?;
+    s.require_service(&headers)?;
     let obj = json_object(body)?;
     let to_user_id = text_field(&obj, &["toUserId", "to_user_id"])?
         .ok_or_else(|| ApiError::bad_request("missing_field", "toUserId is required"))?;

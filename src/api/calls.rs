@@ -28,8 +28,7 @@ pub async fn post_call(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    s.require_service_group()?;
-    s.auth.service(&headers)?;
+    s.require_service(&headers)?;
     let event_id = accept(&s, body).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({"eventId": event_id}))).into_response())
 }
@@ -41,8 +40,7 @@ pub async fn post_internal_call(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    s.require_service_group()?;
-    s.auth.service(&headers)?;
+    s.require_service(&headers)?;
     let event_id = accept(&s, body).await?;
     Ok((
         StatusCode::ACCEPTED,

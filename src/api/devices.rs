@@ -69,8 +69,7 @@ pub async fn put_device(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    s.require_service_group()?;
-    s.auth.service(&headers)?;
+    s.require_service(&headers)?;
     let obj = json_object(body)?;
     let user_id = text_field(&obj, &["userId", "user_id"])?
         .ok_or_else(|| ApiError::bad_request("missing_field", "userId is required"))?;
@@ -89,8 +88,7 @@ pub async fn delete_device(
     headers: HeaderMap,
     Path(token): Path<String>,
 ) -> ApiResult {
-    s.require_service_group()?;
-    s.auth.service(&headers)?;
+    s.require_service(&headers)?;
     let token = checked_token(&token)?;
     let n = s.store.unregister_token(&token).await?;
     info!(token_suffix = %token_suffix(&token), removed = n, "device unregistered over HTTP");

@@ -181,12 +181,12 @@ impl ApiState {
         }
     }
 
-    fn require_service_group(&self) -> Result<(), ApiError> {
-        if self.auth.service_on() {
-            Ok(())
-        } else {
-            Err(ApiError::group_off("http.service_token"))
+    /// The backends' group is on and the caller presents the service token.
+    fn require_service(&self, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+        if !self.auth.service_on() {
+            return Err(ApiError::group_off("http.service_token"));
         }
+        self.auth.service(headers)
     }
 
     /// The app a registration without `bundleId` belongs to, and a check that a
