@@ -49,54 +49,63 @@ fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 
-/// Declares every object of the topology. Idempotent: replicas starting together
-/// all declare the same thing.
-pub async fn declare_topology(ch: &Channel, cfg: &AmqpConfig) -> Result<(), AmqpError> {
+/// Declares a durable exchange (idempotent).
+pub async fn declare_exchange(
+    ch: &Channel,
+    name: &str,
+    kind: ExchangeKind,
+) -> Result<(), AmqpError> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
     };
-    ch.exchange_declare(
-        cfg.call_exchange.as_str().into(),
-        ExchangeKind::Topic,
-        durable,
-        FieldTable::default(),
-    )
-    .await?;
-    ch.exchange_declare(
-        cfg.dead_letter_exchange.as_str().into(),
-        ExchangeKind::Fanout,
-        durable,
-        FieldTable::default(),
-    )
-    .await?;
-    ch.exchange_declare(
-        cfg.results_exchange.as_str().into(),
-        ExchangeKind::Topic,
-        durable,
-        FieldTable::default(),
-    )
-    .await?;
+    ch.exchange_declare(name.into(), kind, durable, FieldTable::default())
+        .await?;
+    Ok(())
+}
 
-    let queue_opts = QueueDeclareOptions {
+/// Declares a durable quorum queue (with `args` besides its type) and binds it
+/// to `exchange` with `key` (idempotent).
+pub async fn declare_quorum_queue(
+    ch: &Channel,
+    queue: &str,
+    mut args: FieldTable,
+    exchange: &str,
+    key: &str,
+) -> Result<(), AmqpError> {
+    args.insert("x-queue-type".into(), text("quorum"));
+    let durable = QueueDeclareOptions {
         durable: true,
         ..Default::default()
     };
-    let mut dead_args = FieldTable::default();
-    dead_args.insert("x-queue-type".into(), text("quorum"));
-    ch.queue_declare(cfg.dead_letter_queue.as_str().into(), queue_opts, dead_args)
-        .await?;
+    ch.queue_declare(queue.into(), durable, args).await?;
     ch.queue_bind(
-        cfg.dead_letter_queue.as_str().into(),
-        cfg.dead_letter_exchange.as_str().into(),
-        "".into(),
+        queue.into(),
+        exchange.into(),
+        key.into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
     .await?;
+    Ok(())
+}
+
+/// Declares every object of the topology. Idempotent: replicas starting together
+/// all declare the same thing.
+pub async fn declare_topology(ch: &Channel, cfg: &AmqpConfig) -> Result<(), AmqpError> {
+    declare_exchange(ch, &cfg.call_exchange, ExchangeKind::Topic).await?;
+    declare_exchange(ch, &cfg.dead_letter_exchange, ExchangeKind::Fanout).await?;
+    declare_exchange(ch, &cfg.results_exchange, ExchangeKind::Topic).await?;
+    declare_quorum_queue(
+        ch,
+        &cfg.dead_letter_queue,
+        FieldTable::default(),
+        &cfg.dead_letter_exchange,
+        "",
+    )
+    .await?;
 
     let mut work_args = FieldTable::default();
-    work_args.insert("x-queue-type".into(), text("quorum"));
     work_args.insert(
         "x-dead-letter-exchange".into(),
         text(&cfg.dead_letter_exchange),
@@ -112,16 +121,7 @@ pub async fn declare_topology(ch: &Channel, cfg: &AmqpConfig) -> Result<(), Amqp
         (&cfg.work_queue, "call.*"),
         (&cfg.cancel_queue, "call.cancel"),
     ] {
-        ch.queue_declare(queue.as_str().into(), queue_opts, work_args.clone())
-            .await?;
-        ch.queue_bind(
-            queue.as_str().into(),
-            cfg.call_exchange.as_str().into(),
-            key.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+        declare_quorum_queue(ch, queue, work_args.clone(), &cfg.call_exchange, key).await?;
     }
     Ok(())
 }

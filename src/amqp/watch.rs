@@ -4,10 +4,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ExchangeKind};
 
@@ -25,16 +22,7 @@ impl ResultWatch {
     pub async fn open(cfg: &AmqpConfig) -> Result<Self, AmqpError> {
         let conn = connect(cfg, "result watch").await?;
         let ch = conn.create_channel().await?;
-        ch.exchange_declare(
-            cfg.results_exchange.as_str().into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+        super::declare_exchange(&ch, &cfg.results_exchange, ExchangeKind::Topic).await?;
         let queue = ch
             .queue_declare(
                 "".into(),

@@ -11,16 +11,15 @@ use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::FieldTable;
 use lapin::ExchangeKind;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::devices::{environment, register};
 use super::{text_field, ApiError, ApiState};
-use crate::amqp::{connect, AmqpError};
+use crate::amqp::{connect, declare_exchange, declare_quorum_queue, AmqpError};
 use crate::event::token_suffix;
 use crate::store::normalize_token;
 
@@ -75,33 +74,13 @@ async fn session(
     let cfg = &state.cfg.devices;
     let conn = connect(&state.cfg.amqp, "device events").await?;
     let ch = conn.create_channel().await?;
-    ch.exchange_declare(
-        cfg.exchange.as_str().into(),
-        ExchangeKind::Topic,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
+    declare_exchange(&ch, &cfg.exchange, ExchangeKind::Topic).await?;
+    declare_quorum_queue(
+        &ch,
+        &cfg.queue,
         FieldTable::default(),
-    )
-    .await?;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    ch.queue_declare(cfg.queue.as_str().into(), durable, args)
-        .await?;
-    ch.queue_bind(
-        cfg.queue.as_str().into(),
-        cfg.exchange.as_str().into(),
-        "device.*".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
+        &cfg.exchange,
+        "device.*",
     )
     .await?;
     ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
