@@ -9,10 +9,8 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
+use lapin::types::{AMQPValue, LongString};
 use lapin::BasicProperties;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -89,16 +87,7 @@ impl Consumer {
                 let conn = connect(&cfg.amqp, "consumer").await?;
                 let ch = conn.create_channel().await?;
                 declare_topology(&ch, &cfg.amqp).await?;
-                ch.basic_qos(self.concurrency, BasicQosOptions::default())
-                    .await?;
-                let consumer = ch
-                    .basic_consume(
-                        self.queue.as_str().into(),
-                        "".into(),
-                        BasicConsumeOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await?;
+                let consumer = super::consume(&ch, &self.queue, self.concurrency).await?;
                 Ok::<_, AmqpError>((conn, ch, consumer))
             }
             .await;

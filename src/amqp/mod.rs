@@ -4,7 +4,10 @@ pub mod consumer;
 pub mod publisher;
 pub mod watch;
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
@@ -88,6 +91,24 @@ pub async fn declare_quorum_queue(
     )
     .await?;
     Ok(())
+}
+
+/// Consumes `queue` with manual acknowledgements and at most `prefetch`
+/// unacknowledged messages.
+pub async fn consume(
+    ch: &Channel,
+    queue: &str,
+    prefetch: u16,
+) -> Result<lapin::Consumer, AmqpError> {
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    Ok(ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?)
 }
 
 /// Declares every object of the topology. Idempotent: replicas starting together

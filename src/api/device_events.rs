@@ -9,9 +9,7 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
-};
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
 use lapin::ExchangeKind;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +17,7 @@ use tracing::{info, warn};
 
 use super::devices::{environment, register};
 use super::{text_field, ApiError, ApiState};
-use crate::amqp::{connect, declare_exchange, declare_quorum_queue, AmqpError};
+use crate::amqp::{connect, consume, declare_exchange, declare_quorum_queue, AmqpError};
 use crate::event::token_suffix;
 use crate::store::normalize_token;
 
@@ -83,15 +81,7 @@ async fn session(
         "device.*",
     )
     .await?;
-    ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
-    let mut consumer = ch
-        .basic_consume(
-            cfg.queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = consume(&ch, &cfg.queue, PREFETCH).await?;
     connected();
     info!(queue = %cfg.queue, exchange = %cfg.exchange, "consuming device registration events");
     loop {
