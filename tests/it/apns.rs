@@ -12,7 +12,9 @@ use voip_push_worker::apns_sim::{ApnsSim, Scripted, SimApp, SimOptions};
 use voip_push_worker::event::{Environment, Status};
 use voip_push_worker::metrics::Metrics;
 
-use crate::common::{http_get, http_post, metric, random_token, TestEnv, TestKey, BUNDLE};
+use crate::common::{
+    delayed, http_get, http_post, metric, random_token, scripted, TestEnv, TestKey, BUNDLE,
+};
 
 struct Rig {
     sim: ApnsSim,
@@ -192,10 +194,8 @@ async fn answers_carry_status_reason_apns_id_and_410_timestamp() {
     rig.sim.script(
         &token,
         [Scripted {
-            status: 410,
-            reason: Some("Unregistered".into()),
             timestamp_ms: Some(1_700_000_000_000),
-            delay_ms: 0,
+            ..scripted(410, "Unregistered")
         }],
     );
     let req = request(&token, &rig.jwt);
@@ -373,11 +373,7 @@ async fn transient_errors_are_retried_with_one_apns_id() {
     let token = env
         .device("40", Some(Environment::Production), Environment::Production)
         .await;
-    let unavailable = Scripted {
-        status: 503,
-        reason: Some("ServiceUnavailable".into()),
-        ..Default::default()
-    };
+    let unavailable = scripted(503, "ServiceUnavailable");
     env.sim.script(&token, [unavailable.clone(), unavailable]);
     env.publish(json!({"callId":"retry-1","toUserId":40})).await;
     let r = &env.results_for("retry-1", 1).await[0];
@@ -410,14 +406,7 @@ async fn endless_503_stops_at_the_ring_deadline() {
         .await;
     env.sim.script(
         &token,
-        std::iter::repeat_n(
-            Scripted {
-                status: 503,
-                reason: Some("ServiceUnavailable".into()),
-                ..Default::default()
-            },
-            10_000,
-        ),
+        std::iter::repeat_n(scripted(503, "ServiceUnavailable"), 10_000),
     );
     let started = std::time::Instant::now();
     env.publish(json!({"callId":"endless","toUserId":50,"ringTimeoutSecs":2}))
@@ -442,14 +431,7 @@ async fn configuration_errors_fail_at_once() {
     let token = env
         .device("60", Some(Environment::Production), Environment::Production)
         .await;
-    env.sim.script(
-        &token,
-        [Scripted {
-            status: 400,
-            reason: Some("TopicDisallowed".into()),
-            ..Default::default()
-        }],
-    );
+    env.sim.script(&token, [scripted(400, "TopicDisallowed")]);
     env.publish(json!({"callId":"cfg-1","toUserId":60})).await;
     let r = &env.results_for("cfg-1", 1).await[0];
     assert_eq!((r.status, r.attempts), (Status::Failed, 1));
@@ -490,11 +472,7 @@ async fn a_new_connection_answers_one_stream_at_a_time_until_its_first_success()
     for t in [&a, &b] {
         rig.sim.register_token(Environment::Production, t, BUNDLE);
     }
-    let slow = Scripted {
-        status: 200,
-        delay_ms: 300,
-        ..Default::default()
-    };
+    let slow = delayed(300);
     rig.sim.script(&a, [slow]);
     let (ra, rb) = (request(&a, &rig.jwt), request(&b, &rig.jwt));
     let first = rig

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use voip_push_worker::amqp::watch::ResultWatch;
 use voip_push_worker::amqp::{connect, Publisher};
 use voip_push_worker::apns::token::generate_p8_pem;
-use voip_push_worker::apns_sim::{ApnsSim, SimApp, SimOptions};
+use voip_push_worker::apns_sim::{ApnsSim, Scripted, SimApp, SimOptions};
 use voip_push_worker::config::{AppConfig, Config};
 use voip_push_worker::event::{Environment, PushResult};
 use voip_push_worker::store::Store;
@@ -67,6 +67,24 @@ where
             panic!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The simulator's answer `status` with APNs' `reason`.
+pub fn scripted(status: u16, reason: &str) -> Scripted {
+    Scripted {
+        status,
+        reason: Some(reason.into()),
+        ..Default::default()
+    }
+}
+
+/// The simulator's 200, `ms` late.
+pub fn delayed(ms: u64) -> Scripted {
+    Scripted {
+        status: 200,
+        delay_ms: ms,
+        ..Default::default()
     }
 }
 

@@ -6,15 +6,7 @@ use std::collections::HashSet;
 use voip_push_worker::apns_sim::Scripted;
 use voip_push_worker::event::{now_ms, Environment, Status};
 
-use crate::common::{metric, random_token, TestEnv, BUNDLE, BUNDLE2};
-
-fn scripted(status: u16, reason: &str) -> Scripted {
-    Scripted {
-        status,
-        reason: Some(reason.into()),
-        ..Default::default()
-    }
-}
+use crate::common::{metric, random_token, scripted, TestEnv, BUNDLE, BUNDLE2};
 
 #[tokio::test]
 async fn gone_410_invalidates_only_tokens_registered_before_apples_timestamp() {

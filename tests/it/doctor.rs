@@ -6,13 +6,13 @@ use std::process::Command;
 
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use voip_push_worker::amqp::{connect, declare_topology};
-use voip_push_worker::apns_sim::{ApnsSim, Scripted, SimApp, SimOptions};
+use voip_push_worker::apns_sim::{ApnsSim, SimApp, SimOptions};
 use voip_push_worker::config::{AmqpConfig, AppConfig, Config};
 use voip_push_worker::doctor::{self, apns::PROBE_TOKEN, Check, Options, Report, Status};
 use voip_push_worker::event::Environment;
 use voip_push_worker::store::Store;
 
-use crate::common::{random_token, unique, TestDb, TestEnv, TestKey, BUNDLE};
+use crate::common::{random_token, scripted, unique, TestDb, TestEnv, TestKey, BUNDLE};
 
 const BIN: &str = env!("CARGO_BIN_EXE_voip-push-worker");
 /// Nothing listens on port 1: a service that is down.
@@ -254,11 +254,7 @@ async fn topic_problems_name_the_voip_topic_rule() {
 
     // APNs answering BadTopic (a topic rewritten on the way, say).
     let (sim, cfg) = sim_setup(&[&key], key.app.clone()).await;
-    let bad_topic = Scripted {
-        status: 400,
-        reason: Some("BadTopic".into()),
-        ..Default::default()
-    };
+    let bad_topic = scripted(400, "BadTopic");
     sim.script(PROBE_TOKEN, [bad_topic.clone(), bad_topic]);
     let report = doctor::run(&cfg, &Options::default()).await;
     let text = doctor::render_human(&report);
@@ -282,11 +278,7 @@ async fn clock_skew_and_a_key_for_one_environment() {
     assert!(fix(c).contains("NTP"), "{text}");
 
     sim.set_clock_offset(0);
-    let restricted = Scripted {
-        status: 403,
-        reason: Some("BadEnvironmentKeyIdInToken".into()),
-        ..Default::default()
-    };
+    let restricted = scripted(403, "BadEnvironmentKeyIdInToken");
     sim.script(PROBE_TOKEN, [restricted.clone(), restricted]);
     let report = doctor::run(&cfg, &Options::default()).await;
     let text = doctor::render_human(&report);

@@ -26,7 +26,7 @@ use voip_push_worker::apns_sim::Scripted;
 use voip_push_worker::config::Config;
 use voip_push_worker::event::{Environment, PushResult, Status};
 
-use crate::common::{eventually, random_token, TestEnv, BUNDLE};
+use crate::common::{delayed, eventually, random_token, scripted, TestEnv, BUNDLE};
 
 /// Results collected from a durable queue of the test's own, so none are lost
 /// while connections are being closed under the worker.
@@ -161,17 +161,8 @@ async fn load(env: &TestEnv, prefix: &str, n: usize, delay_ms: u64) -> Vec<(Stri
                 Environment::Production,
             )
             .await;
-        env.sim.script(
-            &token,
-            std::iter::repeat_n(
-                Scripted {
-                    status: 200,
-                    delay_ms,
-                    ..Default::default()
-                },
-                4,
-            ),
-        );
+        env.sim
+            .script(&token, std::iter::repeat_n(delayed(delay_ms), 4));
         calls.push((format!("{prefix}-call-{i}"), user));
     }
     calls
@@ -719,10 +710,8 @@ async fn a_live_owner_keeps_its_claim_through_long_retries() {
         &token,
         std::iter::repeat_n(
             Scripted {
-                status: 503,
-                reason: Some("ServiceUnavailable".into()),
                 delay_ms: 200,
-                ..Default::default()
+                ..scripted(503, "ServiceUnavailable")
             },
             30,
         ),

@@ -5,18 +5,10 @@ use std::time::Duration;
 
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use voip_push_worker::apns_sim::{RecordedRequest, Scripted};
+use voip_push_worker::apns_sim::RecordedRequest;
 use voip_push_worker::event::{Environment, Status};
 
-use crate::common::{binary_for, eventually, random_token, TestEnv, BUNDLE};
-
-fn delayed(ms: u64) -> Scripted {
-    Scripted {
-        status: 200,
-        delay_ms: ms,
-        ..Default::default()
-    }
-}
+use crate::common::{binary_for, delayed, eventually, random_token, scripted, TestEnv, BUNDLE};
 
 fn pushes_of<'a>(requests: &'a [RecordedRequest], call: &str) -> Vec<&'a RecordedRequest> {
     requests
@@ -122,14 +114,7 @@ async fn cancel_during_retries_stops_the_next_attempt() {
         .await;
     env.sim.script(
         &token,
-        std::iter::repeat_n(
-            Scripted {
-                status: 503,
-                reason: Some("ServiceUnavailable".into()),
-                ..Default::default()
-            },
-            10_000,
-        ),
+        std::iter::repeat_n(scripted(503, "ServiceUnavailable"), 10_000),
     );
     env.publish(json!({"callId":"retry-c","toUserId":"u3","ringTimeoutSecs":30}))
         .await;
