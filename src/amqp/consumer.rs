@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::BackoffBuilder;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
@@ -72,12 +72,7 @@ impl Consumer {
         let cfg = self.pipeline.cfg.clone();
         let permits = Arc::new(Semaphore::new(self.concurrency as usize));
         let mut tasks = JoinSet::new();
-        // No attempt cap: a worker waits for its broker as long as it takes.
-        let backoff = ExponentialBuilder::new()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(10))
-            .with_jitter()
-            .without_max_times();
+        let backoff = super::reconnect_backoff();
         let mut delays = backoff.build();
         let mut seq: u64 = 0;
         self.health.beat();

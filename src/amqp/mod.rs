@@ -52,6 +52,16 @@ fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 
+/// Pauses between reconnects to the broker: 200 ms doubling to 10 s, jittered,
+/// with no attempt cap (a worker waits for its broker as long as it takes).
+pub fn reconnect_backoff() -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::new()
+        .with_min_delay(std::time::Duration::from_millis(200))
+        .with_max_delay(std::time::Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+}
+
 /// Declares a durable exchange (idempotent).
 pub async fn declare_exchange(
     ch: &Channel,

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::BackoffBuilder;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
@@ -17,7 +17,9 @@ use tracing::{info, warn};
 
 use super::devices::{environment, register};
 use super::{text_field, ApiError, ApiState};
-use crate::amqp::{connect, consume, declare_exchange, declare_quorum_queue, AmqpError};
+use crate::amqp::{
+    connect, consume, declare_exchange, declare_quorum_queue, reconnect_backoff, AmqpError,
+};
 use crate::event::token_suffix;
 use crate::store::normalize_token;
 
@@ -39,11 +41,7 @@ pub async fn run(state: ApiState, shutdown: CancellationToken) {
     if state.cfg.devices.queue.is_empty() {
         return;
     }
-    let backoff = ExponentialBuilder::new()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times();
+    let backoff = reconnect_backoff();
     let mut delays = backoff.build();
     while !shutdown.is_cancelled() {
         match session(&state, &shutdown, &mut || delays = backoff.build()).await {
