@@ -94,6 +94,13 @@ impl From<StoreError> for ApiError {
             StoreError::BadToken(why) => {
                 ApiError::bad_request("bad_token", format!("invalid device token: {why}"))
             }
+            other if !other.is_retryable() => {
+                warn!(error = %other, "the database refuses an API request's values");
+                ApiError::bad_request(
+                    "bad_field",
+                    format!("the database refuses a value: {other}"),
+                )
+            }
             other => {
                 warn!(error = %other, "database unavailable for an API request");
                 ApiError::unavailable("database unavailable; nothing was stored")
@@ -296,12 +303,21 @@ pub fn json_object(
 }
 
 /// A text field (camelCase or snake_case name); numbers are accepted as text.
+/// The longest text field the API takes (user ids, tokens, bundle ids).
+const MAX_TEXT_FIELD_BYTES: usize = 256;
+
 pub fn text_field(obj: &Map<String, Value>, names: &[&str]) -> Result<Option<String>, ApiError> {
     for name in names {
         match obj.get(*name) {
             None | Some(Value::Null) => continue,
             Some(Value::String(s)) if s.trim().is_empty() => return Ok(None),
-            Some(Value::String(s)) => return Ok(Some(s.trim().to_string())),
+            Some(Value::String(s)) => {
+                // The same rule as call events: every value may become a Postgres
+                // `text`, a log field or a header.
+                crate::event::check_text(name, s.trim(), MAX_TEXT_FIELD_BYTES)
+                    .map_err(|m| ApiError::bad_request("bad_field", m))?;
+                return Ok(Some(s.trim().to_string()));
+            }
             Some(Value::Number(n)) => return Ok(Some(n.to_string())),
             Some(_) => {
                 return Err(ApiError::bad_request(

@@ -41,13 +41,17 @@ pub enum SendError {
         environment: &'static str,
         detail: String,
     },
+    /// The request could not be built (a part is not a valid header value): no
+    /// retry can change that.
+    #[error("APNs request cannot be built: {detail}")]
+    Request { detail: String },
 }
 
 impl SendError {
     /// Every transport failure is worth a retry on a fresh connection, within the
-    /// call's ring deadline.
+    /// call's ring deadline; a request that cannot be built is not.
     pub fn is_retryable(&self) -> bool {
-        true
+        !matches!(self, SendError::Request { .. })
     }
 
     /// Bounded label for metrics.
@@ -56,6 +60,7 @@ impl SendError {
             SendError::Connect { .. } => "connect",
             SendError::Timeout { .. } => "timeout",
             SendError::Transport { .. } => "transport",
+            SendError::Request { .. } => "bad_request",
         }
     }
 }
@@ -350,9 +355,9 @@ impl ApnsClient {
         // for the whole timeout means the connection is as good as dead.
         let in_use: std::sync::Mutex<Option<(usize, u64)>> = std::sync::Mutex::new(None);
         let attempt = async {
+            let request = build_request(&ep.base, req)?;
             let (idx, id, mut sender) = self.sender(ep, lane).await?;
             *in_use.lock().expect("in_use lock") = Some((idx, id));
-            let request = build_request(&ep.base, req);
             let result = async {
                 let response = sender.send_request(request).await?;
                 let status = response.status().as_u16();
@@ -429,7 +434,10 @@ impl ApnsClient {
     }
 }
 
-fn build_request(base: &str, req: &PushRequest) -> Request<Full<Bytes>> {
+/// The HTTP/2 request of one push. Refuses, rather than panics on, a part that is
+/// not a valid header value (event parsing keeps such ids out; this is the last
+/// line).
+pub fn build_request(base: &str, req: &PushRequest) -> Result<Request<Full<Bytes>>, SendError> {
     Request::post(format!("{base}/3/device/{}", req.token))
         .header("authorization", format!("bearer {}", req.provider_token))
         .header("apns-push-type", "voip")
@@ -440,7 +448,9 @@ fn build_request(base: &str, req: &PushRequest) -> Request<Full<Bytes>> {
         .header("apns-id", req.apns_id.hyphenated().to_string())
         .header("content-type", "application/json")
         .body(Full::new(req.payload.clone()))
-        .expect("request parts are valid header values")
+        .map_err(|e| SendError::Request {
+            detail: e.to_string(),
+        })
 }
 
 /// Apple's error body: `{"reason": "...", "timestamp": 1234}`. Anything unparseable

@@ -338,6 +338,12 @@ impl Apns {
                                 }
                             }
                         }
+                        Err(e) if !e.is_retryable() => {
+                            warn!(token = %suffix, error = %e, "push cannot be sent; not retried");
+                            out.last_error = Some(e.to_string());
+                            out.action = FinalAction::Failed;
+                            return out;
+                        }
                         Err(e) => {
                             out.last_error = Some(e.to_string());
                             e.label()

@@ -114,6 +114,10 @@ pub struct DevicesConfig {
     pub exchange: String,
     /// Quorum queue the worker consumes them from; empty turns the consumer off.
     pub queue: String,
+    /// Where a registration event that cannot be applied goes, with its reason
+    /// in `x-vpw-reason` (fanout exchange and its quorum queue).
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
 }
 
 impl Default for DevicesConfig {
@@ -121,6 +125,8 @@ impl Default for DevicesConfig {
         Self {
             exchange: "voip.devices".into(),
             queue: "voip-push.devices".into(),
+            dead_letter_exchange: "voip.devices.dlx".into(),
+            dead_letter_queue: "voip-push.devices.dead".into(),
         }
     }
 }

@@ -3,16 +3,17 @@
 //! bad deployment fails at start with one clear line instead of at the first call.
 
 mod backends;
+mod worker;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::event::Environment;
 
 pub use backends::{DevicesConfig, HttpConfig, StoreConfig, TwilioConfig};
+pub use worker::WorkerConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -177,59 +178,6 @@ impl Default for ApnsConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(default)]
-pub struct WorkerConfig {
-    /// A call older than this is not pushed. 45 s is about how long a caller waits
-    /// before giving up, and what CallKit apps commonly use as their ring time.
-    pub ring_timeout_secs: u64,
-    /// Events handled at once; also the AMQP prefetch, so the broker never hands us
-    /// more than we can work on.
-    pub concurrency: u16,
-    /// Pause before an event that could not be handled (database or broker trouble)
-    /// is returned to the queue, so a fault does not become a hot requeue loop.
-    pub retry_delay_ms: u64,
-    /// How long shutdown waits for in-flight events before returning the rest;
-    /// above the APNs request timeout so a request under way can finish.
-    pub drain_timeout_secs: u64,
-    /// APNs retry spacing: exponential with jitter between these bounds.
-    pub retry_min_delay_ms: u64,
-    pub retry_max_delay_ms: u64,
-    /// Delivery claims (the once-per-device guard) are kept this long; a
-    /// redelivery older than that is long past any ring deadline anyway.
-    pub claim_retention_hours: u64,
-    /// Send a `call.cancel` VoIP push to devices already rung when a call is
-    /// cancelled (the app reports the call to CallKit and ends it at once).
-    pub cancel_push: bool,
-    /// Cancels handled at once on the cancel lane.
-    pub cancel_concurrency: u16,
-    /// Calls and their attempts are kept this long for `trace` and the status API.
-    pub call_retention_days: u64,
-}
-
-impl Default for WorkerConfig {
-    fn default() -> Self {
-        Self {
-            ring_timeout_secs: 45,
-            concurrency: 64,
-            retry_delay_ms: 1_000,
-            drain_timeout_secs: 15,
-            retry_min_delay_ms: 250,
-            retry_max_delay_ms: 5_000,
-            claim_retention_hours: 168,
-            cancel_push: true,
-            cancel_concurrency: 16,
-            call_retention_days: 7,
-        }
-    }
-}
-
-impl WorkerConfig {
-    pub fn ring_timeout(&self) -> Duration {
-        Duration::from_secs(self.ring_timeout_secs)
-    }
-}
-
 impl Config {
     /// Loads defaults, then `file` (if any), then `VPW__*` environment variables.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -282,6 +230,15 @@ impl Config {
         }
         if self.worker.ring_timeout_secs == 0 {
             return invalid("worker.ring_timeout_secs must be at least 1".into());
+        }
+        if self.worker.ring_timeout_secs > self.worker.max_ring_timeout_secs {
+            return invalid(format!(
+                "worker.ring_timeout_secs ({}) is above worker.max_ring_timeout_secs ({})",
+                self.worker.ring_timeout_secs, self.worker.max_ring_timeout_secs
+            ));
+        }
+        if self.worker.retry_cap_secs == 0 {
+            return invalid("worker.retry_cap_secs must be at least 1".into());
         }
         if self.apns.connections_per_environment == 0 {
             return invalid("apns.connections_per_environment must be at least 1".into());
@@ -412,99 +369,4 @@ pub fn redact_url(url: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> config::Map<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn defaults_match_the_contract() {
-        let cfg = Config::load_from(None, Some(env(&[]))).unwrap();
-        assert_eq!(cfg.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
-        assert_eq!(
-            cfg.postgres.url,
-            "postgres://postgres@127.0.0.1:5432/voip_push"
-        );
-        assert_eq!(cfg.http.listen, "0.0.0.0:9464");
-        assert_eq!(cfg.apns.production_url, "https://api.push.apple.com");
-        assert_eq!(cfg.apns.sandbox_url, "https://api.sandbox.push.apple.com");
-        assert_eq!(cfg.apns.default_environment, Environment::Production);
-        assert_eq!(cfg.worker.ring_timeout_secs, 45);
-        assert_eq!(cfg.amqp.work_queue, "voip-push.calls");
-    }
-
-    #[test]
-    fn env_vars_override_with_double_underscores_and_keep_digit_strings() {
-        let cfg = Config::load_from(
-            None,
-            Some(env(&[
-                ("VPW__WORKER__RING_TIMEOUT_SECS", "30"),
-                ("VPW__APNS__TEAM_ID", "0123456789"),
-                ("VPW__APNS__KEY_ID", "ABC123DEFG"),
-                ("VPW__APNS__KEY_FILE", "/keys/AuthKey.p8"),
-                ("VPW__APNS__BUNDLE_ID", "com.example.app"),
-                ("VPW__APNS__DEFAULT_ENVIRONMENT", "sandbox"),
-            ])),
-        )
-        .unwrap();
-        assert_eq!(cfg.worker.ring_timeout_secs, 30);
-        assert_eq!(cfg.apns.default_environment, Environment::Sandbox);
-        let apps = cfg.apps();
-        assert_eq!(apps.len(), 1);
-        assert_eq!(apps[0].team_id, "0123456789");
-        assert_eq!(apps[0].voip_topic(), "com.example.app.voip");
-    }
-
-    #[test]
-    fn inconsistent_app_is_rejected_with_a_reason() {
-        let err = Config::load_from(
-            None,
-            Some(env(&[("VPW__APNS__BUNDLE_ID", "com.example.app")])),
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("has no team_id"), "{err}");
-        let err = Config::load_from(
-            None,
-            Some(env(&[
-                ("VPW__APNS__BUNDLE_ID", "com.example.app.voip"),
-                ("VPW__APNS__TEAM_ID", "T"),
-                ("VPW__APNS__KEY_ID", "K"),
-                ("VPW__APNS__KEY_FILE", "/k.p8"),
-            ])),
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("must not end in .voip"), "{err}");
-    }
-
-    #[test]
-    fn non_numeric_value_is_a_clear_error() {
-        let err = Config::load_from(
-            None,
-            Some(env(&[("VPW__WORKER__RING_TIMEOUT_SECS", "soon")])),
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("ring_timeout_secs"), "{err}");
-    }
-
-    #[test]
-    fn debug_output_redacts_passwords() {
-        let mut cfg = Config::default();
-        cfg.amqp.url = "amqp://user:hunter2@rabbit:5672/%2f".into();
-        let shown = format!("{cfg:?}");
-        assert!(!shown.contains("hunter2"));
-        assert!(shown.contains("user:***@rabbit"));
-        cfg.http.service_token = Some("svc-secret-1".into());
-        cfg.http.user_jwt_secret = Some("jwt-secret-2".into());
-        cfg.twilio.api_key_secret = Some("twilio-secret-3".into());
-        let shown = format!("{cfg:?}");
-        for secret in ["svc-secret-1", "jwt-secret-2", "twilio-secret-3"] {
-            assert!(!shown.contains(secret), "{secret} in {shown}");
-        }
-        assert!(shown.contains("<redacted>"));
-    }
-}
+mod tests;

@@ -195,6 +195,9 @@ fn connect_fix(e: &SendError, env: Environment, url: &str) -> String {
         SendError::Transport { .. } => "run the doctor again; if the connection keeps \
              failing mid-request, a proxy is closing HTTP/2 streams"
             .into(),
+        SendError::Request { .. } => "the bundle id (the apns-topic header) holds a \
+             character HTTP headers cannot carry: fix bundle_id of the app"
+            .into(),
     }
 }
 

@@ -275,8 +275,10 @@ async fn each_app_pushes_with_its_own_topic_key_and_connections() {
     env.cleanup().await;
 }
 
+/// A display name far too long for APNs' 5,120-byte VoIP payload used to turn the
+/// call into a silent `failed` (PayloadTooLarge); it is cut, and the phone rings.
 #[tokio::test]
-async fn oversized_payload_fails_before_any_request() {
+async fn a_long_display_name_is_cut_and_the_call_rings() {
     let mut env = TestEnv::new().await;
     env.device(
         "110",
@@ -284,14 +286,24 @@ async fn oversized_payload_fails_before_any_request() {
         Environment::Production,
     )
     .await;
-    env.publish(json!({"callId":"big-1","toUserId":110,"fromDisplayName":"x".repeat(6000)}))
-        .await;
+    let name = "名前".repeat(600);
+    env.publish(
+        json!({"callId":"big-1","toUserId":110,"fromDisplayName":name,
+        "room":"r".repeat(6000)}),
+    )
+    .await;
     let r = &env.results_for("big-1", 1).await[0];
-    assert_eq!(
-        (r.status, r.reason.as_deref(), r.attempts),
-        (Status::Failed, Some("PayloadTooLarge"), 0)
+    assert_eq!((r.status, r.attempts), (Status::Delivered, 1));
+    let requests = env.sim.requests();
+    assert_eq!(requests.len(), 1);
+    let payload = &requests[0].payload;
+    let shown = payload["fromDisplayName"].as_str().expect("a name");
+    assert!(!shown.is_empty() && name.starts_with(shown), "{shown}");
+    assert!(
+        payload.to_string().len() <= 5120,
+        "{}",
+        payload.to_string().len()
     );
-    assert!(env.sim.requests().is_empty());
     env.cleanup().await;
 }
 

@@ -1,0 +1,96 @@
+//! Loading and validation.
+
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> config::Map<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn defaults_match_the_contract() {
+    let cfg = Config::load_from(None, Some(env(&[]))).unwrap();
+    assert_eq!(cfg.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+    assert_eq!(
+        cfg.postgres.url,
+        "postgres://postgres@127.0.0.1:5432/voip_push"
+    );
+    assert_eq!(cfg.http.listen, "0.0.0.0:9464");
+    assert_eq!(cfg.apns.production_url, "https://api.push.apple.com");
+    assert_eq!(cfg.apns.sandbox_url, "https://api.sandbox.push.apple.com");
+    assert_eq!(cfg.apns.default_environment, Environment::Production);
+    assert_eq!(cfg.worker.ring_timeout_secs, 45);
+    assert_eq!(cfg.amqp.work_queue, "voip-push.calls");
+}
+
+#[test]
+fn env_vars_override_with_double_underscores_and_keep_digit_strings() {
+    let cfg = Config::load_from(
+        None,
+        Some(env(&[
+            ("VPW__WORKER__RING_TIMEOUT_SECS", "30"),
+            ("VPW__APNS__TEAM_ID", "0123456789"),
+            ("VPW__APNS__KEY_ID", "ABC123DEFG"),
+            ("VPW__APNS__KEY_FILE", "/keys/AuthKey.p8"),
+            ("VPW__APNS__BUNDLE_ID", "com.example.app"),
+            ("VPW__APNS__DEFAULT_ENVIRONMENT", "sandbox"),
+        ])),
+    )
+    .unwrap();
+    assert_eq!(cfg.worker.ring_timeout_secs, 30);
+    assert_eq!(cfg.apns.default_environment, Environment::Sandbox);
+    let apps = cfg.apps();
+    assert_eq!(apps.len(), 1);
+    assert_eq!(apps[0].team_id, "0123456789");
+    assert_eq!(apps[0].voip_topic(), "com.example.app.voip");
+}
+
+#[test]
+fn inconsistent_app_is_rejected_with_a_reason() {
+    let err = Config::load_from(
+        None,
+        Some(env(&[("VPW__APNS__BUNDLE_ID", "com.example.app")])),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("has no team_id"), "{err}");
+    let err = Config::load_from(
+        None,
+        Some(env(&[
+            ("VPW__APNS__BUNDLE_ID", "com.example.app.voip"),
+            ("VPW__APNS__TEAM_ID", "T"),
+            ("VPW__APNS__KEY_ID", "K"),
+            ("VPW__APNS__KEY_FILE", "/k.p8"),
+        ])),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("must not end in .voip"), "{err}");
+}
+
+#[test]
+fn non_numeric_value_is_a_clear_error() {
+    let err = Config::load_from(
+        None,
+        Some(env(&[("VPW__WORKER__RING_TIMEOUT_SECS", "soon")])),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("ring_timeout_secs"), "{err}");
+}
+
+#[test]
+fn debug_output_redacts_passwords() {
+    let mut cfg = Config::default();
+    cfg.amqp.url = "amqp://user:hunter2@rabbit:5672/%2f".into();
+    let shown = format!("{cfg:?}");
+    assert!(!shown.contains("hunter2"));
+    assert!(shown.contains("user:***@rabbit"));
+    cfg.http.service_token = Some("svc-secret-1".into());
+    cfg.http.user_jwt_secret = Some("jwt-secret-2".into());
+    cfg.twilio.api_key_secret = Some("twilio-secret-3".into());
+    let shown = format!("{cfg:?}");
+    for secret in ["svc-secret-1", "jwt-secret-2", "twilio-secret-3"] {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
+    assert!(shown.contains("<redacted>"));
+}

@@ -1,0 +1,290 @@
+//! Wire types: the call events producers publish and the results we publish back.
+//!
+//! Producers differ (Socket.IO servers send numbers, PHP sends strings, some send
+//! snake_case), so parsing is lenient about shape and strict about meaning: an event
+//! without a call id or callee is rejected with a reason, never guessed at.
+
+mod parse;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+pub use parse::{check_text, Limits, SENT_AT_MAX_MS, SENT_AT_MIN_MS};
+
+/// APNs caps `apns-collapse-id` at 64 bytes, and the call id is the collapse id.
+pub const MAX_CALL_ID_BYTES: usize = 64;
+/// A call event is a few hundred bytes; anything this large is not one, and the
+/// device payload could not carry it anyway (VoIP payloads are capped at 5120 bytes).
+pub const MAX_EVENT_BYTES: usize = 16 * 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    Production,
+    Sandbox,
+}
+
+impl Environment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Production => "production",
+            Environment::Sandbox => "sandbox",
+        }
+    }
+
+    pub fn other(self) -> Self {
+        match self {
+            Environment::Production => Environment::Sandbox,
+            Environment::Sandbox => Environment::Production,
+        }
+    }
+
+    /// Parses the stored or registered form; `unknown` (and anything else) is `None`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "production" | "prod" => Some(Environment::Production),
+            "sandbox" | "development" | "dev" => Some(Environment::Sandbox),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventType {
+    #[serde(rename = "call.incoming")]
+    Incoming,
+    #[serde(rename = "call.cancel")]
+    Cancel,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Incoming => "call.incoming",
+            EventType::Cancel => "call.cancel",
+        }
+    }
+}
+
+/// A call event after lenient parsing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CallEvent {
+    pub event_type: EventType,
+    pub call_id: String,
+    /// The call id exactly as received (string or number), passed to the device.
+    pub call_id_raw: Value,
+    pub to_user_id: String,
+    pub from_user_id: Option<Value>,
+    pub from_display_name: Option<Value>,
+    pub room: Option<Value>,
+    pub has_video: bool,
+    pub bundle_id: Option<String>,
+    /// When the call started, epoch milliseconds, if the event said.
+    pub sent_at_ms: Option<i64>,
+    pub ring_timeout_secs: Option<u64>,
+    pub reason: Option<String>,
+    pub answered_device_id: Option<String>,
+}
+
+/// Why an event was refused. `call_id` is set when one could still be read, so an
+/// `invalid_event` result can tell the producer which call it was.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct InvalidEvent {
+    pub kind: InvalidKind,
+    pub message: String,
+    pub call_id: Option<String>,
+}
+
+/// Closed set of reasons, usable as a metric label and a dead-letter header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InvalidKind {
+    TooLarge,
+    NotUtf8,
+    NotJson,
+    NotAnObject,
+    MissingField,
+    BadField,
+    UnknownType,
+}
+
+impl InvalidKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            InvalidKind::TooLarge => "too_large",
+            InvalidKind::NotUtf8 => "not_utf8",
+            InvalidKind::NotJson => "not_json",
+            InvalidKind::NotAnObject => "not_an_object",
+            InvalidKind::MissingField => "missing_field",
+            InvalidKind::BadField => "bad_field",
+            InvalidKind::UnknownType => "unknown_type",
+        }
+    }
+}
+
+impl std::fmt::Display for InvalidKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// A producer's clock may run this far ahead of ours before its `sentAt` is
+/// disbelieved (and the call counted from now).
+const MAX_CLOCK_AHEAD_MS: i64 = 60_000;
+
+impl CallEvent {
+    /// When the call started and its ring deadline, epoch milliseconds: from
+    /// `sentAt`, else the message's `timestamp` property (UNIX seconds) when it is
+    /// plausible, else `now_ms`. A start further ahead than a clock skew counts from
+    /// now, so no deadline lies far in the future; no input can overflow.
+    pub fn ring_window(
+        &self,
+        amqp_timestamp: Option<u64>,
+        default_ring_secs: u64,
+        now_ms: i64,
+    ) -> (i64, i64) {
+        let from_property = amqp_timestamp
+            .and_then(|s| i64::try_from(s).ok())
+            .and_then(|s| s.checked_mul(1000))
+            .filter(|ms| (SENT_AT_MIN_MS..SENT_AT_MAX_MS).contains(ms));
+        let mut sent_at_ms = self.sent_at_ms.or(from_property).unwrap_or(now_ms);
+        if sent_at_ms > now_ms.saturating_add(MAX_CLOCK_AHEAD_MS) {
+            sent_at_ms = now_ms;
+        }
+        let ring_secs = self.ring_timeout_secs.unwrap_or(default_ring_secs);
+        let ring_ms = i64::try_from(ring_secs)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000);
+        (sent_at_ms, sent_at_ms.saturating_add(ring_ms))
+    }
+
+    /// The VoIP payload the device receives (CONTRACT §4).
+    pub fn device_payload(&self, sent_at_ms: i64, expires_at_ms: i64) -> Value {
+        let mut p = Map::new();
+        p.insert("type".into(), Value::from(self.event_type.as_str()));
+        p.insert("callId".into(), self.call_id_raw.clone());
+        for (name, v) in [
+            ("fromUserId", &self.from_user_id),
+            ("fromDisplayName", &self.from_display_name),
+            ("room", &self.room),
+        ] {
+            if let Some(v) = v {
+                p.insert(name.into(), v.clone());
+            }
+        }
+        p.insert("hasVideo".into(), Value::Bool(self.has_video));
+        if self.event_type == EventType::Cancel {
+            if let Some(r) = &self.reason {
+                p.insert("reason".into(), Value::from(r.as_str()));
+            }
+            if let Some(d) = &self.answered_device_id {
+                p.insert("answeredDeviceId".into(), Value::from(d.as_str()));
+            }
+        }
+        p.insert("sentAt".into(), Value::from(sent_at_ms));
+        p.insert("expiresAt".into(), Value::from(expires_at_ms));
+        // PushKit wants an `aps` dictionary present, even empty.
+        p.insert("aps".into(), Value::Object(Map::new()));
+        Value::Object(p)
+    }
+}
+
+/// What happened to one (event, device) — CONTRACT §5.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Delivered,
+    Failed,
+    Expired,
+    TokenInvalidated,
+    NoDevice,
+    InvalidEvent,
+    Cancelled,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Delivered => "delivered",
+            Status::Failed => "failed",
+            Status::Expired => "expired",
+            Status::TokenInvalidated => "token_invalidated",
+            Status::NoDevice => "no_device",
+            Status::InvalidEvent => "invalid_event",
+            Status::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The result event published to `voip.push.results` (routing key `push.<status>`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PushResult {
+    pub event_id: String,
+    pub event_type: String,
+    pub call_id: Option<String>,
+    pub to_user_id: Option<String>,
+    pub device_id: Option<i64>,
+    /// Last 8 hex characters only; the whole token never leaves the worker.
+    pub token_suffix: Option<String>,
+    pub bundle_id: Option<String>,
+    pub status: Status,
+    pub environment: Option<Environment>,
+    pub fallback_used: bool,
+    pub apns_id: Option<String>,
+    pub apns_status: Option<u16>,
+    pub reason: Option<String>,
+    pub attempts: u32,
+    pub latency_ms: Option<u64>,
+    /// RFC 3339.
+    pub completed_at: String,
+}
+
+/// The last 8 characters of a token: enough to tell devices apart in logs and
+/// results, useless to push with.
+pub fn token_suffix(token: &str) -> String {
+    let start = token.len().saturating_sub(8);
+    token.get(start..).unwrap_or_default().to_string()
+}
+
+pub fn now_rfc3339() -> String {
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_default()
+}
+
+pub fn now_ms() -> i64 {
+    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<CallEvent, InvalidEvent> {
+        CallEvent::parse(v.to_string().as_bytes())
+    }
+
+    #[test]
+    fn payload_carries_fields_as_received_plus_times() {
+        let e = parse(json!({"callId":"11-10","toUserId":10,"fromUserId":11,"room":"p2p:11-10","hasVideo":"1"})).unwrap();
+        let p = e.device_payload(1000, 46000);
+        assert_eq!(p["type"], "call.incoming");
+        assert_eq!(p["callId"], "11-10");
+        assert_eq!(p["fromUserId"], 11);
+        assert_eq!(p["room"], "p2p:11-10");
+        assert_eq!(p["hasVideo"], true);
+        assert_eq!(p["sentAt"], 1000);
+        assert_eq!(p["expiresAt"], 46000);
+        assert!(p.get("fromDisplayName").is_none());
+    }
+
+    #[test]
+    fn token_suffix_is_last_eight() {
+        assert_eq!(token_suffix("00112233445566778899aabbccddeeff"), "ccddeeff");
+        assert_eq!(token_suffix("abc"), "abc");
+    }
+}
