@@ -2,7 +2,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -42,6 +42,9 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
     s.metrics
         .amqp_publish_blocked
         .set(i64::from(s.api.publisher.is_blocked()));
+    s.metrics
+        .events_overdue
+        .set(s.health.overdue(Instant::now()) as i64);
     (
         [(
             header::CONTENT_TYPE,
@@ -70,6 +73,13 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             "not consuming from RabbitMQ\n".to_string(),
         );
+    }
+    let now = Instant::now();
+    s.metrics.events_overdue.set(s.health.overdue(now) as i64);
+    if let Some(why) = s.health.stalled(now) {
+        // Every slot may be taken by messages that no longer move: new calls
+        // would wait behind them, so send traffic to another replica.
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("stalled: {why}\n"));
     }
     if s.api.publisher.is_blocked() {
         // Results cannot be published, so no event can be settled: take this

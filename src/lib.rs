@@ -146,12 +146,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
     // cancel never waits behind a backlog of rings.
     health.lanes.store(2, std::sync::atomic::Ordering::SeqCst);
     let lanes = [
-        (cfg.amqp.work_queue.clone(), cfg.worker.concurrency),
-        (cfg.amqp.cancel_queue.clone(), cfg.worker.cancel_concurrency),
+        ("calls", cfg.amqp.work_queue.clone(), cfg.worker.concurrency),
+        (
+            "cancels",
+            cfg.amqp.cancel_queue.clone(),
+            cfg.worker.cancel_concurrency,
+        ),
     ]
-    .map(|(queue, concurrency)| {
+    .map(|(lane, queue, concurrency)| {
         let lane = Consumer {
             pipeline: pipeline.clone(),
+            lane,
             queue,
             concurrency,
             worker_id: worker_id.clone(),

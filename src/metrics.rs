@@ -24,6 +24,23 @@ pub const EVENT_OUTCOMES: &[&str] = &[
     "invalid",
     "retried",
     "cancel",
+    "dead_lettered",
+];
+
+/// `voip_push_dead_letters_total{lane,reason}`: the lanes, and every reason a
+/// message is dead-lettered for (the `x-vpw-reason` header, CONTRACT §13).
+pub const DEAD_LETTER_LANES: &[&str] = &["calls", "cancels", "devices"];
+pub const DEAD_LETTER_REASONS: &[&str] = &[
+    "too_large",
+    "not_utf8",
+    "not_json",
+    "not_an_object",
+    "missing_field",
+    "bad_field",
+    "unknown_type",
+    "non_retryable",
+    "retry_exhausted",
+    "internal_error",
 ];
 
 /// `status` label values of deliveries and results (CONTRACT §5).
@@ -96,6 +113,9 @@ pub struct Metrics {
     pub api_request_duration: HistogramVec,
     /// 1 while RabbitMQ blocks the result publisher (a memory or disk alarm).
     pub amqp_publish_blocked: IntGauge,
+    pub dead_letters: IntCounterVec,
+    pub events_overdue: IntGauge,
+    pub results_unrouted: IntCounter,
 }
 
 impl Default for Metrics {
@@ -215,6 +235,28 @@ impl Metrics {
         registry
             .register(Box::new(amqp_publish_blocked.clone()))
             .expect("register");
+        let dead_letters = counter(
+            "dead_letters_total",
+            "Messages sent to a dead-letter queue, by lane and reason (x-vpw-reason).",
+            &["lane", "reason"],
+        );
+        let events_overdue = IntGauge::new(
+            "voip_push_events_overdue",
+            "Events held past their retry deadline (plus a grace): above 0 with no \
+             progress, the worker is wedged and /readyz fails.",
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(events_overdue.clone()))
+            .expect("register");
+        let results_unrouted = IntCounter::new(
+            "voip_push_results_unrouted_total",
+            "Results the broker returned because no queue is bound to the results exchange.",
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(results_unrouted.clone()))
+            .expect("register");
         let m = Self {
             registry,
             events,
@@ -233,6 +275,9 @@ impl Metrics {
             api_requests,
             api_request_duration,
             amqp_publish_blocked,
+            dead_letters,
+            events_overdue,
+            results_unrouted,
         };
         m.zero_known_series();
         m
@@ -283,6 +328,20 @@ impl Metrics {
         for status in DELIVERY_STATUSES {
             self.results_published.with_label_values(&[status]);
         }
+        for lane in DEAD_LETTER_LANES {
+            for reason in DEAD_LETTER_REASONS {
+                self.dead_letters.with_label_values(&[lane, reason]);
+            }
+        }
+    }
+
+    /// Counts a dead letter (and, for the call lanes, the event's end).
+    pub fn dead_lettered(&self, lane: &'static str, reason: &'static str) {
+        debug_assert!(
+            DEAD_LETTER_REASONS.contains(&reason),
+            "unknown reason {reason}"
+        );
+        self.dead_letters.with_label_values(&[lane, reason]).inc();
     }
 
     /// Observes the time until the returned timer drops in `stage`'s histogram.

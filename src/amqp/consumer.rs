@@ -2,60 +2,29 @@
 //! prefetch = permits), a reconnect loop with jittered backoff, and settling each
 //! message exactly once from the pipeline's [`Disposition`].
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
-use lapin::types::{AMQPValue, LongString};
-use lapin::BasicProperties;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+pub use super::health::ConsumerHealth;
 use super::{connect, declare_topology, AmqpError, Publisher};
 use crate::pipeline::{Disposition, Incoming, Pipeline};
 
-/// What `/healthz` and `/readyz` read, shared by the consumer loops (lanes).
-#[derive(Default)]
-pub struct ConsumerHealth {
-    /// Every lane connected and consuming.
-    pub consuming: AtomicBool,
-    /// Lanes the worker runs, and how many are consuming now.
-    pub lanes: AtomicUsize,
-    consuming_lanes: AtomicUsize,
-    /// Unix seconds of the loop's last sign of life.
-    pub heartbeat: AtomicU64,
-    /// Times the loop started consuming (1 + reconnects).
-    pub sessions: AtomicU64,
-}
-
-impl ConsumerHealth {
-    fn lane_up(&self) {
-        let up = self.consuming_lanes.fetch_add(1, Ordering::SeqCst) + 1;
-        self.consuming.store(
-            up >= self.lanes.load(Ordering::SeqCst).max(1),
-            Ordering::SeqCst,
-        );
-    }
-
-    fn lane_down(&self) {
-        self.consuming_lanes.fetch_sub(1, Ordering::SeqCst);
-        self.consuming.store(false, Ordering::SeqCst);
-    }
-
-    fn beat(&self) {
-        self.heartbeat
-            .store(crate::apns::token::unix_now(), Ordering::Relaxed);
-    }
-}
-
 pub struct Consumer {
     pub pipeline: Arc<Pipeline>,
+    /// `calls` or `cancels`: the lane's name in metrics.
+    pub lane: &'static str,
     /// The queue this loop consumes, and how many of its messages it works on at once.
     pub queue: String,
     pub concurrency: u16,
@@ -129,6 +98,8 @@ impl Consumer {
                 };
                 let pipeline = self.pipeline.clone();
                 let publisher = self.publisher.clone();
+                let health = self.health.clone();
+                let lane = self.lane;
                 let stop = shutdown.clone();
                 seq += 1;
                 let owner = format!("{}/{seq}", self.worker_id);
@@ -136,8 +107,12 @@ impl Consumer {
                     let _permit = permit;
                     pipeline.metrics.in_flight.inc();
                     let msg = incoming(&delivery, owner);
-                    let disposition = handle_until_settled(&pipeline, &msg, &stop).await;
-                    settle(&pipeline, &publisher, &delivery, disposition).await;
+                    let give_up = pipeline.retry_deadline(&msg, Instant::now());
+                    let held = health.hold(give_up + OVERDUE_GRACE);
+                    let disposition =
+                        guarded(pipeline.handle_until_settled(&msg, give_up, &stop)).await;
+                    settle(&pipeline, &publisher, lane, &delivery, disposition).await;
+                    drop(held);
                     pipeline.metrics.in_flight.dec();
                 });
             }
@@ -183,34 +158,30 @@ async fn drain(tasks: &mut JoinSet<()>, timeout: Duration) {
     }
 }
 
-/// Handles a message until it can be settled. A fault (database or broker down)
-/// is retried here, with the message held unacknowledged and a growing pause,
-/// rather than requeued: a requeue would count against the queue's delivery limit
-/// and send good events to the dead-letter queue during an outage. Only shutdown
-/// returns such a message to the queue.
-async fn handle_until_settled(
-    pipeline: &Pipeline,
-    msg: &Incoming,
-    shutdown: &CancellationToken,
-) -> Disposition {
-    let mut delay = Duration::from_millis(pipeline.cfg.worker.retry_delay_ms);
-    loop {
-        match pipeline.handle(msg).await {
-            Disposition::Retry(reason) if !shutdown.is_cancelled() => {
-                warn!(%reason, retry_in_ms = delay.as_millis() as u64, "event not handled; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Disposition::Retry(reason),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(MAX_RETRY_PAUSE);
+/// A message is overdue this long after its retry deadline: one last try may
+/// still be waiting out the store's or the broker's patience (30 s each).
+const OVERDUE_GRACE: Duration = Duration::from_secs(60);
+
+/// Runs the handling of one message; a panic inside becomes a dead letter
+/// (`internal_error`) instead of a task that dies with its message unsettled,
+/// holding a prefetch slot for ever.
+async fn guarded(handling: impl Future<Output = Disposition>) -> Disposition {
+    match AssertUnwindSafe(handling).catch_unwind().await {
+        Ok(disposition) => disposition,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into());
+            error!(panic = %what, "handling an event panicked; it goes to the dead-letter queue");
+            Disposition::DeadLetter {
+                kind: "internal_error",
+                message: format!("panicked: {what}"),
             }
-            other => return other,
         }
     }
 }
-
-/// Longest pause between two tries of an event that hit a fault.
-const MAX_RETRY_PAUSE: Duration = Duration::from_secs(15);
 
 fn incoming(d: &Delivery, claim_owner: String) -> Incoming {
     Incoming {
@@ -229,6 +200,7 @@ fn incoming(d: &Delivery, claim_owner: String) -> Incoming {
 async fn settle(
     pipeline: &Pipeline,
     publisher: &Publisher,
+    lane: &'static str,
     d: &Delivery,
     disposition: Disposition,
 ) {
@@ -246,34 +218,18 @@ async fn settle(
                 .await
         }
         Disposition::DeadLetter { kind, message } => {
+            pipeline.metrics.dead_lettered(lane, kind);
+            if matches!(kind, "non_retryable" | "retry_exhausted" | "internal_error") {
+                pipeline
+                    .metrics
+                    .events
+                    .with_label_values(&["dead_lettered"])
+                    .inc();
+            }
             // Publish it ourselves so the dead letter carries its reason; fall back to
             // the broker's dead-lettering if that fails.
-            let mut headers = d.properties.headers().clone().unwrap_or_default();
-            headers.insert(
-                "x-vpw-reason".into(),
-                AMQPValue::LongString(LongString::from(kind)),
-            );
-            headers.insert(
-                "x-vpw-error".into(),
-                AMQPValue::LongString(LongString::from(message.as_str())),
-            );
-            let props = BasicProperties::default()
-                .with_headers(headers)
-                .with_content_type(
-                    d.properties
-                        .content_type()
-                        .clone()
-                        .unwrap_or_else(|| "application/octet-stream".into()),
-                );
-            match publisher
-                .publish(
-                    &cfg.amqp.dead_letter_exchange,
-                    d.routing_key.as_str(),
-                    &d.data,
-                    props,
-                )
-                .await
-            {
+            let exchange = &cfg.amqp.dead_letter_exchange;
+            match super::dead_letter::publish(publisher, exchange, d, kind, &message).await {
                 Ok(()) => d.acker.ack(BasicAckOptions::default()).await,
                 Err(e) => {
                     warn!(error = %e, "could not publish the dead letter; rejecting to the broker's DLX");
@@ -293,5 +249,32 @@ async fn settle(
             warn!("the broker did not take the acknowledgement; the message will be redelivered")
         }
         Err(e) => error!(error = %e, "could not settle the message; it will be redelivered"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_while_handling_becomes_an_internal_error_dead_letter() {
+        let calm = guarded(async { Disposition::Ack }).await;
+        assert_eq!(calm, Disposition::Ack);
+        let panicked = guarded(async {
+            let parts: Vec<&str> = Vec::new();
+            Disposition::Retry(
+                parts
+                    .first()
+                    .map_or_else(|| panic!("a collapse id"), |p| p.to_string()),
+            )
+        })
+        .await;
+        assert_eq!(
+            panicked,
+            Disposition::DeadLetter {
+                kind: "internal_error",
+                message: "panicked: a collapse id".into()
+            }
+        );
     }
 }

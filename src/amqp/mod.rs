@@ -1,6 +1,8 @@
 //! RabbitMQ: connections, the topology of CONTRACT §3, and the result publisher.
 
 pub mod consumer;
+pub mod dead_letter;
+pub mod health;
 pub mod publisher;
 pub mod watch;
 
@@ -27,9 +29,17 @@ pub enum AmqpError {
     Protocol(#[from] lapin::Error),
     #[error("RabbitMQ refused (nack) a published message")]
     Nacked,
+    /// A mandatory message came back: nothing is bound to take it.
+    #[error("RabbitMQ routed the message to no queue (exchange {exchange:?}, routing key {routing_key:?}): is the queue declared and bound?")]
+    Unroutable {
+        exchange: String,
+        routing_key: String,
+    },
 }
 
 impl AmqpError {
+    /// A broker fault passes; so may a missing binding (an operator re-creates the
+    /// queue), and the retry says why meanwhile.
     pub fn is_retryable(&self) -> bool {
         true
     }

@@ -88,12 +88,51 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), AmqpError> {
+        self.send(exchange, routing_key, body, properties, false)
+            .await
+            .map(|_| ())
+    }
+
+    /// Publishes with `mandatory` and waits for the confirm: a message no queue
+    /// took (the broker returned it) is an error, not a silent drop.
+    pub async fn publish_mandatory(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), AmqpError> {
+        if self
+            .send(exchange, routing_key, body, properties, true)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(AmqpError::Unroutable {
+                exchange: exchange.to_string(),
+                routing_key: routing_key.to_string(),
+            })
+        }
+    }
+
+    /// `Ok(false)`: a mandatory message the broker returned, unrouted.
+    async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        mandatory: bool,
+    ) -> Result<bool, AmqpError> {
         let ch = self.channel().await?;
         let confirm = ch
             .basic_publish(
                 exchange.into(),
                 routing_key.into(),
-                BasicPublishOptions::default(),
+                BasicPublishOptions {
+                    mandatory,
+                    ..Default::default()
+                },
                 body,
                 properties.with_delivery_mode(2),
             )
@@ -102,22 +141,23 @@ impl Publisher {
         if confirm.is_nack() {
             return Err(AmqpError::Nacked);
         }
-        Ok(())
+        Ok(confirm.take_message().is_none())
     }
 
-    /// Publishes JSON with the usual properties.
+    /// Publishes JSON with the usual properties, as `mandatory`: `Ok(false)` when
+    /// no queue took it (results may go unbound; the caller counts them).
     pub async fn publish_json(
         &self,
         exchange: &str,
         routing_key: &str,
         body: &[u8],
         headers: Option<FieldTable>,
-    ) -> Result<(), AmqpError> {
+    ) -> Result<bool, AmqpError> {
         let mut props = BasicProperties::default().with_content_type("application/json".into());
         if let Some(h) = headers {
             props = props.with_headers(h);
         }
-        self.publish(exchange, routing_key, body, props).await
+        self.send(exchange, routing_key, body, props, true).await
     }
 
     pub async fn close(&self) {

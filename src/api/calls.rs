@@ -60,7 +60,7 @@ pub(super) async fn accept_object(
     mut obj: serde_json::Map<String, Value>,
 ) -> Result<String, ApiError> {
     let bytes = serde_json::to_vec(&obj).unwrap_or_default();
-    let event = CallEvent::parse(&bytes).map_err(|e| {
+    let event = CallEvent::parse_with(&bytes, &s.cfg.worker.limits()).map_err(|e| {
         let status = match e.kind {
             InvalidKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             _ => StatusCode::BAD_REQUEST,
@@ -92,9 +92,9 @@ pub(super) async fn accept_object(
         .with_content_type("application/json".into())
         .with_message_id(ShortString::from(event_id.clone()))
         .with_timestamp((received_ms / 1000) as u64);
-    let publish = s
-        .publisher
-        .publish(&s.cfg.amqp.call_exchange, routing_key, &body, props);
+    let publish =
+        s.publisher
+            .publish_mandatory(&s.cfg.amqp.call_exchange, routing_key, &body, props);
     match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
         Ok(Ok(())) => {
             info!(call_id = %event.call_id, to_user_id = %event.to_user_id, %event_id,
@@ -103,9 +103,12 @@ pub(super) async fn accept_object(
         }
         Ok(Err(e)) => {
             warn!(call_id = %event.call_id, error = %e, "could not publish a call event received over HTTP");
-            Err(ApiError::unavailable(
-                "the message broker is unavailable; the call was not accepted",
-            ))
+            Err(ApiError::unavailable(match e {
+                crate::amqp::AmqpError::Unroutable { .. } => {
+                    "no queue is bound to the call exchange (is a worker running?); the call was not accepted"
+                }
+                _ => "the message broker is unavailable; the call was not accepted",
+            }))
         }
         Err(_) => {
             warn!(call_id = %event.call_id, "broker did not confirm a call event in time");

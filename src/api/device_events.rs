@@ -2,9 +2,11 @@
 //! `device.register` / `device.unregister` on the `voip.devices` topic exchange,
 //! consumed from the quorum queue `voip-push.devices`. The body is the one of
 //! `PUT /v1/devices` (`{"userId","token","bundleId"?,"environment"?}`; for an
-//! unregister only `token` matters) and the same rules apply.
+//! unregister only `token` matters) and the same rules apply. An event that
+//! cannot be applied goes to `voip-push.devices.dead` with its reason; one that
+//! meets database faults is retried, held, for `worker.retry_cap_secs`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
 use futures_util::StreamExt;
@@ -12,8 +14,9 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
 use lapin::ExchangeKind;
+use lapin::ExchangeKind::Fanout;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::devices::{environment, register};
 use super::{text_field, ApiError, ApiState};
@@ -25,9 +28,10 @@ use crate::store::normalize_token;
 
 /// Registrations are tiny and each is one upsert: a handful in flight is plenty.
 const PREFETCH: u16 = 16;
-/// Pause before a registration that met a database fault goes back to the queue,
-/// so an outage is not a hot requeue loop.
+/// First pause before a registration that met a database fault is tried again
+/// (doubling up to [`MAX_RETRY_PAUSE`]), so an outage is not a hot loop.
 const DB_RETRY_PAUSE: Duration = Duration::from_secs(1);
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(15);
 
 #[derive(Debug, PartialEq, Eq)]
 enum Kind {
@@ -71,6 +75,15 @@ async fn session(
     let conn = connect(&state.cfg.amqp, "device events").await?;
     let ch = conn.create_channel().await?;
     declare_exchange(&ch, &cfg.exchange, ExchangeKind::Topic).await?;
+    declare_exchange(&ch, &cfg.dead_letter_exchange, Fanout).await?;
+    declare_quorum_queue(
+        &ch,
+        &cfg.dead_letter_queue,
+        FieldTable::default(),
+        &cfg.dead_letter_exchange,
+        "",
+    )
+    .await?;
     declare_quorum_queue(
         &ch,
         &cfg.queue,
@@ -91,39 +104,73 @@ async fn session(
             n = consumer.next() => n,
         };
         match next {
-            Some(Ok(d)) => settle(state, d).await?,
+            Some(Ok(d)) => settle(state, d, shutdown).await?,
             Some(Err(e)) => return Err(e.into()),
             None => return Ok(false),
         }
     }
 }
 
-/// Applies one event and acknowledges it; a malformed one is rejected (to the
-/// queue's dead-letter policy, if any), a database fault returns it to the queue.
-async fn settle(state: &ApiState, d: Delivery) -> Result<(), AmqpError> {
-    match apply(state, d.routing_key.as_str(), &d.data).await {
-        Ok(()) => {
-            d.acker.ack(BasicAckOptions::default()).await?;
+/// Applies one event and acknowledges it. A malformed one is dead-lettered with
+/// its reason; a database fault is retried with the message held, then
+/// dead-lettered as `retry_exhausted`; at shutdown it returns to the queue.
+async fn settle(
+    state: &ApiState,
+    d: Delivery,
+    shutdown: &CancellationToken,
+) -> Result<(), AmqpError> {
+    let started = Instant::now();
+    let mut delay = DB_RETRY_PAUSE;
+    let (reason, detail) = loop {
+        match apply(state, d.routing_key.as_str(), &d.data).await {
+            Ok(()) => {
+                d.acker.ack(BasicAckOptions::default()).await?;
+                return Ok(());
+            }
+            Err(e) if e.status.is_server_error() => {
+                if started.elapsed() + delay >= state.cfg.worker.retry_cap() {
+                    break ("retry_exhausted", e.message);
+                }
+                warn!(error = %e.message, retry_in_ms = delay.as_millis() as u64,
+                    "device event: database unavailable; will retry");
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+                        return Ok(());
+                    }
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(MAX_RETRY_PAUSE);
+            }
+            Err(e) => break (dead_letter_reason(e.code), e.message),
         }
-        Err(e) if e.status.is_server_error() => {
-            warn!(error = %e.message, "device event: database unavailable; will retry");
-            tokio::time::sleep(DB_RETRY_PAUSE).await;
-            d.acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await?;
-        }
-        Err(e) => {
-            warn!(routing_key = %d.routing_key, error = e.code, message = %e.message,
-                "device event refused");
-            d.acker
-                .reject(BasicRejectOptions { requeue: false })
-                .await?;
-        }
+    };
+    warn!(routing_key = %d.routing_key, reason, error = %detail, "device event dead-lettered");
+    state.metrics.dead_lettered("devices", reason);
+    let exchange = &state.cfg.devices.dead_letter_exchange;
+    if let Err(e) =
+        crate::amqp::dead_letter::publish(&state.publisher, exchange, &d, reason, &detail).await
+    {
+        // The queue has no dead-letter policy of its own: the event is dropped,
+        // and said so.
+        error!(error = %e, "could not dead-letter a device event; it is dropped");
+        d.acker
+            .reject(BasicRejectOptions { requeue: false })
+            .await?;
+        return Ok(());
     }
+    d.acker.ack(BasicAckOptions::default()).await?;
     Ok(())
+}
+
+/// The dead-letter reason (a closed set) of an API refusal code.
+fn dead_letter_reason(code: &str) -> &'static str {
+    match code {
+        "missing_field" => "missing_field",
+        "unknown_type" => "unknown_type",
+        "bad_body" => "not_json",
+        _ => "bad_field",
+    }
 }
 
 async fn apply(state: &ApiState, routing_key: &str, body: &[u8]) -> Result<(), ApiError> {

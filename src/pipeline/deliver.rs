@@ -149,7 +149,7 @@ impl Pipeline {
     /// the event would push the device again.
     async fn complete_claim(&self, event_id: &str, device_id: i64, result: &PushResult) {
         let stored = serde_json::to_value(result).expect("results serialise");
-        let recorded = super::patiently("record the push in its claim", || {
+        let recorded = super::retry::patiently("record the push in its claim", || {
             self.store.complete_claim(event_id, device_id, &stored)
         })
         .await;

@@ -7,6 +7,9 @@
 
 mod deliver;
 mod publish;
+mod retry;
+
+use retry::PushAllError;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,12 +21,12 @@ use crate::amqp::Publisher;
 use crate::apns::{Apns, App};
 use crate::config::Config;
 use crate::event::{
-    now_ms, now_rfc3339, token_suffix, CallEvent, EventType, InvalidEvent, InvalidKind, PushResult,
-    Status,
+    check_text, now_ms, now_rfc3339, token_suffix, CallEvent, EventType, InvalidEvent, InvalidKind,
+    PushResult, Status,
 };
 use crate::metrics::Metrics;
 use crate::store::calls::CallState;
-use crate::store::{Device, Store, StoreError};
+use crate::store::{Device, Store};
 
 /// A message as taken from the queue.
 #[derive(Clone, Debug, Default)]
@@ -115,7 +118,7 @@ impl<'a> Call<'a> {
 
 impl Pipeline {
     pub async fn handle(&self, msg: &Incoming) -> Disposition {
-        let event = match CallEvent::parse(&msg.body) {
+        let event = match CallEvent::parse_with(&msg.body, &self.cfg.worker.limits()) {
             Ok(e) => e,
             Err(invalid) => return self.refuse(msg, invalid).await,
         };
@@ -144,14 +147,7 @@ impl Pipeline {
 
     /// When the call started, and its ring deadline (ms since epoch).
     fn ring_window(&self, msg: &Incoming, event: &CallEvent) -> (i64, i64) {
-        let sent_at_ms = event
-            .sent_at_ms
-            .or(msg.timestamp.map(|s| s as i64 * 1000))
-            .unwrap_or_else(now_ms);
-        let ring_secs = event
-            .ring_timeout_secs
-            .unwrap_or(self.cfg.worker.ring_timeout_secs);
-        (sent_at_ms, sent_at_ms + ring_secs as i64 * 1000)
+        event.ring_window(msg.timestamp, self.cfg.worker.ring_timeout_secs, now_ms())
     }
 
     async fn initiate(&self, msg: &Incoming, event: &CallEvent, app: &App) -> Disposition {
@@ -364,52 +360,6 @@ impl Pipeline {
         }
         Ok(results)
     }
-
-    fn retry(&self, step: &str, e: StoreError) -> Disposition {
-        warn!(step, error = %e, "event could not be handled now; it will be retried");
-        self.metrics.events.with_label_values(&["retried"]).inc();
-        Disposition::Retry(format!("{step}: {e}"))
-    }
-}
-
-/// Why `push_all` stopped: the event is tried again.
-enum PushAllError {
-    Claim(StoreError),
-    Publish(String),
-}
-
-impl PushAllError {
-    fn disposition(self, pipeline: &Pipeline, step: &str) -> Disposition {
-        match self {
-            PushAllError::Claim(e) => pipeline.retry(step, e),
-            PushAllError::Publish(reason) => Disposition::Retry(reason),
-        }
-    }
-}
-
-/// How long a store write that must follow a push is retried (a database restart
-/// takes a few seconds).
-const STORE_PATIENCE: Duration = Duration::from_secs(30);
-
-/// Runs `write` until it succeeds, pausing 100 ms (doubling up to 2 s) between
-/// tries, for up to [`STORE_PATIENCE`]; then returns its last error.
-async fn patiently<F, Fut>(what: &str, mut write: F) -> Result<(), StoreError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), StoreError>>,
-{
-    let started = Instant::now();
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match write().await {
-            Err(e) if started.elapsed() < STORE_PATIENCE => {
-                warn!(step = what, error = %e, "store write failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-            done => return done,
-        }
-    }
 }
 
 /// A call's state from its deliveries' results.
@@ -450,9 +400,24 @@ fn base_result(event_id: &str, event: &CallEvent, app: &App) -> PushResult {
 /// The event's id: the producer's `message_id`, or one derived from the call id
 /// and type so a redelivery gets the same id.
 fn event_id(msg: &Incoming, event: &CallEvent) -> String {
-    match &msg.message_id {
-        Some(id) if !id.is_empty() => id.clone(),
-        _ => stable_event_id(&event.call_id, event.event_type.as_str()),
+    msg.event_id_or(&event.call_id, event.event_type.as_str())
+}
+
+/// The longest `message_id` taken as an event id (AMQP allows 255 bytes).
+const MAX_MESSAGE_ID_BYTES: usize = 128;
+
+impl Incoming {
+    /// The producer's `message_id` when it can serve as an id everywhere (a
+    /// Postgres `text`, a log field); else an id derived from the call id, the
+    /// type and whatever `message_id` said, the same on every redelivery.
+    pub(crate) fn event_id_or(&self, call_id: &str, kind: &str) -> String {
+        match self.message_id.as_deref() {
+            None | Some("") => stable_event_id(call_id, kind),
+            Some(id) if check_text("message_id", id, MAX_MESSAGE_ID_BYTES).is_ok() => {
+                id.to_string()
+            }
+            Some(unusable) => stable_event_id(call_id, &format!("{kind}/{unusable:?}")),
+        }
     }
 }
 

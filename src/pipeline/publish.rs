@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use tracing::warn;
 
-use super::{stable_event_id, Disposition, Incoming, Pipeline};
+use super::{Disposition, Incoming, Pipeline};
 use crate::event::{now_rfc3339, EventType, InvalidEvent, PushResult, Status};
 use crate::store::calls::CallState;
 
@@ -52,7 +52,7 @@ impl Pipeline {
     /// claims stay open (their leases renewed) meanwhile, so a duplicate of the
     /// event waiting on them cannot take them over and publish the results again.
     async fn finish(&self, event_id: &str, published: &[i64], settle: Option<(&str, CallState)>) {
-        let finished = super::patiently("mark results as published", || {
+        let finished = super::retry::patiently("mark results as published", || {
             self.store.finish_event(event_id, published, settle)
         })
         .await;
@@ -71,10 +71,7 @@ impl Pipeline {
             error = %invalid.message, "refusing malformed call event");
         if let Some(call_id) = &invalid.call_id {
             let result = PushResult {
-                event_id: msg
-                    .message_id
-                    .clone()
-                    .unwrap_or_else(|| stable_event_id(call_id, "invalid")),
+                event_id: msg.event_id_or(call_id, "invalid"),
                 event_type: EventType::Incoming.as_str().into(),
                 call_id: Some(call_id.clone()),
                 to_user_id: None,
@@ -126,11 +123,15 @@ impl Pipeline {
             let mut last_error = String::new();
             for (r, outcome) in pending.iter().zip(outcomes) {
                 match outcome {
-                    Ok(()) => self
-                        .metrics
-                        .results_published
-                        .with_label_values(&[r.status.as_str()])
-                        .inc(),
+                    Ok(routed) => {
+                        self.metrics
+                            .results_published
+                            .with_label_values(&[r.status.as_str()])
+                            .inc();
+                        if !routed {
+                            self.metrics.results_unrouted.inc();
+                        }
+                    }
                     Err(e) => {
                         last_error = e.to_string();
                         failed.push(*r);

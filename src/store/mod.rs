@@ -37,9 +37,18 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// A database that is down or slow is worth waiting for; a bad token is not.
+    /// A database that is down or slow is worth waiting for; a bad token is not,
+    /// and neither is a statement Postgres refuses for its values or its shape
+    /// (SQLSTATE classes 22 data exception, 23 integrity, 42 syntax or undefined
+    /// object): the same statement fails the same way every time.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, StoreError::BadToken(_) | StoreError::Url(_))
+        match self {
+            StoreError::BadToken(_) | StoreError::Url(_) => false,
+            StoreError::Db(e) => !e
+                .code()
+                .is_some_and(|c| matches!(&c.code()[..2], "22" | "23" | "42")),
+            _ => true,
+        }
     }
 
     /// Postgres refused the statement itself (a value, a constraint, a deadlock),

@@ -702,6 +702,34 @@ async fn registration_events_on_the_devices_exchange() {
     assert_eq!(devices[0].token, lower);
     assert_eq!(devices[0].environment, Some(Environment::Production));
 
+    // What cannot be applied is dead-lettered with its reason, not dropped.
+    publish(
+        "device.register",
+        json!({"userId":"e\u{0}1","token":random_token()}),
+    )
+    .await;
+    publish("device.register", json!({"token":random_token()})).await;
+    let mut reasons = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while reasons.len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dead-lettered registrations: {reasons:?}"
+        );
+        let got = env
+            .dead_letters_in(&env.cfg.devices.dead_letter_queue)
+            .await;
+        reasons.extend(got.into_iter().map(|(_, r)| r.unwrap_or_default()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reasons.sort();
+    assert_eq!(reasons, ["bad_field", "bad_field", "missing_field"]);
+    env.wait_metric(
+        "voip_push_dead_letters_total{lane=\"devices\",reason=\"bad_field\"}",
+        2.0,
+    )
+    .await;
+
     // A move to another user, then an unregister.
     publish("device.register", json!({"userId":"e2","token":token})).await;
     eventually("the move", Duration::from_secs(10), || async {

@@ -203,6 +203,8 @@ impl TestEnv {
         cfg.amqp.cancel_queue = format!("it.{id}.cancels");
         cfg.devices.exchange = format!("it.{id}.devices");
         cfg.devices.queue = format!("it.{id}.devices-q");
+        cfg.devices.dead_letter_exchange = format!("it.{id}.devices-dlx");
+        cfg.devices.dead_letter_queue = format!("it.{id}.devices-dead");
         cfg.amqp.dead_letter_exchange = format!("it.{id}.dlx");
         cfg.amqp.dead_letter_queue = format!("it.{id}.dead");
         cfg.amqp.results_exchange = format!("it.{id}.results");
@@ -328,16 +330,18 @@ impl TestEnv {
 
     /// Takes every message from the dead-letter queue: (body, x-vpw-reason).
     pub async fn dead_letters(&self) -> Vec<(Vec<u8>, Option<String>)> {
+        self.dead_letters_in(&self.cfg.amqp.dead_letter_queue).await
+    }
+
+    /// Takes every message from `queue`: (body, x-vpw-reason).
+    pub async fn dead_letters_in(&self, queue: &str) -> Vec<(Vec<u8>, Option<String>)> {
         let conn = connect(&self.cfg.amqp, "test dlq reader")
             .await
             .expect("connect");
         let ch = conn.create_channel().await.expect("channel");
         let mut out = Vec::new();
         while let Some(m) = ch
-            .basic_get(
-                self.cfg.amqp.dead_letter_queue.as_str().into(),
-                BasicGetOptions::default(),
-            )
+            .basic_get(queue.into(), BasicGetOptions::default())
             .await
             .expect("basic.get")
         {
@@ -399,6 +403,7 @@ impl TestEnv {
                     &self.cfg.amqp.cancel_queue,
                     &self.cfg.amqp.dead_letter_queue,
                     &self.cfg.devices.queue,
+                    &self.cfg.devices.dead_letter_queue,
                 ] {
                     let _ = ch
                         .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
@@ -409,6 +414,7 @@ impl TestEnv {
                     &self.cfg.amqp.dead_letter_exchange,
                     &self.cfg.amqp.results_exchange,
                     &self.cfg.devices.exchange,
+                    &self.cfg.devices.dead_letter_exchange,
                 ] {
                     let _ = ch
                         .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())

@@ -13,3 +13,4 @@ mod faults;
 mod lifecycle;
 mod ops;
 mod pipeline;
+mod routing;
