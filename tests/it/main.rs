@@ -5,11 +5,13 @@
 mod api;
 mod apns;
 mod batching;
+mod bounds;
 mod cli;
 mod common;
 mod delivery;
 mod doctor;
 mod faults;
+mod hostile;
 mod lifecycle;
 mod ops;
 mod pipeline;
