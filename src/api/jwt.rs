@@ -20,6 +20,9 @@ pub enum JwtError {
     BadSignature,
     #[error("token has expired")]
     Expired,
+    /// A token without `exp` would be valid for ever once leaked.
+    #[error("token has no exp claim")]
+    NoExpiry,
     #[error("token is not valid yet")]
     NotYetValid,
     #[error("token has no subject")]
@@ -66,8 +69,8 @@ impl Verifier {
         }
     }
 
-    /// Verifies signature, `exp` and `nbf` (at `now`, unix seconds) and returns the
-    /// claims. `alg` must be the configured one: a token never picks its verifier.
+    /// Verifies signature, `exp` (required) and `nbf` (at `now`, unix seconds) and
+    /// returns the claims. `alg` must be the configured one: a token never picks its verifier.
     pub fn verify(&self, jwt: &str, now: i64) -> Result<Map<String, Value>, JwtError> {
         let mut parts = jwt.trim().split('.');
         let (Some(h), Some(c), Some(s), None) =
@@ -107,20 +110,28 @@ impl Verifier {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or(JwtError::Malformed)?;
         let time = |name: &str| claims.get(name).and_then(Value::as_f64).map(|t| t as i64);
-        if time("exp").is_some_and(|exp| now > exp + LEEWAY_SECS) {
-            return Err(JwtError::Expired);
+        match time("exp") {
+            None => return Err(JwtError::NoExpiry),
+            Some(exp) if now > exp.saturating_add(LEEWAY_SECS) => return Err(JwtError::Expired),
+            Some(_) => {}
         }
-        if time("nbf").is_some_and(|nbf| now + LEEWAY_SECS < nbf) {
+        if time("nbf").is_some_and(|nbf| now.saturating_add(LEEWAY_SECS) < nbf) {
             return Err(JwtError::NotYetValid);
         }
         Ok(claims)
     }
 }
 
-/// The `sub` claim as text (some issuers put a number there).
+/// The `sub` claim as text (some issuers put a number there). It becomes a user
+/// id, so it follows the rule of every id: no control character, at most 256 bytes.
 pub fn subject(claims: &Map<String, Value>) -> Result<String, JwtError> {
     match claims.get("sub") {
-        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        Some(Value::String(s))
+            if !s.is_empty()
+                && crate::event::check_text("sub", s, crate::event::MAX_USER_ID_BYTES).is_ok() =>
+        {
+            Ok(s.clone())
+        }
         Some(Value::Number(n)) => Ok(n.to_string()),
         _ => Err(JwtError::NoSubject),
     }
@@ -231,8 +242,21 @@ mod tests {
             subject(&v.verify(&within_leeway, NOW).unwrap()).unwrap(),
             "10"
         );
-        let early = sign_hs256(&header, &json!({"sub":"10","nbf":NOW + 600}), b"s3cret");
+        let early = sign_hs256(
+            &header,
+            &json!({"sub":"10","nbf":NOW + 600,"exp":NOW + 900}),
+            b"s3cret",
+        );
         assert_eq!(v.verify(&early, NOW), Err(JwtError::NotYetValid));
+        let forever = sign_hs256(&header, &json!({"sub":"10"}), b"s3cret");
+        assert_eq!(v.verify(&forever, NOW), Err(JwtError::NoExpiry));
+        let far = sign_hs256(&header, &json!({"sub":"10","exp":i64::MAX}), b"s3cret");
+        assert!(v.verify(&far, i64::MAX).is_ok());
+        let nul = sign_hs256(&header, &json!({"sub":"1\u{0}","exp":NOW + 60}), b"s3cret");
+        assert_eq!(
+            subject(&v.verify(&nul, NOW).unwrap()),
+            Err(JwtError::NoSubject)
+        );
         let none = format!(
             "{}.{}.",
             URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#),
@@ -305,7 +329,7 @@ mod tests {
             Verifier::Rs256(_)
         ));
         let rng = ring::rand::SystemRandom::new();
-        let jwt = sign_with("RS256", &json!({"sub":"u2"}), |m| {
+        let jwt = sign_with("RS256", &json!({"sub":"u2","exp":NOW + 60}), |m| {
             let mut sig = vec![0; signer.public().modulus_len()];
             signer
                 .sign(&signature::RSA_PKCS1_SHA256, &rng, m, &mut sig)

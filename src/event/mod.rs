@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-pub use parse::{check_text, Limits, SENT_AT_MAX_MS, SENT_AT_MIN_MS};
+pub use parse::{check_text, Limits, MAX_USER_ID_BYTES, SENT_AT_MAX_MS, SENT_AT_MIN_MS};
 
 /// APNs caps `apns-collapse-id` at 64 bytes, and the call id is the collapse id.
 pub const MAX_CALL_ID_BYTES: usize = 64;

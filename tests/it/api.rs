@@ -198,6 +198,20 @@ async fn app_registers_its_own_token_with_a_user_jwt() {
         (Some(bearer(&user_jwt("10", -3600, USER_JWT_SECRET))), 401),
         (Some("Bearer not.a.jwt".to_string()), 401),
         (Some(bearer(SERVICE_TOKEN)), 403),
+        // Without `exp` a leaked token would be good for ever.
+        (
+            Some(bearer(&sign_hs256(
+                &json!({"alg":"HS256","typ":"JWT"}),
+                &json!({"sub": "10", "iat": now()}),
+                USER_JWT_SECRET.as_bytes(),
+            ))),
+            401,
+        ),
+        // A subject with a control character is no user id.
+        (
+            Some(bearer(&user_jwt("1\u{0}0", 600, USER_JWT_SECRET))),
+            401,
+        ),
     ];
     for (auth, want) in &refused {
         let auth = auth.as_deref().map(|a| ("Authorization", a));
