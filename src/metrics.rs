@@ -242,7 +242,7 @@ impl Metrics {
         );
         let events_overdue = IntGauge::new(
             "voip_push_events_overdue",
-            "Events held past their retry deadline (plus a grace): above 0 with no \
+            "Events held longer than any retry bound allows (plus a grace): above 0 with no \
              progress, the worker is wedged and /readyz fails.",
         )
         .expect("metric");

@@ -107,10 +107,9 @@ impl Consumer {
                     let _permit = permit;
                     pipeline.metrics.in_flight.inc();
                     let msg = incoming(&delivery, owner);
-                    let give_up = pipeline.retry_deadline(&msg, Instant::now());
-                    let held = health.hold(give_up + OVERDUE_GRACE);
-                    let disposition =
-                        guarded(pipeline.handle_until_settled(&msg, give_up, &stop)).await;
+                    let held =
+                        health.hold(Instant::now() + pipeline.longest_retry() + OVERDUE_GRACE);
+                    let disposition = guarded(pipeline.handle_until_settled(&msg, &stop)).await;
                     settle(&pipeline, &publisher, lane, &delivery, disposition).await;
                     drop(held);
                     pipeline.metrics.in_flight.dec();
@@ -158,8 +157,8 @@ async fn drain(tasks: &mut JoinSet<()>, timeout: Duration) {
     }
 }
 
-/// A message is overdue this long after its retry deadline: one last try may
-/// still be waiting out the store's or the broker's patience (30 s each).
+/// A message is overdue this long after the longest retry bound: one last try
+/// may still be waiting out the store's or the broker's patience (30 s each).
 const OVERDUE_GRACE: Duration = Duration::from_secs(60);
 
 /// Runs the handling of one message; a panic inside becomes a dead letter

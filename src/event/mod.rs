@@ -132,7 +132,7 @@ impl std::fmt::Display for InvalidKind {
 
 /// A producer's clock may run this far ahead of ours before its `sentAt` is
 /// disbelieved (and the call counted from now).
-const MAX_CLOCK_AHEAD_MS: i64 = 60_000;
+pub const MAX_CLOCK_AHEAD_MS: i64 = 60_000;
 
 impl CallEvent {
     /// When the call started and its ring deadline, epoch milliseconds: from

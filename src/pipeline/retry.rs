@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::{Disposition, Incoming, Pipeline};
-use crate::event::{now_ms, CallEvent, EventType};
+use crate::event::{now_ms, CallEvent, EventType, MAX_CLOCK_AHEAD_MS};
 use crate::store::StoreError;
 
 /// Longest pause between two tries of an event that hit a fault.
@@ -35,8 +35,17 @@ impl Pipeline {
         Disposition::Retry(format!("{step}: {e}"))
     }
 
+    /// The longest any message can be retried, whatever it says: a ring's deadline
+    /// lies at most a clock skew plus the longest ring time ahead.
+    pub fn longest_retry(&self) -> Duration {
+        let w = &self.cfg.worker;
+        let ring = Duration::from_millis(MAX_CLOCK_AHEAD_MS as u64)
+            + Duration::from_secs(w.max_ring_timeout_secs);
+        ring.max(w.retry_cap()).max(MIN_RING_PATIENCE)
+    }
+
     /// Until when a fault in handling `msg`, first taken at `started`, is retried.
-    pub fn retry_deadline(&self, msg: &Incoming, started: Instant) -> Instant {
+    fn retry_deadline(&self, msg: &Incoming, started: Instant) -> Instant {
         match CallEvent::parse_with(&msg.body, &self.cfg.worker.limits()) {
             Ok(e) if e.event_type == EventType::Incoming => {
                 let (_, expires_at_ms) = self.ring_window(msg, &e);
@@ -51,20 +60,23 @@ impl Pipeline {
     /// down) is retried here, with the message held unacknowledged and a growing
     /// pause, rather than requeued: a requeue would count against the queue's
     /// delivery limit and send good events to the dead-letter queue during a
-    /// short outage. Past `give_up` it is dead-lettered; only shutdown returns it
-    /// to the queue.
+    /// short outage. Past its retry deadline (worked out at the first fault, so
+    /// the common path parses nothing twice) it is dead-lettered; only shutdown
+    /// returns it to the queue.
     pub async fn handle_until_settled(
         &self,
         msg: &Incoming,
-        give_up: Instant,
         shutdown: &CancellationToken,
     ) -> Disposition {
+        let started = Instant::now();
+        let mut give_up = None;
         let mut delay = Duration::from_millis(self.cfg.worker.retry_delay_ms);
         loop {
             let reason = match self.handle(msg).await {
                 Disposition::Retry(reason) if !shutdown.is_cancelled() => reason,
                 other => return other,
             };
+            let give_up = *give_up.get_or_insert_with(|| self.retry_deadline(msg, started));
             if Instant::now() + delay >= give_up {
                 warn!(%reason, "event kept failing until its retry deadline; dead-lettered");
                 return Disposition::DeadLetter {
