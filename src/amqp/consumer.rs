@@ -44,6 +44,8 @@ impl Consumer {
         let backoff = super::reconnect_backoff();
         let mut delays = backoff.build();
         let mut seq: u64 = 0;
+        // How long a message may be held before it counts as overdue (health).
+        let hold_for = self.pipeline.longest_retry() + OVERDUE_GRACE;
         self.health.beat();
 
         'connection: while !shutdown.is_cancelled() {
@@ -107,8 +109,7 @@ impl Consumer {
                     let _permit = permit;
                     pipeline.metrics.in_flight.inc();
                     let msg = incoming(&delivery, owner);
-                    let held =
-                        health.hold(Instant::now() + pipeline.longest_retry() + OVERDUE_GRACE);
+                    let held = health.hold(Instant::now() + hold_for);
                     let disposition = guarded(pipeline.handle_until_settled(&msg, &stop)).await;
                     settle(&pipeline, &publisher, lane, &delivery, disposition).await;
                     drop(held);
