@@ -133,8 +133,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
         metrics: metrics.clone(),
         open_claims: store::claims::OpenClaims::default(),
     });
-    let worker_id = uuid::Uuid::new_v4().simple().to_string();
-    info!(%worker_id, "worker id (owner of its delivery claims)");
+    // The worker's id, locked in a session of its own for as long as its claims
+    // may be open: until its lanes have drained, not just until shutdown starts.
+    let alive = CancellationToken::new();
+    let worker_id = store::liveness::Liveness::start(&cfg.postgres, alive.clone())
+        .await?
+        .worker_id;
     tokio::spawn(upkeep(
         pipeline.store.clone(),
         pipeline.open_claims.clone(),
@@ -171,6 +175,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
             let _ = lane.await;
         }
         publisher.close().await;
+        alive.cancel();
     });
     Ok(Worker {
         http_addr,

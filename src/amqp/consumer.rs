@@ -53,7 +53,10 @@ impl Consumer {
                 let conn = connect(&cfg.amqp, "consumer").await?;
                 let ch = conn.create_channel().await?;
                 declare_topology(&ch, &cfg.amqp).await?;
-                let consumer = super::consume(&ch, &self.queue, self.concurrency).await?;
+                // Room beyond the slots for messages waiting on another worker's
+                // claims (they give their slot back).
+                let prefetch = self.concurrency.saturating_mul(2);
+                let consumer = super::consume(&ch, &self.queue, prefetch).await?;
                 Ok::<_, AmqpError>((conn, ch, consumer))
             }
             .await;
@@ -105,12 +108,12 @@ impl Consumer {
                 let stop = shutdown.clone();
                 seq += 1;
                 let owner = format!("{}/{seq}", self.worker_id);
+                let slots = permits.clone();
                 tasks.spawn(async move {
-                    let _permit = permit;
                     pipeline.metrics.in_flight.inc();
                     let msg = incoming(&delivery, owner);
                     let held = health.hold(Instant::now() + hold_for);
-                    let disposition = guarded(pipeline.handle_until_settled(&msg, &stop)).await;
+                    let disposition = handle(&pipeline, &msg, permit, &slots, &stop).await;
                     settle(&pipeline, &publisher, lane, &delivery, disposition).await;
                     drop(held);
                     pipeline.metrics.in_flight.dec();
@@ -162,6 +165,45 @@ async fn drain(tasks: &mut JoinSet<()>, timeout: Duration) {
 /// may still be waiting out the store's or the broker's patience (30 s each).
 const OVERDUE_GRACE: Duration = Duration::from_secs(60);
 
+/// Handles a message in its slot (`permit`) until it can be settled. While a
+/// live worker holds some of its claims, the slot is given back and the
+/// message looked at again after a pause: a duplicate never keeps a new call
+/// from a slot.
+async fn handle(
+    pipeline: &Pipeline,
+    msg: &Incoming,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    slots: &Arc<Semaphore>,
+    stop: &CancellationToken,
+) -> Disposition {
+    let mut permit = Some(permit);
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match guarded(pipeline.handle_until_settled(msg, stop)).await {
+            Disposition::Wait { until } if Instant::now() < until => {
+                permit.take();
+                tokio::select! {
+                    _ = stop.cancelled() => {
+                        return Disposition::Retry("shut down while another worker held its claims".into());
+                    }
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(1));
+                permit = Some(
+                    slots
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("semaphore is never closed"),
+                );
+            }
+            // The live owner's own message settles the rest.
+            Disposition::Wait { .. } => return Disposition::Ack,
+            other => return other,
+        }
+    }
+}
+
 /// Runs the handling of one message; a panic inside becomes a dead letter
 /// (`internal_error`) instead of a task that dies with its message unsettled,
 /// holding a prefetch slot for ever.
@@ -206,7 +248,10 @@ async fn settle(
 ) {
     let cfg = &pipeline.cfg;
     let result = match disposition {
-        Disposition::Ack => d.acker.ack(BasicAckOptions::default()).await,
+        // `handle` turns a wait into an ack once it is over.
+        Disposition::Ack | Disposition::Wait { .. } => {
+            d.acker.ack(BasicAckOptions::default()).await
+        }
         Disposition::Retry(reason) => {
             // Only at shutdown: back to the queue for another worker.
             warn!(%reason, "returning the event to the queue");

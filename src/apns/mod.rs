@@ -248,6 +248,7 @@ impl Apns {
                     out.attempts += 1;
                     out.environment = env;
                     let started = Instant::now();
+                    let at_ms = crate::event::now_ms();
                     // A proven token rides the trusted connections; unproven tokens and
                     // fallbacks cannot stall it there.
                     let lane = if push.proven && !out.fallback_used {
@@ -268,6 +269,7 @@ impl Apns {
                         },
                         apns_id: Some(push.apns_id.to_string()),
                         latency_ms: started.elapsed().as_millis() as u64,
+                        at_ms,
                     };
                     hooks.after(permit, record).await;
                     match sent {

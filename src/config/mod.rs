@@ -95,9 +95,10 @@ impl Default for PostgresConfig {
     fn default() -> Self {
         Self {
             url: "postgres://postgres@127.0.0.1:5432/voip_push".into(),
-            // A ring attempt holds a connection for its APNs round trip (the call's
-            // lock), so the pool is sized for the pushes in flight.
-            pool_size: 32,
+            // Rings use the batches' own connections (3) and hold none across a
+            // push; this pool serves cancels, the API and upkeep. With the
+            // liveness session, a replica opens at most 7 connections.
+            pool_size: 3,
             pool_timeout_ms: 5_000,
             synchronous_commit: false,
         }

@@ -1,169 +1,132 @@
-//! One device of one event: claim it, push it (through the call's lock for rings),
-//! learn from APNs' answer, record the outcome.
+//! One device of one event: push it (a ring looks at its call before every
+//! attempt after the first), learn from APNs' answer, record the outcome.
 
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
 
 use tracing::{info, warn};
 
 use super::{Call, Pipeline, APNS_ID_NAMESPACE, MAX_VOIP_PAYLOAD};
 use crate::apns::{AttemptHooks, AttemptRecord, DeliveryOutcome, DevicePush, FinalAction};
-use crate::event::{now_ms, now_rfc3339, token_suffix, EventType, PushResult, Status};
-use crate::store::calls::RingPermit;
-use crate::store::claims::Claim;
+use crate::event::{now_ms, now_rfc3339, token_suffix, Environment, EventType, PushResult, Status};
+use crate::store::claims::{Claim, Outcome};
 use crate::store::{Device, Store, StoreError};
 
-/// How often a worker looks again at a claim another live worker holds.
-const CLAIM_POLL: Duration = Duration::from_millis(250);
-
-/// Rings: each attempt first takes the call's lock and stops if it was cancelled.
-struct RingHooks<'a> {
+/// Collects a delivery's attempts (recorded with its outcome). For a ring, every
+/// attempt after the first is preceded by a look at the call: a cancel recorded
+/// since stops it. The first was admitted with the claim.
+struct Hooks<'a> {
     store: &'a Store,
     call_id: &'a str,
-    device_id: i64,
-    /// The first attempt's lock, taken with the claim.
-    first: std::sync::Mutex<Option<RingPermit>>,
+    /// A ring: look at the call before further attempts.
+    ring: bool,
+    first: AtomicBool,
+    attempts: Mutex<Vec<AttemptRecord>>,
 }
 
-impl AttemptHooks for RingHooks<'_> {
-    type Permit = RingPermit;
-
-    async fn before(&self) -> Result<Option<RingPermit>, String> {
-        let first = self.first.lock().expect("permit lock").take();
-        if let Some(permit) = first {
-            return Ok(Some(permit));
-        }
-        self.store
-            .ring_permit(self.call_id, self.device_id, EventType::Incoming.as_str())
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    async fn after(&self, permit: RingPermit, attempt: AttemptRecord) {
-        if let Err(e) = permit.record(&attempt).await {
-            warn!(device_id = self.device_id, error = %e, "could not record the attempt");
-        }
-    }
-}
-
-/// Cancel pushes: always allowed, recorded for the trace.
-struct CancelHooks<'a> {
-    store: &'a Store,
-    call_id: &'a str,
-    device_id: i64,
-}
-
-impl AttemptHooks for CancelHooks<'_> {
+impl AttemptHooks for Hooks<'_> {
     type Permit = ();
 
     async fn before(&self) -> Result<Option<()>, String> {
-        Ok(Some(()))
+        if !self.ring || self.first.swap(false, Ordering::Relaxed) {
+            return Ok(Some(()));
+        }
+        match self.store.is_cancelled(self.call_id).await {
+            Ok(true) => Ok(None),
+            Ok(false) => Ok(Some(())),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     async fn after(&self, _: (), attempt: AttemptRecord) {
-        let recorded = self
-            .store
-            .record_attempt(
-                self.call_id,
-                self.device_id,
-                EventType::Cancel.as_str(),
-                &attempt,
-            )
-            .await;
-        if let Err(e) = recorded {
-            warn!(device_id = self.device_id, error = %e, "could not record the attempt");
-        }
+        self.attempts.lock().expect("attempts lock").push(attempt);
     }
+}
+
+/// A push's result with what is recorded alongside it.
+pub(super) struct Pushed {
+    result: PushResult,
+    attempts: Vec<AttemptRecord>,
+    /// The environment that accepted the token.
+    success: Option<Environment>,
 }
 
 impl Pipeline {
     /// Pushes to one device at most once per event, across redeliveries,
-    /// duplicates and replicas (see `store::claims`). `None`: another worker
-    /// published (or will publish) this device's result.
+    /// duplicates and replicas, from what its claim found (see `store::claims`).
+    /// `None`: another worker published (or will publish) this device's result.
     pub(super) async fn claimed_push(
         &self,
         call: &Call<'_>,
         device: &Device,
-    ) -> Result<Option<PushResult>, StoreError> {
-        loop {
-            let timer = self.metrics.stage("claim");
-            let (claim, first) = match call.kind {
-                // A ring claims in one transaction with its first attempt's lock.
-                EventType::Incoming => {
-                    self.store
-                        .claim_for_ring(call.event_id, device.id, call.owner, &call.event.call_id)
-                        .await?
-                }
-                EventType::Cancel => (
-                    self.store
-                        .claim(call.event_id, device.id, call.owner, &call.event.call_id)
-                        .await?,
-                    None,
-                ),
-            };
-            drop(timer);
-            if matches!(claim, Claim::Push | Claim::Republish(_)) {
-                self.open_claims.add(call.event_id, device.id);
+        claim: Claim,
+    ) -> Option<PushResult> {
+        match claim {
+            Claim::Push => {
+                self.open_claims.add(call.key, device.id);
+                let timer = self.metrics.stage("deliver");
+                let pushed = self.push_device(call, device).await;
+                drop(timer);
+                let _timer = self.metrics.stage("record");
+                self.record(call, device, &pushed).await;
+                Some(pushed.result)
             }
-            match claim {
-                Claim::Push => {
-                    let timer = self.metrics.stage("deliver");
-                    let result = self.push_device(call, device, first).await;
-                    drop(timer);
-                    let _timer = self.metrics.stage("record");
-                    self.complete_claim(call.event_id, device.id, &result).await;
-                    return Ok(Some(result));
-                }
-                Claim::Republish(stored) => {
-                    info!(
-                        device_id = device.id,
-                        "already pushed by an earlier attempt; re-publishing its result"
-                    );
-                    self.metrics
-                        .retries
-                        .with_label_values(&["redelivered"])
-                        .inc();
-                    return Ok(serde_json::from_value(stored).ok());
-                }
-                Claim::Done => {
-                    info!(
-                        device_id = device.id,
-                        "already pushed and published; skipping"
-                    );
-                    return Ok(None);
-                }
-                Claim::Busy => {
-                    // Another live worker is pushing this device for this event (a
-                    // duplicate message); it publishes the result. Wait in case it
-                    // dies and its lease lapses.
-                    if Instant::now() >= call.deadline {
-                        return Ok(None);
-                    }
-                    tokio::time::sleep(CLAIM_POLL).await;
-                }
+            Claim::Republish(stored) => {
+                self.open_claims.add(call.key, device.id);
+                info!(
+                    device_id = device.id,
+                    "already pushed by an earlier attempt; re-publishing its result"
+                );
+                self.metrics
+                    .retries
+                    .with_label_values(&["redelivered"])
+                    .inc();
+                serde_json::from_value(stored).ok()
+            }
+            Claim::Done => {
+                info!(
+                    device_id = device.id,
+                    "already pushed and published; skipping"
+                );
+                None
+            }
+            Claim::Busy => {
+                // A copy of this event on a live worker holds the claim and
+                // publishes the result; the event is looked at again later
+                // (`Disposition::Wait`) in case that worker dies first.
+                info!(
+                    device_id = device.id,
+                    "another live worker is pushing this device; looking again later"
+                );
+                None
             }
         }
     }
 
-    /// Records a push's outcome in its claim. The push already happened, so this
-    /// is retried through a short database outage: until it is recorded, a retry of
-    /// the event would push the device again.
-    async fn complete_claim(&self, event_id: &str, device_id: i64, result: &PushResult) {
-        let stored = serde_json::to_value(result).expect("results serialise");
-        let recorded = super::retry::patiently("record the push in its claim", || {
-            self.store.complete_claim(event_id, device_id, &stored)
+    /// Records a push's outcome with its attempts. The push already happened, so
+    /// this is retried through a short database outage: until it is recorded, a
+    /// retry of the event would push the device again.
+    async fn record(&self, call: &Call<'_>, device: &Device, pushed: &Pushed) {
+        let outcome = Outcome {
+            event_key: call.key.to_string(),
+            device_id: device.id,
+            call_id: call.event.call_id.clone(),
+            event_type: call.kind.as_str(),
+            result: serde_json::to_value(&pushed.result).expect("results serialise"),
+            attempts: pushed.attempts.clone(),
+            success: pushed.success,
+        };
+        let recorded = super::retry::patiently("record the push's outcome", || {
+            self.store.record_outcome(outcome.clone())
         })
         .await;
         if let Err(e) = recorded {
-            warn!(device_id, error = %e, "could not record the push in its claim");
+            warn!(device_id = device.id, error = %e, "could not record the push's outcome");
         }
     }
 
-    async fn push_device(
-        &self,
-        call: &Call<'_>,
-        device: &Device,
-        first: Option<RingPermit>,
-    ) -> PushResult {
+    async fn push_device(&self, call: &Call<'_>, device: &Device) -> Pushed {
         let apns_id = uuid::Uuid::new_v5(
             &APNS_ID_NAMESPACE,
             format!("{}/{}", call.event_id, device.id).as_bytes(),
@@ -183,11 +146,15 @@ impl Pipeline {
                 bytes = call.payload.len(),
                 "VoIP payload over APNs' 5120-byte limit; not sent"
             );
-            return PushResult {
-                status: Status::Failed,
-                reason: Some("PayloadTooLarge".into()),
-                completed_at: now_rfc3339(),
-                ..base
+            return Pushed {
+                result: PushResult {
+                    status: Status::Failed,
+                    reason: Some("PayloadTooLarge".into()),
+                    completed_at: now_rfc3339(),
+                    ..base
+                },
+                attempts: Vec::new(),
+                success: None,
             };
         }
         let push = DevicePush {
@@ -200,33 +167,18 @@ impl Pipeline {
             expiration_unix: (call.expires_at_ms as u64).div_ceil(1000),
             proven: device.proven,
         };
-        let (store, call_id, device_id) = (&self.store, call.event.call_id.as_str(), device.id);
-        let out = match call.kind {
-            EventType::Incoming => {
-                let hooks = RingHooks {
-                    store,
-                    call_id,
-                    device_id,
-                    first: std::sync::Mutex::new(first),
-                };
-                self.apns
-                    .deliver(call.app, &push, &hooks, &self.metrics)
-                    .await
-            }
-            EventType::Cancel => {
-                let hooks = CancelHooks {
-                    store,
-                    call_id,
-                    device_id,
-                };
-                self.apns
-                    .deliver(call.app, &push, &hooks, &self.metrics)
-                    .await
-            }
+        let hooks = Hooks {
+            store: &self.store,
+            call_id: &call.event.call_id,
+            ring: call.kind == EventType::Incoming,
+            first: AtomicBool::new(true),
+            attempts: Mutex::new(Vec::new()),
         };
-        // A ring's success was recorded with its attempt, in the call's transaction.
-        let success_recorded = call.kind == EventType::Incoming && device.id > 0;
-        let status = self.learn(device, &out, success_recorded).await;
+        let out = self
+            .apns
+            .deliver(call.app, &push, &hooks, &self.metrics)
+            .await;
+        let status = self.learn(device, &out).await;
         if status == Status::Delivered && call.kind == EventType::Incoming {
             let e2e = (now_ms() - call.sent_at_ms).max(0) as f64 / 1000.0;
             self.metrics.end_to_end.observe(e2e);
@@ -235,7 +187,7 @@ impl Pipeline {
         info!(device_id = device.id, token = %suffix, status = status.as_str(),
             environment = out.environment.as_str(), attempts = out.attempts,
             fallback = out.fallback_used, "delivery finished");
-        PushResult {
+        let result = PushResult {
             status,
             environment: Some(out.environment),
             fallback_used: out.fallback_used,
@@ -254,18 +206,19 @@ impl Pipeline {
             latency_ms: Some(started.elapsed().as_millis() as u64),
             completed_at: now_rfc3339(),
             ..base
+        };
+        Pushed {
+            result,
+            attempts: hooks.attempts.into_inner().expect("attempts lock"),
+            success: (out.action == FinalAction::Delivered).then_some(out.environment),
         }
     }
 
     /// Applies what APNs taught us about the token; returns the result status.
-    /// A database error here is logged, not retried: the push already happened, and
-    /// re-running the event would ring the phone again.
-    async fn learn(
-        &self,
-        device: &Device,
-        out: &DeliveryOutcome,
-        success_recorded: bool,
-    ) -> Status {
+    /// (A success is recorded with the outcome.) A database error here is logged,
+    /// not retried: the push already happened, and re-running the event would
+    /// ring the phone again.
+    async fn learn(&self, device: &Device, out: &DeliveryOutcome) -> Status {
         let reason = out
             .last
             .as_ref()
@@ -273,14 +226,7 @@ impl Pipeline {
             .unwrap_or_else(|| "unknown".into());
         let result: Result<Status, StoreError> = async {
             Ok(match out.action {
-                FinalAction::Delivered => {
-                    if !success_recorded {
-                        self.store
-                            .record_success(device.id, out.environment)
-                            .await?;
-                    }
-                    Status::Delivered
-                }
+                FinalAction::Delivered => Status::Delivered,
                 FinalAction::Invalidate => {
                     self.store.invalidate(device.id, &reason, None).await?;
                     self.count_invalidation(&reason);
@@ -312,7 +258,6 @@ impl Pipeline {
         result.unwrap_or_else(|e| {
             warn!(device_id = device.id, error = %e, "could not record the delivery outcome");
             match out.action {
-                FinalAction::Delivered => Status::Delivered,
                 FinalAction::Expired => Status::Expired,
                 FinalAction::Cancelled => Status::Cancelled,
                 _ => Status::Failed,

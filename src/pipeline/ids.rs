@@ -48,6 +48,13 @@ pub(super) fn event_id(msg: &Incoming, event: &CallEvent) -> String {
     msg.event_id_or(&event.call_id, event.event_type.as_str())
 }
 
+/// The key of an event's delivery claims: its id with its call and type, so a
+/// producer that reuses message ids across calls never finds another call's
+/// claims (and silences its ring).
+pub(super) fn claim_key(event_id: &str, event: &CallEvent) -> String {
+    format!("{event_id}/{}/{}", event.event_type.as_str(), event.call_id)
+}
+
 /// The longest `message_id` taken as an event id (AMQP allows 255 bytes).
 const MAX_MESSAGE_ID_BYTES: usize = 128;
 

@@ -10,8 +10,7 @@ mod ids;
 mod publish;
 mod retry;
 
-use ids::{base_result, call_state, event_id};
-use retry::PushAllError;
+use ids::{base_result, call_state, claim_key, event_id};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,7 +26,9 @@ use crate::event::{
     Status,
 };
 use crate::metrics::Metrics;
+use crate::store::admit::Ring;
 use crate::store::calls::CallState;
+use crate::store::claims::Claim;
 use crate::store::{Device, Store};
 
 /// A message as taken from the queue.
@@ -52,6 +53,11 @@ pub enum Disposition {
     Retry(String),
     /// Never handleable: to the dead-letter queue with this reason.
     DeadLetter { kind: &'static str, message: String },
+    /// Some devices' claims are held by a copy of the event on a live worker:
+    /// look again later (they may be published, or their owner may die), without
+    /// holding a slot meanwhile. Past `until` (the ring deadline) the owner's own
+    /// message settles them: ack.
+    Wait { until: Instant },
 }
 
 /// Namespace of the stable `apns-id`s: UUIDv5(namespace, event id + device id), so
@@ -79,6 +85,8 @@ struct Call<'a> {
     /// Rings or cancel pushes.
     kind: EventType,
     event_id: &'a str,
+    /// The key of its delivery claims.
+    key: &'a str,
     payload: bytes::Bytes,
     deadline: Instant,
     expires_at_ms: i64,
@@ -91,10 +99,12 @@ struct Call<'a> {
 impl<'a> Call<'a> {
     /// The pushes of `event` (rings or cancel pushes, by its type), due before
     /// `expires_at_ms`.
+    #[allow(clippy::too_many_arguments)]
     fn new(
         app: &'a App,
         event: &'a CallEvent,
         event_id: &'a str,
+        key: &'a str,
         base: &'a PushResult,
         owner: &'a str,
         sent_at_ms: i64,
@@ -106,6 +116,7 @@ impl<'a> Call<'a> {
             event,
             kind: event.event_type,
             event_id,
+            key,
             payload: bytes::Bytes::from(
                 event.device_payload(sent_at_ms, expires_at_ms).to_string(),
             ),
@@ -154,33 +165,35 @@ impl Pipeline {
 
     async fn initiate(&self, msg: &Incoming, event: &CallEvent, app: &App) -> Disposition {
         let event_id = event_id(msg, event);
+        let key = claim_key(&event_id, event);
         let (sent_at_ms, expires_at_ms) = self.ring_window(msg, event);
-        // Independent: both go out at once (each batched with other events').
         let timer = self.metrics.stage("resolve");
-        let (state, devices) = tokio::join!(
-            self.store.open_call(
-                &event.call_id,
-                &app.config.bundle_id,
-                &event.to_user_id,
-                expires_at_ms,
-            ),
-            self.store
-                .live_devices(&event.to_user_id, &app.config.bundle_id)
-        );
+        // One statement (shared with concurrent rings) opens the call, finds the
+        // devices and claims them, unless the ring is already too late.
+        let admitted = self
+            .store
+            .admit_ring(Ring {
+                key: key.clone(),
+                call_id: event.call_id.clone(),
+                bundle_id: app.config.bundle_id.clone(),
+                user_id: event.to_user_id.clone(),
+                ring_deadline_ms: expires_at_ms,
+                owner: msg.claim_owner.clone(),
+                claim: expires_at_ms > now_ms(),
+                devices: None,
+            })
+            .await;
         drop(timer);
-        let state = match state {
-            Ok(s) => s,
-            Err(e) => return self.retry("open the call", e),
-        };
-        let devices = match devices {
-            Ok(d) => d,
-            Err(e) => return self.retry("resolve devices", e),
+        let admitted = match admitted {
+            Ok(a) => a,
+            Err(e) => return self.retry("admit the ring", e),
         };
         let base = base_result(&event_id, event, app);
         let per_device = |status: Status, reason: &str| -> Vec<PushResult> {
-            devices
+            admitted
+                .devices
                 .iter()
-                .map(|d| PushResult {
+                .map(|(d, _)| PushResult {
                     device_id: Some(d.id),
                     token_suffix: Some(token_suffix(&d.token)),
                     status,
@@ -193,16 +206,21 @@ impl Pipeline {
 
         let remaining_ms = expires_at_ms - now_ms();
         // The results of an event that is not pushed at all; `None`: push.
-        let not_pushed: Option<Vec<PushResult>> = if devices.is_empty() {
+        let not_pushed: Option<Vec<PushResult>> = if admitted.devices.is_empty() {
             info!(to_user_id = %event.to_user_id, "user has no live device for this app");
             Some(vec![PushResult {
                 completed_at: now_rfc3339(),
                 ..base.clone()
             }])
-        } else if state == CallState::Cancelled {
+        } else if admitted.state == Some(CallState::Cancelled) {
             info!("call was cancelled before its ring went out; not pushed");
             Some(per_device(Status::Cancelled, "call cancelled"))
-        } else if remaining_ms <= 0 {
+        } else if remaining_ms <= 0
+            && !admitted
+                .devices
+                .iter()
+                .any(|(_, c)| matches!(c, Claim::Push | Claim::Republish(_)))
+        {
             warn!(
                 late_ms = -remaining_ms,
                 "call event arrived after its ring deadline; not pushed"
@@ -218,7 +236,7 @@ impl Pipeline {
         let results = if let Some(not_pushed) = not_pushed {
             let settled = call_state(&not_pushed);
             if let Err(reason) = self
-                .publish_and_mark(&event_id, &not_pushed, Some((&event.call_id, settled)))
+                .publish_and_mark(&key, &not_pushed, Some((&event.call_id, settled)))
                 .await
             {
                 return Disposition::Retry(reason);
@@ -229,20 +247,26 @@ impl Pipeline {
                 app,
                 event,
                 &event_id,
+                &key,
                 &base,
                 &msg.claim_owner,
                 sent_at_ms,
                 expires_at_ms,
             );
-            let results = match self.push_all(&call, &devices).await {
+            let (results, busy) = match self.push_all(&call, admitted.devices).await {
                 Ok(r) => r,
-                Err(e) => return e.disposition(self, "claim a delivery"),
+                Err(reason) => return Disposition::Retry(reason),
             };
             // A copy of the event that published nothing leaves the call to the
             // copy that did.
             if !results.is_empty() {
-                self.settle_call(&event_id, &event.call_id, call_state(&results))
+                self.settle_call(&key, &event.call_id, call_state(&results))
                     .await;
+            }
+            if busy {
+                return Disposition::Wait {
+                    until: call.deadline,
+                };
             }
             results
         };
@@ -259,11 +283,12 @@ impl Pipeline {
     }
 
     /// A cancel: record it (which stops every ring not yet sent, here or in any
-    /// replica), then send a `call.cancel` push to each device already rung, except
-    /// the one that answered, so an undelivered ring is replaced and a ringing
-    /// phone stops.
+    /// replica, and waits for the rings in flight), then send a `call.cancel`
+    /// push to each device already rung, except the one that answered, so an
+    /// undelivered ring is replaced and a ringing phone stops.
     async fn cancel(&self, msg: &Incoming, event: &CallEvent, app: &App) -> Disposition {
         let event_id = event_id(msg, event);
+        let key = claim_key(&event_id, event);
         let ring_deadline = match self
             .store
             .cancel_call(
@@ -316,41 +341,61 @@ impl Pipeline {
                 app,
                 event,
                 &event_id,
+                &key,
                 &base,
                 &msg.claim_owner,
                 sent_at_ms,
                 expires_at_ms,
             );
-            if let Err(e) = self.push_all(&call, &devices).await {
-                return e.disposition(self, "claim a cancel push");
+            let mut claims = Vec::with_capacity(devices.len());
+            for d in devices {
+                let claimed = self
+                    .store
+                    .claim(
+                        &key,
+                        d.id,
+                        call.owner,
+                        &event.call_id,
+                        EventType::Cancel.as_str(),
+                    )
+                    .await;
+                match claimed {
+                    Ok(c) => claims.push((d, c)),
+                    Err(e) => return self.retry("claim a cancel push", e),
+                }
+            }
+            match self.push_all(&call, claims).await {
+                Err(reason) => return Disposition::Retry(reason),
+                Ok((_, true)) => {
+                    return Disposition::Wait {
+                        until: call.deadline,
+                    }
+                }
+                Ok(_) => {}
             }
         }
         self.metrics.events.with_label_values(&["cancel"]).inc();
         Disposition::Ack
     }
 
-    /// Claims and pushes every device at once, and publishes each device's result
+    /// Pushes every claimed device at once, and publishes each device's result
     /// as soon as it is known; a device another copy of the event owns yields no
     /// result here. Publishing per device matters: two copies of one event that
-    /// split its devices each wait for the other's claims, and publishing only
-    /// once every device was done made them wait for each other until the ring
-    /// deadline.
+    /// split its devices each leave the other's devices to it, and each device's
+    /// result goes out as soon as it is known. Also says whether a live
+    /// worker holds some of the claims. `Err`: a result could not be published.
     async fn push_all(
         &self,
         call: &Call<'_>,
-        devices: &[Device],
-    ) -> Result<Vec<PushResult>, PushAllError> {
-        let done = join_all(devices.iter().map(|d| async move {
-            let Some(result) = self
-                .claimed_push(call, d)
-                .await
-                .map_err(PushAllError::Claim)?
-            else {
-                return Ok(None);
+        claims: Vec<(Device, Claim)>,
+    ) -> Result<(Vec<PushResult>, bool), String> {
+        let busy = claims.iter().any(|(_, c)| *c == Claim::Busy);
+        let done = join_all(claims.into_iter().map(|(d, claim)| async move {
+            let Some(result) = self.claimed_push(call, &d, claim).await else {
+                return Ok::<_, String>(None);
             };
-            self.publish_and_mark(call.event_id, std::slice::from_ref(&result), None)
-                .await
-                .map_err(PushAllError::Publish)?;
+            self.publish_and_mark(call.key, std::slice::from_ref(&result), None)
+                .await?;
             Ok(Some(result))
         }))
         .await;
@@ -360,6 +405,6 @@ impl Pipeline {
                 results.push(result);
             }
         }
-        Ok(results)
+        Ok((results, busy))
     }
 }

@@ -94,21 +94,6 @@ impl Pipeline {
     }
 }
 
-/// Why `push_all` stopped: the event is tried again.
-pub(super) enum PushAllError {
-    Claim(StoreError),
-    Publish(String),
-}
-
-impl PushAllError {
-    pub(super) fn disposition(self, pipeline: &Pipeline, step: &str) -> Disposition {
-        match self {
-            PushAllError::Claim(e) => pipeline.retry(step, e),
-            PushAllError::Publish(reason) => Disposition::Retry(reason),
-        }
-    }
-}
-
 /// How long a store write that must follow a push is retried (a database restart
 /// takes a few seconds).
 const STORE_PATIENCE: Duration = Duration::from_secs(30);

@@ -1,15 +1,18 @@
 //! Calls as state, and the record of every APNs attempt.
 //!
-//! The guarantee that a cancelled call never rings again rests on one lock: each
-//! ring attempt holds a `FOR SHARE` lock on its call's row from the check "not
-//! cancelled" until the attempt is recorded, and a cancel's `UPDATE` waits for
-//! those locks. So every ring either happened before the cancel was recorded
-//! (and is in `delivery_attempts` when the cancel looks for rung devices) or sees
-//! the cancel and does not go out.
+//! The guarantee that a cancelled call never rings after its cancel was recorded
+//! rests on the call's row and the rings' claims, with no lock held across a
+//! push. A ring is admitted (claimed) in a statement that locks the call's row
+//! (see `admit`); a cancel first marks the row `cancelled`, so a ring either was
+//! admitted before (its claim is committed) or sees the mark and is not sent; a
+//! ring retrying looks at the mark before each further attempt. The cancel then
+//! waits, holding no connection, until every admitted ring of the call has its
+//! outcome recorded (or its owner is dead), and only then records `cancelled_at`.
+//! So every ring either went out before `cancelled_at` (and is in
+//! `delivery_attempts` when the cancel looks for rung devices) or never does.
 
 use std::time::Duration;
 
-use deadpool_postgres::Object;
 use serde::Serialize;
 
 use super::{Store, StoreError};
@@ -36,7 +39,7 @@ impl CallState {
         }
     }
 
-    fn parse(s: &str) -> Self {
+    pub(super) fn parse(s: &str) -> Self {
         match s {
             "delivered" => CallState::Delivered,
             "failed" => CallState::Failed,
@@ -56,6 +59,8 @@ pub struct AttemptRecord {
     pub reason: Option<String>,
     pub apns_id: Option<String>,
     pub latency_ms: u64,
+    /// When the request was sent, ms since epoch.
+    pub at_ms: i64,
 }
 
 /// A device that accepted a ring, for its cancel push.
@@ -66,160 +71,24 @@ pub struct RungDevice {
     pub environment: Option<Environment>,
 }
 
-/// A ring attempt's hold on its call: an open transaction with the call's row
-/// locked `FOR SHARE`. Dropped without [`RingPermit::record`], its connection is
-/// detached from the pool so an open transaction never goes back to it.
-pub struct RingPermit {
-    client: Option<Object>,
-    call_id: String,
-    device_id: i64,
-    event_type: &'static str,
-}
+/// How long a cancel waits for the rings of its call in flight, at most.
+const RING_WAIT_CAP: Duration = Duration::from_secs(15);
 
-impl Drop for RingPermit {
-    fn drop(&mut self) {
-        if let Some(client) = self.client.take() {
-            drop(Object::take(client));
-        }
-    }
-}
-
-const INSERT_ATTEMPT: &str = "INSERT INTO delivery_attempts
-    (call_id, device_id, event_type, environment, apns_status, reason, apns_id, latency_ms)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
-
-const RECORD_RING_ATTEMPT: &str = "WITH success AS (
-        UPDATE devices SET last_success_at = now(), environment = $4
-        WHERE id = $2 AND $2 > 0 AND $5::smallint = 200
-    )
-    INSERT INTO delivery_attempts
-    (call_id, device_id, event_type, environment, apns_status, reason, apns_id, latency_ms)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
-
-/// The call's row, locked until the attempt is recorded.
-pub(super) const LOCK_CALL: &str = "SELECT state FROM calls WHERE call_id = $1 FOR SHARE";
-
-impl RingPermit {
-    /// The permit of a connection inside a transaction (the one that claimed
-    /// the delivery) that read the call's row with [`LOCK_CALL`]: `None` when
-    /// the call was cancelled.
-    pub async fn locked(
-        client: Object,
-        call_id: &str,
-        device_id: i64,
-        row: Option<tokio_postgres::Row>,
-    ) -> Result<Option<Self>, StoreError> {
-        RingPermit {
-            client: Some(client),
-            call_id: call_id.to_string(),
-            device_id,
-            event_type: "call.incoming",
-        }
-        .unless_cancelled(row)
-        .await
-    }
-
-    /// The permit, or `None` (transaction rolled back) when the call's row says
-    /// it was cancelled.
-    async fn unless_cancelled(
-        mut self,
-        row: Option<tokio_postgres::Row>,
-    ) -> Result<Option<Self>, StoreError> {
-        if row.is_some_and(|r| CallState::parse(r.get(0)) == CallState::Cancelled) {
-            let client = self.client.take().expect("a live permit");
-            if client.batch_execute("ROLLBACK").await.is_err() {
-                drop(Object::take(client));
-            }
-            return Ok(None);
-        }
-        Ok(Some(self))
-    }
-
-    /// Records the attempt (and a success on the device, for devices of our own
-    /// table) and releases the call.
-    pub async fn record(mut self, a: &AttemptRecord) -> Result<(), StoreError> {
-        let client = self.client.take().expect("a permit records once");
-        let result = async {
-            // One statement records the attempt and, on success, the device's
-            // success and learned environment (what `Store::record_success` does).
-            let stmt = client.prepare_cached(RECORD_RING_ATTEMPT).await?;
-            let status = a.apns_status.map(|s| s as i16);
-            let latency = a.latency_ms.min(i32::MAX as u64) as i32;
-            let environment = a.environment.as_str();
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
-                &self.call_id,
-                &self.device_id,
-                &self.event_type,
-                &environment,
-                &status,
-                &a.reason,
-                &a.apns_id,
-                &latency,
-            ];
-            let insert = client.execute(&stmt, &params);
-            // Pipelined: one round trip for the insert and the commit.
-            let (inserted, committed) = tokio::join!(insert, client.batch_execute("COMMIT"));
-            inserted?;
-            committed?;
-            Ok::<_, StoreError>(())
-        }
-        .await;
-        if result.is_err() {
-            drop(Object::take(client));
-        }
-        result
-    }
-}
-
-/// A call to open (see [`Store::open_call`]).
-#[derive(Clone, Debug)]
-pub struct OpenCall {
-    call_id: String,
-    bundle_id: String,
-    to_user_id: String,
-    ring_deadline_ms: i64,
-}
-
-/// Opens many calls in one statement; each request gets its call's state.
-async fn open_calls(
+/// Which of these calls are cancelled, in one statement.
+async fn cancelled_calls(
     pool: deadpool_postgres::Pool,
-    reqs: Vec<OpenCall>,
-) -> Result<Vec<CallState>, StoreError> {
-    // One row per call: ON CONFLICT cannot touch a row twice in one statement.
-    // Sorted, so two batches lock shared rows in the same order.
-    let mut unique: Vec<&OpenCall> = reqs.iter().collect();
-    unique.sort_unstable_by(|a, b| a.call_id.cmp(&b.call_id));
-    unique.dedup_by(|a, b| a.call_id == b.call_id);
-    let ids: Vec<&str> = unique.iter().map(|r| r.call_id.as_str()).collect();
-    let bundles: Vec<&str> = unique.iter().map(|r| r.bundle_id.as_str()).collect();
-    let users: Vec<&str> = unique.iter().map(|r| r.to_user_id.as_str()).collect();
-    let deadlines: Vec<i64> = unique.iter().map(|r| r.ring_deadline_ms).collect();
+    ids: Vec<String>,
+) -> Result<Vec<bool>, StoreError> {
     let client = pool.get().await?;
     let stmt = client
-        .prepare_cached(
-            "INSERT INTO calls (call_id, bundle_id, to_user_id, ring_deadline)
-             SELECT c, b, u, to_timestamp(d / 1000.0)
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS k(c, b, u, d)
-             ON CONFLICT (call_id) DO UPDATE
-                 SET ring_deadline = COALESCE(calls.ring_deadline, EXCLUDED.ring_deadline)
-             RETURNING call_id, state",
-        )
+        .prepare_cached("SELECT call_id FROM calls WHERE call_id = ANY($1) AND state = 'cancelled'")
         .await?;
-    let rows = client
-        .query(&stmt, &[&ids, &bundles, &users, &deadlines])
-        .await?;
-    let states: std::collections::HashMap<&str, CallState> = rows
+    let rows = client.query(&stmt, &[&ids]).await?;
+    let cancelled: std::collections::HashSet<&str> = rows.iter().map(|r| r.get(0)).collect();
+    Ok(ids
         .iter()
-        .map(|r| (r.get(0), CallState::parse(r.get(1))))
-        .collect();
-    reqs.iter()
-        .map(|r| {
-            states
-                .get(r.call_id.as_str())
-                .copied()
-                .ok_or_else(|| StoreError::Batch(format!("call {} was not opened", r.call_id)))
-        })
-        .collect()
+        .map(|id| cancelled.contains(id.as_str()))
+        .collect())
 }
 
 /// A call with every delivery and attempt (CONTRACT §10).
@@ -271,34 +140,11 @@ fn ts(column: &str) -> String {
 }
 
 impl Store {
-    /// Opens (or joins) a call for an initiate; returns its state — `Cancelled`
-    /// when its cancel came first.
-    pub async fn open_call(
-        &self,
-        call_id: &str,
-        bundle_id: &str,
-        to_user_id: &str,
-        ring_deadline_ms: i64,
-    ) -> Result<CallState, StoreError> {
-        let req = OpenCall {
-            call_id: call_id.to_string(),
-            bundle_id: bundle_id.to_string(),
-            to_user_id: to_user_id.to_string(),
-            ring_deadline_ms,
-        };
-        super::batcher(
-            "open_call",
-            &self.batches.open_call,
-            &self.batches,
-            open_calls,
-        )
-        .call(req)
-        .await
-    }
-
-    /// Records a cancel (creating the call if its initiate has not arrived). Waits
-    /// for ring attempts under way to be recorded. Returns the ring deadline
-    /// (ms since epoch) when the call had one.
+    /// Records a cancel (creating the call if its initiate has not arrived):
+    /// marks the call cancelled, so no further ring is admitted or attempted,
+    /// waits for the rings already admitted to be answered, then records
+    /// `cancelled_at`. Returns the ring deadline (ms since epoch) when the call
+    /// had one.
     pub async fn cancel_call(
         &self,
         call_id: &str,
@@ -315,13 +161,11 @@ impl Store {
             .await?;
         let row = tx
             .query_one(
-                "INSERT INTO calls (call_id, bundle_id, to_user_id, state, cancelled_at, settled_at,
-                                    cancel_reason, answered_device_id)
-                 VALUES ($1, $2, $3, 'cancelled', clock_timestamp(), clock_timestamp(), $4, $5)
+                "INSERT INTO calls (call_id, bundle_id, to_user_id, state, cancel_reason,
+                                    answered_device_id)
+                 VALUES ($1, $2, $3, 'cancelled', $4, $5)
                  ON CONFLICT (call_id) DO UPDATE SET
                      state = 'cancelled',
-                     cancelled_at = COALESCE(calls.cancelled_at, clock_timestamp()),
-                     settled_at = COALESCE(calls.settled_at, clock_timestamp()),
                      cancel_reason = COALESCE(calls.cancel_reason, EXCLUDED.cancel_reason),
                      answered_device_id = COALESCE(calls.answered_device_id, EXCLUDED.answered_device_id)
                  RETURNING (extract(epoch FROM ring_deadline) * 1000)::bigint",
@@ -329,64 +173,61 @@ impl Store {
             )
             .await?;
         tx.commit().await?;
-        Ok(row.get(0))
-    }
-
-    /// Before a ring attempt: `None` if the call was cancelled, else a permit
-    /// holding the call until the attempt is recorded.
-    pub async fn ring_permit(
-        &self,
-        call_id: &str,
-        device_id: i64,
-        event_type: &'static str,
-    ) -> Result<Option<RingPermit>, StoreError> {
+        drop(client);
+        let ring_deadline: Option<i64> = row.get(0);
+        self.wait_for_rings(call_id, ring_deadline).await?;
         let client = self.pool.get().await?;
-        let permit = RingPermit {
-            client: Some(client),
-            call_id: call_id.to_string(),
-            device_id,
-            event_type,
-        };
-        let client = permit.client.as_ref().expect("just set");
-        let stmt = client.prepare_cached(LOCK_CALL).await?;
-        // Pipelined: BEGIN and the locking read in one round trip.
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&call_id];
-        let (began, row) = tokio::join!(
-            client.batch_execute("BEGIN"),
-            client.query_opt(&stmt, &params)
-        );
-        began?;
-        permit.unless_cancelled(row?).await
-    }
-
-    /// Records an attempt outside any call lock (cancel pushes).
-    pub async fn record_attempt(
-        &self,
-        call_id: &str,
-        device_id: i64,
-        event_type: &str,
-        a: &AttemptRecord,
-    ) -> Result<(), StoreError> {
-        let client = self.pool.get().await?;
-        let stmt = client.prepare_cached(INSERT_ATTEMPT).await?;
-        let status = a.apns_status.map(|s| s as i16);
-        let latency = a.latency_ms.min(i32::MAX as u64) as i32;
         client
             .execute(
-                &stmt,
-                &[
-                    &call_id,
-                    &device_id,
-                    &event_type,
-                    &a.environment.as_str(),
-                    &status,
-                    &a.reason,
-                    &a.apns_id,
-                    &latency,
-                ],
+                "UPDATE calls SET cancelled_at = COALESCE(cancelled_at, clock_timestamp()),
+                                  settled_at = COALESCE(settled_at, clock_timestamp())
+                 WHERE call_id = $1",
+                &[&call_id],
             )
             .await?;
+        Ok(ring_deadline)
+    }
+
+    /// Waits (polling, no connection held in between) until no ring of the call
+    /// is in flight, for at most the ring deadline or [`RING_WAIT_CAP`]. An
+    /// attempt in flight ends within its request timeout; a ring between attempts
+    /// sees the cancel at its next one.
+    async fn wait_for_rings(
+        &self,
+        call_id: &str,
+        ring_deadline_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let cap = tokio::time::Instant::now() + RING_WAIT_CAP;
+        let until = match ring_deadline_ms {
+            Some(ms) => {
+                let left = (ms - crate::event::now_ms()).max(0) as u64;
+                cap.min(tokio::time::Instant::now() + Duration::from_millis(left))
+            }
+            None => cap,
+        };
+        let mut pause = Duration::from_millis(5);
+        while self.rings_in_flight(call_id).await? > 0 {
+            if tokio::time::Instant::now() >= until {
+                tracing::warn!(%call_id, "rings of the cancelled call still unanswered; going on");
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
         Ok(())
+    }
+
+    /// Whether the call was cancelled (before a further ring attempt), batched
+    /// with concurrent checks.
+    pub async fn is_cancelled(&self, call_id: &str) -> Result<bool, StoreError> {
+        super::batcher(
+            "is_cancelled",
+            &self.batches.is_cancelled,
+            &self.batches,
+            cancelled_calls,
+        )
+        .call(call_id.to_string())
+        .await
     }
 
     /// Devices that accepted a ring of this call.

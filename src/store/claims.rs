@@ -1,16 +1,20 @@
 //! Delivery claims: at most one push per (event, device), across redeliveries,
 //! duplicates and replicas.
 //!
-//! A worker claims a row before pushing and keeps its lease alive while it works;
-//! a redelivered event finds the row and either re-publishes the stored result
-//! (the worker died after the push) or waits for the live owner. The one window
-//! left is a crash between APNs' answer and `complete`: the push happened but the
-//! row does not say so, and the next claimant pushes again.
+//! A worker claims a row before pushing (for rings, in the admitting statement,
+//! see `admit`) and keeps its lease alive while it works; a redelivered event
+//! finds the row and either re-publishes the stored result (the worker died after
+//! the push), takes it over (its owner is dead: its liveness lock is free, see
+//! `liveness`, or its lease lapsed), or leaves it to the live owner, whose own
+//! copy of the message publishes the result. The one window left is a crash
+//! between sending a push and recording its outcome: the row does not say it was
+//! pushed, and the next claimant pushes again.
 
 use std::time::Duration;
 
-use super::calls::CallState;
+use super::calls::{AttemptRecord, CallState};
 use super::{Store, StoreError};
+use crate::event::Environment;
 
 /// How long a claim outlives its owner's last renewal. Owners renew every
 /// [`LEASE_RENEW_EVERY`], so a live owner never lapses; a dead one frees its claims
@@ -28,7 +32,7 @@ pub enum Claim {
     Republish(serde_json::Value),
     /// Done: result already published.
     Done,
-    /// A live worker holds it.
+    /// A live worker holds it and publishes its result; nothing to do here.
     Busy,
 }
 
@@ -62,12 +66,19 @@ impl OpenClaims {
     }
 }
 
-/// A claim's recorded result (see [`Store::complete_claim`]).
+/// A push's outcome to record (see [`Store::record_outcome`]).
 #[derive(Clone, Debug)]
-pub struct Completed {
-    event_key: String,
-    device_id: i64,
-    result: serde_json::Value,
+pub struct Outcome {
+    pub event_key: String,
+    pub device_id: i64,
+    pub call_id: String,
+    pub event_type: &'static str,
+    /// The result event, stored in the claim.
+    pub result: serde_json::Value,
+    /// Every APNs request of the delivery.
+    pub attempts: Vec<AttemptRecord>,
+    /// The environment that accepted the token (our devices only).
+    pub success: Option<Environment>,
 }
 
 /// An event whose results the broker confirmed (see [`Store::finish_event`]).
@@ -78,27 +89,101 @@ pub struct Finished {
     settle: Option<(String, CallState)>,
 }
 
-/// Records many claims' results in one statement.
-async fn complete_claims(
+/// Records many pushes' outcomes in one statement: each claim's result, every
+/// attempt, and the devices that accepted a push (their learned environment).
+async fn record_outcomes(
     pool: deadpool_postgres::Pool,
-    reqs: Vec<Completed>,
+    reqs: Vec<Outcome>,
 ) -> Result<Vec<()>, StoreError> {
     let events: Vec<&str> = reqs.iter().map(|r| r.event_key.as_str()).collect();
     let devices: Vec<i64> = reqs.iter().map(|r| r.device_id).collect();
     let results: Vec<&serde_json::Value> = reqs.iter().map(|r| &r.result).collect();
+    let (success_ids, success_envs): (Vec<i64>, Vec<&str>) = reqs
+        .iter()
+        .filter(|r| r.device_id > 0)
+        .filter_map(|r| r.success.map(|e| (r.device_id, e.as_str())))
+        .unzip();
+    let mut a = AttemptColumns::default();
+    for r in &reqs {
+        for attempt in &r.attempts {
+            a.push(&r.call_id, r.device_id, r.event_type, attempt);
+        }
+    }
     let client = pool.get().await?;
-    // `event_key = ANY` keeps the plan on the primary key whatever the batch size.
+    // `= ANY` keeps the plans on the primary keys whatever the batch size.
     let stmt = client
         .prepare_cached(
-            "UPDATE delivery_claims c SET result = k.r
-             FROM unnest($1::text[], $2::bigint[], $3::jsonb[]) AS k(e, d, r)
-             WHERE c.event_key = ANY($1) AND c.event_key = k.e AND c.device_id = k.d",
+            "WITH claim AS (
+                 UPDATE delivery_claims c SET result = k.r
+                 FROM unnest($1::text[], $2::bigint[], $3::jsonb[]) AS k(e, d, r)
+                 WHERE c.event_key = ANY($1) AND c.event_key = k.e AND c.device_id = k.d
+             ), success AS (
+                 UPDATE devices d SET last_success_at = now(), environment = k.env
+                 FROM unnest($4::bigint[], $5::text[]) AS k(id, env)
+                 WHERE d.id = ANY($4) AND d.id = k.id
+             )
+             INSERT INTO delivery_attempts
+                 (call_id, device_id, event_type, at, environment, apns_status, reason, apns_id,
+                  latency_ms)
+             SELECT c, d, t, to_timestamp(at / 1000.0), e, s, r, i, l
+             FROM unnest($6::text[], $7::bigint[], $8::text[], $9::bigint[], $10::text[],
+                         $11::smallint[], $12::text[], $13::text[], $14::int[])
+                 AS k(c, d, t, at, e, s, r, i, l)",
         )
         .await?;
-    client
-        .execute(&stmt, &[&events, &devices, &results])
-        .await?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 14] = [
+        &events,
+        &devices,
+        &results,
+        &success_ids,
+        &success_envs,
+        &a.call_ids,
+        &a.device_ids,
+        &a.event_types,
+        &a.at_ms,
+        &a.environments,
+        &a.statuses,
+        &a.reasons,
+        &a.apns_ids,
+        &a.latencies,
+    ];
+    client.execute(&stmt, &params).await?;
     Ok(vec![(); reqs.len()])
+}
+
+/// `delivery_attempts` rows as columns, for `unnest`.
+#[derive(Default)]
+struct AttemptColumns<'a> {
+    call_ids: Vec<&'a str>,
+    device_ids: Vec<i64>,
+    event_types: Vec<&'a str>,
+    at_ms: Vec<i64>,
+    environments: Vec<&'static str>,
+    statuses: Vec<Option<i16>>,
+    reasons: Vec<Option<&'a str>>,
+    apns_ids: Vec<Option<&'a str>>,
+    latencies: Vec<i32>,
+}
+
+impl<'a> AttemptColumns<'a> {
+    fn push(
+        &mut self,
+        call_id: &'a str,
+        device_id: i64,
+        event_type: &'a str,
+        a: &'a AttemptRecord,
+    ) {
+        self.call_ids.push(call_id);
+        self.device_ids.push(device_id);
+        self.event_types.push(event_type);
+        self.at_ms.push(a.at_ms);
+        self.environments.push(a.environment.as_str());
+        self.statuses.push(a.apns_status.map(|s| s as i16));
+        self.reasons.push(a.reason.as_deref());
+        self.apns_ids.push(a.apns_id.as_deref());
+        self.latencies
+            .push(a.latency_ms.min(i32::MAX as u64) as i32);
+    }
 }
 
 /// Marks many events' claims published and settles their calls. A call stays
@@ -165,27 +250,37 @@ async fn finish_events(
     Ok(vec![(); reqs.len()])
 }
 
-/// Takes (or takes over) the claim of (event, device); returns the stored result
-/// when an earlier owner recorded one, no row when a live owner holds it.
-const CLAIM: &str =
-    "INSERT INTO delivery_claims (event_key, device_id, owner, lease_until, call_id, worker_id)
-     VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, split_part($3, '/', 1))
+/// When a claim not yet published may be taken: by its own owner (the same
+/// message, tried again), when its lease lapsed, or when its owner is dead —
+/// its liveness lock (class [`super::liveness::LOCK_CLASS`]) is free.
+macro_rules! take_over {
+    () => {
+        "delivery_claims.published_at IS NULL
+         AND (delivery_claims.owner = EXCLUDED.owner OR delivery_claims.lease_until < now()
+              OR pg_try_advisory_xact_lock_shared(1987082033,
+                                                  hashtext(COALESCE(delivery_claims.worker_id, ''))))"
+    };
+}
+pub(super) const TAKE_OVER: &str = take_over!();
+
+/// Takes (or takes over) the claim of (event, device) for a cancel push;
+/// returns the stored result when an earlier owner recorded one, no row when a
+/// live owner holds it.
+const CLAIM: &str = concat!(
+    "INSERT INTO delivery_claims (event_key, device_id, owner, lease_until, call_id, worker_id,
+                                  event_type)
+     VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, split_part($3, '/', 1), $6)
      ON CONFLICT (event_key, device_id) DO UPDATE
          SET owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until,
              worker_id = EXCLUDED.worker_id
-         WHERE delivery_claims.published_at IS NULL
-           AND (delivery_claims.lease_until < now() OR delivery_claims.owner = EXCLUDED.owner)
-     RETURNING result";
+         WHERE ",
+    take_over!(),
+    "
+     RETURNING result"
+);
 
 const CLAIM_PUBLISHED: &str =
     "SELECT published_at IS NOT NULL FROM delivery_claims WHERE event_key = $1 AND device_id = $2";
-
-/// Drops a connection whose transaction is in an unknown state instead of
-/// returning it to the pool.
-fn detach(client: deadpool_postgres::Object, e: tokio_postgres::Error) -> StoreError {
-    drop(deadpool_postgres::Object::take(client));
-    e.into()
-}
 
 /// What an unsuccessful claim (no row returned) means.
 fn claim_not_taken(row: Option<tokio_postgres::Row>) -> Claim {
@@ -204,21 +299,27 @@ fn claim_taken(result: Option<serde_json::Value>) -> Claim {
 }
 
 impl Store {
-    /// Claims (event, device) for `owner`, taking over a lapsed lease.
+    /// Claims (event, device) for `owner`, taking over a dead owner's claim.
     pub async fn claim(
         &self,
         event_key: &str,
         device_id: i64,
         owner: &str,
         call_id: &str,
+        event_type: &str,
     ) -> Result<Claim, StoreError> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(CLAIM).await?;
         let lease = LEASE.as_secs_f64();
-        if let Some(row) = client
-            .query_opt(&stmt, &[&event_key, &device_id, &owner, &lease, &call_id])
-            .await?
-        {
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+            &event_key,
+            &device_id,
+            &owner,
+            &lease,
+            &call_id,
+            &event_type,
+        ];
+        if let Some(row) = client.query_opt(&stmt, &params).await? {
             return Ok(claim_taken(row.get(0)));
         }
         let row = client
@@ -227,76 +328,39 @@ impl Store {
         Ok(claim_not_taken(row))
     }
 
-    /// [`Store::claim`] for a ring, in one transaction with the first attempt's
-    /// call lock: on `Push`, the claim commits with that attempt's record (one
-    /// commit fewer per ring), and a worker that dies before leaves no claim.
-    /// The permit is `None` when the call was cancelled.
-    pub async fn claim_for_ring(
-        &self,
-        event_key: &str,
-        device_id: i64,
-        owner: &str,
-        call_id: &str,
-    ) -> Result<(Claim, Option<super::calls::RingPermit>), StoreError> {
-        let client = self.pool.get().await?;
-        let stmt = client.prepare_cached(CLAIM).await?;
-        let lock = client.prepare_cached(super::calls::LOCK_CALL).await?;
-        let lease = LEASE.as_secs_f64();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-            [&event_key, &device_id, &owner, &lease, &call_id];
-        let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&call_id];
-        // Pipelined: BEGIN, the claim and the call lock in one round trip. The
-        // lock is taken even when the claim is not ours; it goes with the commit.
-        let (began, row, call) = tokio::join!(
-            client.batch_execute("BEGIN"),
-            client.query_opt(&stmt, &params),
-            client.query_opt(&lock, &lock_params)
-        );
-        let (row, call) = match began.and(row).and_then(|r| call.map(|c| (r, c))) {
-            Ok(r) => r,
-            Err(e) => return Err(detach(client, e)),
-        };
-        let claim = match row {
-            Some(r) => claim_taken(r.get(0)),
-            None => match client
-                .query_opt(CLAIM_PUBLISHED, &[&event_key, &device_id])
-                .await
-            {
-                Ok(r) => claim_not_taken(r),
-                Err(e) => return Err(detach(client, e)),
-            },
-        };
-        if claim != Claim::Push {
-            // A lapsed lease taken over (Republish) must be kept.
-            if let Err(e) = client.batch_execute("COMMIT").await {
-                return Err(detach(client, e));
+    /// Records a push's outcome (its claim's result, its attempts, the device's
+    /// success), batched with concurrent pushes.
+    pub async fn record_outcome(&self, outcome: Outcome) -> Result<(), StoreError> {
+        if let (Some(ext), Some(env)) = (&self.external, outcome.success) {
+            if outcome.device_id < 0 {
+                ext.record_success(&self.pool, outcome.device_id, env)
+                    .await?;
             }
-            return Ok((claim, None));
         }
-        let permit = super::calls::RingPermit::locked(client, call_id, device_id, call).await?;
-        Ok((Claim::Push, permit))
+        super::batcher(
+            "record_outcome",
+            &self.batches.record_outcome,
+            &self.batches,
+            record_outcomes,
+        )
+        .call(outcome)
+        .await
     }
 
-    /// Records the outcome of a claimed push.
-    pub async fn complete_claim(
-        &self,
-        event_key: &str,
-        device_id: i64,
-        result: &serde_json::Value,
-    ) -> Result<(), StoreError> {
-        let req = Completed {
-            event_key: event_key.to_string(),
-            device_id,
-            result: result.clone(),
-        };
-        super::batcher(
-            "complete_claim",
-            &self.batches.complete_claim,
-            &self.batches,
-            complete_claims,
-        )
-        .call(req)
-        .await
+    /// How many rings of this call are still in flight: claimed by a live owner
+    /// and without a recorded outcome.
+    pub async fn rings_in_flight(&self, call_id: &str) -> Result<i64, StoreError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT count(*) FROM delivery_claims
+                 WHERE call_id = $1 AND event_type = 'call.incoming' AND result IS NULL
+                   AND published_at IS NULL AND lease_until >= now()
+                   AND NOT pg_try_advisory_xact_lock_shared(1987082033,
+                                                            hashtext(COALESCE(worker_id, '')))",
+            )
+            .await?;
+        Ok(client.query_one(&stmt, &[&call_id]).await?.get(0))
     }
 
     /// After an event's results were confirmed by the broker: marks its claims
@@ -353,5 +417,17 @@ impl Store {
                 &[&age.as_secs_f64()],
             )
             .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_takeover_checks_the_liveness_lock_class() {
+        let class = super::super::liveness::LOCK_CLASS.to_string();
+        assert!(TAKE_OVER.contains(&class));
+        assert!(CLAIM.contains(&class));
     }
 }

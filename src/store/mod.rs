@@ -1,9 +1,11 @@
 //! Postgres: the connection pool, migrations, and the device queries.
 
+pub mod admit;
 mod batch;
 pub mod calls;
 pub mod claims;
 pub mod external;
+pub mod liveness;
 pub mod migrate;
 
 use std::sync::{Arc, OnceLock};
@@ -143,22 +145,24 @@ pub struct Store {
 }
 
 /// The per-event statements that concurrent events share (see `batch`), each
-/// started on first use, with connections of their own: behind ring
-/// transactions in the main pool, a batch would wait as long as its slowest
-/// push.
+/// started on first use, with connections of their own so that the API or a
+/// cancel waiting for its rings never delays them.
 struct Batches {
     pool: Pool,
-    open_call: OnceLock<batch::Batcher<calls::OpenCall, calls::CallState>>,
+    admit_ring: OnceLock<batch::Batcher<admit::Ring, admit::Admitted>>,
     live_devices: OnceLock<batch::Batcher<(String, String), Vec<Device>>>,
-    complete_claim: OnceLock<batch::Batcher<claims::Completed, ()>>,
+    record_outcome: OnceLock<batch::Batcher<claims::Outcome, ()>>,
     finish_event: OnceLock<batch::Batcher<claims::Finished, ()>>,
+    is_cancelled: OnceLock<batch::Batcher<String, bool>>,
 }
 
-/// Most requests in one batched statement, batches of one kind under way at
-/// once, and kinds of batches.
+/// Most requests in one batched statement, and batches of one kind under way
+/// at once.
 const BATCH_MAX: usize = 64;
 const BATCHES_IN_FLIGHT: usize = 1;
-const BATCHERS: usize = 4;
+/// Connections of the batches' pool: one for each of the three statements of
+/// every ring (admit, record, publish-and-settle); the rarer kinds share them.
+const BATCH_CONNECTIONS: usize = 3;
 
 /// The batcher in `slot`, started with `run` on first use.
 fn batcher<'a, R, T, Fut>(
@@ -180,7 +184,7 @@ where
     })
 }
 
-fn pg_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
+pub(crate) fn pg_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
     let mut cfg: tokio_postgres::Config = url
         .parse()
         .map_err(|e: tokio_postgres::Error| StoreError::Url(e.to_string()))?;
@@ -238,11 +242,12 @@ impl Store {
             pool: build_pool(pg.clone(), cfg.pool_size, timeout)?,
             external: None,
             batches: Arc::new(Batches {
-                pool: build_pool(without_seqscan(pg), BATCHERS * BATCHES_IN_FLIGHT, timeout)?,
-                open_call: OnceLock::new(),
+                pool: build_pool(without_seqscan(pg), BATCH_CONNECTIONS, timeout)?,
+                admit_ring: OnceLock::new(),
                 live_devices: OnceLock::new(),
-                complete_claim: OnceLock::new(),
+                record_outcome: OnceLock::new(),
                 finish_event: OnceLock::new(),
+                is_cancelled: OnceLock::new(),
             }),
         })
     }
@@ -324,7 +329,8 @@ impl Store {
     }
 
     /// Records a success and the environment that accepted the token, so the next
-    /// call goes straight there.
+    /// call goes straight there. (The pipeline records them with each push's
+    /// outcome; this is for tools and tests.)
     pub async fn record_success(
         &self,
         device_id: i64,
@@ -334,13 +340,11 @@ impl Store {
             return ext.record_success(&self.pool, device_id, environment).await;
         }
         let client = self.pool.get().await?;
-        let stmt = client
-            .prepare_cached(
-                "UPDATE devices SET last_success_at = now(), environment = $2 WHERE id = $1",
-            )
-            .await?;
         client
-            .execute(&stmt, &[&device_id, &environment.as_str()])
+            .execute(
+                "UPDATE devices SET last_success_at = now(), environment = $2 WHERE id = $1",
+                &[&device_id, &environment.as_str()],
+            )
             .await?;
         Ok(())
     }

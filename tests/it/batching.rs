@@ -4,18 +4,39 @@
 
 use futures_util::future::join_all;
 use serde_json::json;
-use voip_push_worker::event::Environment;
-use voip_push_worker::store::calls::CallState;
-use voip_push_worker::store::claims::Claim;
+use tokio_util::sync::CancellationToken;
+use voip_push_worker::event::{now_ms, Environment};
+use voip_push_worker::store::admit::Ring;
+use voip_push_worker::store::calls::{AttemptRecord, CallState};
+use voip_push_worker::store::claims::{Claim, Outcome};
+use voip_push_worker::store::liveness::Liveness;
 
 use crate::common::{TestEnv, BUNDLE};
 
 const USERS: usize = 24;
 
+pub fn ring(key: &str, call: &str, user: &str, owner: &str) -> Ring {
+    Ring {
+        key: key.to_string(),
+        call_id: call.to_string(),
+        bundle_id: BUNDLE.to_string(),
+        user_id: user.to_string(),
+        ring_deadline_ms: 4_000_000_000_000,
+        owner: owner.to_string(),
+        claim: true,
+        devices: None,
+    }
+}
+
 #[tokio::test]
 async fn concurrent_events_each_get_their_own_call_devices_claims_and_settlement() {
     let env = TestEnv::without_worker(|_| {}).await;
     let store = &env.store;
+    // A live worker: its claims are not taken over.
+    let worker = Liveness::start(&env.cfg.postgres, CancellationToken::new())
+        .await
+        .unwrap()
+        .worker_id;
     // Every third user has two devices; user 0 has none.
     let mut tokens: Vec<Vec<String>> = vec![Vec::new(); USERS];
     for (u, owned) in tokens.iter_mut().enumerate().skip(1) {
@@ -36,50 +57,92 @@ async fn concurrent_events_each_get_their_own_call_devices_claims_and_settlement
         .await
         .unwrap();
 
-    // Every call opened twice at once (a duplicate event), devices looked up at once.
-    let opened = join_all((0..2 * USERS).map(|i| {
+    // Every ring admitted twice at once (a duplicate of the event, held by two
+    // messages of one live worker): each device is claimed by exactly one copy.
+    let admitted = join_all((0..2 * USERS).map(|i| {
         let u = i % USERS;
+        let owner = format!("{worker}/{}", i / USERS);
         async move {
-            let call = format!("bcall-{u}");
-            let user = format!("b{u}");
-            let (state, devices) = tokio::join!(
-                store.open_call(&call, BUNDLE, &user, 4_000_000_000_000),
-                store.live_devices(&user, BUNDLE)
-            );
-            (u, state.unwrap(), devices.unwrap())
+            let (call, user) = (format!("bcall-{u}"), format!("b{u}"));
+            let found = store
+                .admit_ring(ring(&format!("bevent-{u}"), &call, &user, &owner))
+                .await
+                .unwrap();
+            (u, found)
         }
     }))
     .await;
-    for (u, state, devices) in &opened {
-        let want = if *u == 5 {
-            CallState::Cancelled
-        } else {
-            CallState::Ringing
-        };
-        assert_eq!(*state, want, "call of user {u}");
-        let mut got: Vec<&str> = devices.iter().map(|d| d.token.as_str()).collect();
-        let mut owned: Vec<&str> = tokens[*u].iter().map(String::as_str).collect();
-        got.sort_unstable();
-        owned.sort_unstable();
-        assert_eq!(got, owned, "devices of user {u}");
-    }
-
-    // Claim every device once, then record results and settle all events at once.
     let mut claimed = Vec::new();
-    for (u, _, devices) in opened.iter().take(USERS) {
-        for d in devices {
-            let event = format!("bevent-{u}");
-            let claim = store
-                .claim(&event, d.id, "w/1", &format!("bcall-{u}"))
-                .await
-                .unwrap();
-            assert_eq!(claim, Claim::Push);
-            claimed.push((*u, event, d.id));
+    for (u, owned_tokens) in tokens.iter().enumerate() {
+        let copies: Vec<_> = admitted.iter().filter(|(v, _)| *v == u).collect();
+        assert_eq!(copies.len(), 2);
+        for (_, found) in &copies {
+            let mut got: Vec<&str> = found
+                .devices
+                .iter()
+                .map(|(d, _)| d.token.as_str())
+                .collect();
+            let mut owned: Vec<&str> = owned_tokens.iter().map(String::as_str).collect();
+            got.sort_unstable();
+            owned.sort_unstable();
+            assert_eq!(got, owned, "devices of user {u}");
+            if u == 5 {
+                assert_eq!(found.state, Some(CallState::Cancelled));
+            } else if u > 0 {
+                assert_eq!(found.state, Some(CallState::Ringing), "call of user {u}");
+            }
+        }
+        for token in owned_tokens {
+            let claims: Vec<&Claim> = copies
+                .iter()
+                .flat_map(|(_, f)| f.devices.iter().filter(|(d, _)| &d.token == token))
+                .map(|(_, c)| c)
+                .collect();
+            let pushes = claims.iter().filter(|c| ***c == Claim::Push).count();
+            let busy = claims.iter().filter(|c| ***c == Claim::Busy).count();
+            if u == 5 {
+                assert_eq!(busy, 2, "a cancelled call claims nothing");
+                continue;
+            }
+            assert_eq!(
+                (pushes, busy),
+                (1, 1),
+                "user {u}: one copy claims, one is told busy"
+            );
+            let id = copies[0]
+                .1
+                .devices
+                .iter()
+                .find(|(d, _)| &d.token == token)
+                .unwrap()
+                .0
+                .id;
+            claimed.push((u, format!("bevent-{u}"), id));
         }
     }
+
+    // Record every outcome (with an attempt) and settle every event at once.
     join_all(claimed.iter().map(|(u, event, device)| async move {
-        let result = json!({"status": "delivered", "user": u, "deviceId": device});
-        store.complete_claim(event, *device, &result).await.unwrap();
+        let attempt = AttemptRecord {
+            environment: Environment::Production,
+            apns_status: Some(200),
+            reason: None,
+            apns_id: None,
+            latency_ms: 3,
+            at_ms: now_ms(),
+        };
+        store
+            .record_outcome(Outcome {
+                event_key: event.clone(),
+                device_id: *device,
+                call_id: format!("bcall-{u}"),
+                event_type: "call.incoming",
+                result: json!({"status": "delivered", "user": u, "deviceId": device}),
+                attempts: vec![attempt],
+                success: Some(Environment::Production),
+            })
+            .await
+            .unwrap();
     }))
     .await;
     join_all((1..USERS).map(|u| {
@@ -105,22 +168,29 @@ async fn concurrent_events_each_get_their_own_call_devices_claims_and_settlement
             .unwrap()
             .unwrap();
         // The cancelled call keeps its state; every other one is settled.
-        let want = if u == 5 {
-            CallState::Cancelled
-        } else {
-            CallState::Delivered
-        };
-        assert_eq!(trace.state, want, "call of user {u}");
+        if u == 5 {
+            assert_eq!(trace.state, CallState::Cancelled);
+            assert!(trace.deliveries.is_empty());
+            continue;
+        }
+        assert_eq!(trace.state, CallState::Delivered, "call of user {u}");
         assert_eq!(trace.deliveries.len(), owned.len(), "user {u}");
         assert!(trace.deliveries.iter().all(|d| d.status == "delivered"));
+        assert!(trace.deliveries.iter().all(|d| d.attempts.len() == 1));
     }
-    // Published: a later claimant is told the work is done.
+    // Published: a later claimant (another worker) is told the work is done.
     for (u, event, device) in &claimed {
-        let again = store
-            .claim(event, *device, "w/2", &format!("bcall-{u}"))
+        let found = store
+            .admit_ring(ring(event, &format!("bcall-{u}"), &format!("b{u}"), "w2/1"))
             .await
             .unwrap();
-        assert_eq!(again, Claim::Done, "event {event} device {device}");
+        let claim = &found
+            .devices
+            .iter()
+            .find(|(d, _)| d.id == *device)
+            .unwrap()
+            .1;
+        assert_eq!(*claim, Claim::Done, "event {event} device {device}");
     }
     env.cleanup().await;
 }
@@ -132,13 +202,13 @@ async fn a_request_postgres_refuses_fails_alone_in_its_batch() {
     // Postgres text cannot hold a NUL byte: that one open fails, its batch mates
     // (sent at the same moment) do not.
     let calls = ["ok-1", "bad-\0-2", "ok-3", "ok-4"];
-    let opened = join_all(calls.map(|c| store.open_call(c, BUNDLE, "u1", 4_000_000_000_000))).await;
-    for (call, state) in calls.iter().zip(&opened) {
+    let opened = join_all(calls.map(|c| store.admit_ring(ring(c, c, "u1", "w/1")))).await;
+    for (call, found) in calls.iter().zip(&opened) {
         if call.contains('\0') {
-            let e = state.as_ref().expect_err("a NUL byte is refused");
+            let e = found.as_ref().expect_err("a NUL byte is refused");
             assert!(e.to_string().contains("postgres"), "{e}");
         } else {
-            assert_eq!(state.as_ref().ok(), Some(&CallState::Ringing), "{call}");
+            assert!(found.is_ok(), "{call}");
         }
     }
     for call in ["ok-1", "ok-3", "ok-4"] {

@@ -489,10 +489,19 @@ async fn a_copy_of_the_event_holding_one_device_does_not_hold_up_the_others_resu
         .await;
     let devices = env.store.live_devices("sp", BUNDLE).await.unwrap();
     let held_id = devices.iter().find(|d| d.token == held).unwrap().id;
-    // The other copy (another worker) has claimed `held` and is still at work.
+    // The other copy (another live worker) has claimed `held` and is still at work.
+    let other = voip_push_worker::store::liveness::Liveness::start(
+        &env.cfg.postgres,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap()
+    .worker_id;
+    let key = "msg-split/call.incoming/split-1";
+    let owner = format!("{other}/1");
     let claim = env
         .store
-        .claim("msg-split", held_id, "other-worker/1", "split-1")
+        .claim(key, held_id, &owner, "split-1", "call.incoming")
         .await
         .unwrap();
     assert_eq!(claim, Claim::Push);
@@ -514,15 +523,17 @@ async fn a_copy_of_the_event_holding_one_device_does_not_hold_up_the_others_resu
     assert_eq!(pushed, vec![first.clone()]);
 
     // The other copy finishes; this one stops waiting and settles the message.
-    let theirs = json!({"status": "delivered", "deviceId": held_id});
-    env.store
-        .complete_claim("msg-split", held_id, &theirs)
-        .await
-        .unwrap();
-    env.store
-        .finish_event("msg-split", &[held_id], None)
-        .await
-        .unwrap();
+    let theirs = voip_push_worker::store::claims::Outcome {
+        event_key: key.into(),
+        device_id: held_id,
+        call_id: "split-1".into(),
+        event_type: "call.incoming",
+        result: json!({"status": "delivered", "deviceId": held_id}),
+        attempts: Vec::new(),
+        success: None,
+    };
+    env.store.record_outcome(theirs).await.unwrap();
+    env.store.finish_event(key, &[held_id], None).await.unwrap();
     crate::common::wait_idle(&[env.worker()]).await;
     let pushed: Vec<String> = env.sim.requests().into_iter().map(|r| r.token).collect();
     assert_eq!(
