@@ -131,7 +131,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
         apns,
         publisher: publisher.clone(),
         metrics: metrics.clone(),
-        open_claims: store::claims::OpenClaims::default(),
     });
     // The worker's id, locked in a session of its own for as long as its claims
     // may be open: until its lanes have drained, not just until shutdown starts.
@@ -141,7 +140,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
         .worker_id;
     tokio::spawn(upkeep(
         pipeline.store.clone(),
-        pipeline.open_claims.clone(),
         Duration::from_secs(cfg.worker.claim_retention_hours * 3600),
         Duration::from_secs(cfg.worker.call_retention_days * 86_400),
         shutdown.clone(),
@@ -187,38 +185,28 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
     })
 }
 
-/// Keeps this worker's claim leases alive and purges old claims, calls and
-/// attempts.
+/// Purges old claims, calls and attempts, every 10 minutes.
 async fn upkeep(
     store: Store,
-    open_claims: store::claims::OpenClaims,
     retention: Duration,
     call_retention: Duration,
     shutdown: CancellationToken,
 ) {
-    // Purging is cheap but pointless every few seconds: once every 10 minutes.
     const PURGE_EVERY: Duration = Duration::from_secs(600);
-    let mut last_purge: Option<std::time::Instant> = None;
     loop {
+        match store.purge_claims(retention).await {
+            Ok(n) if n > 0 => info!(purged = n, "old delivery claims purged"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "could not purge old delivery claims"),
+        }
+        match store.purge_calls(call_retention).await {
+            Ok(n) if n > 0 => info!(purged = n, "old calls and attempts purged"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "could not purge old calls"),
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(store::claims::LEASE_RENEW_EVERY) => {}
-        }
-        if let Err(e) = store.renew_leases(&open_claims.snapshot()).await {
-            warn!(error = %e, "could not renew delivery claim leases");
-        }
-        if last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY) {
-            match store.purge_claims(retention).await {
-                Ok(n) if n > 0 => info!(purged = n, "old delivery claims purged"),
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "could not purge old delivery claims"),
-            }
-            match store.purge_calls(call_retention).await {
-                Ok(n) if n > 0 => info!(purged = n, "old calls and attempts purged"),
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "could not purge old calls"),
-            }
-            last_purge = Some(std::time::Instant::now());
+            _ = tokio::time::sleep(PURGE_EVERY) => {}
         }
     }
 }

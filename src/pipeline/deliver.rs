@@ -64,7 +64,6 @@ impl Pipeline {
     ) -> Option<PushResult> {
         match claim {
             Claim::Push => {
-                self.open_claims.add(call.key, device.id);
                 let timer = self.metrics.stage("deliver");
                 let pushed = self.push_device(call, device).await;
                 drop(timer);
@@ -73,7 +72,6 @@ impl Pipeline {
                 Some(pushed.result)
             }
             Claim::Republish(stored) => {
-                self.open_claims.add(call.key, device.id);
                 info!(
                     device_id = device.id,
                     "already pushed by an earlier attempt; re-publishing its result"

@@ -49,8 +49,8 @@ impl Pipeline {
     }
 
     /// Marks the claims published, retried through a short database outage: the
-    /// claims stay open (their leases renewed) meanwhile, so a duplicate of the
-    /// event waiting on them cannot take them over and publish the results again.
+    /// claims stay this live worker's meanwhile, so a duplicate of the event
+    /// waiting on them cannot take them over and publish the results again.
     async fn finish(&self, event_id: &str, published: &[i64], settle: Option<(&str, CallState)>) {
         let finished = super::retry::patiently("mark results as published", || {
             self.store.finish_event(event_id, published, settle)
@@ -61,7 +61,6 @@ impl Pipeline {
             // push again); the call's state stays `ringing` in the trace.
             warn!(error = %e, "could not mark results as published");
         }
-        self.open_claims.remove(event_id, published);
     }
 
     /// A malformed event: an `invalid_event` result when a call id was readable,

@@ -2,25 +2,24 @@
 //! duplicates and replicas.
 //!
 //! A worker claims a row before pushing (for rings, in the admitting statement,
-//! see `admit`) and keeps its lease alive while it works; a redelivered event
-//! finds the row and either re-publishes the stored result (the worker died after
-//! the push), takes it over (its owner is dead: its liveness lock is free, see
-//! `liveness`, or its lease lapsed), or leaves it to the live owner, whose own
-//! copy of the message publishes the result. The one window left is a crash
+//! see `admit`); a redelivered event finds the row and either re-publishes the
+//! stored result (the worker died after the push), takes it over (its owner is
+//! dead: its liveness lock is free, see `liveness`), or leaves it to the live
+//! owner, whose own copy of the message publishes the result. The one window left is a crash
 //! between sending a push and recording its outcome: the row does not say it was
 //! pushed, and the next claimant pushes again.
 
 use std::time::Duration;
 
-use super::calls::{AttemptRecord, CallState};
+use super::calls::CallState;
 use super::{Store, StoreError};
-use crate::event::Environment;
 
-/// How long a claim outlives its owner's last renewal. Owners renew every
-/// [`LEASE_RENEW_EVERY`], so a live owner never lapses; a dead one frees its claims
-/// within this long.
+pub use super::outcomes::Outcome;
+
+/// Written into each claim's `lease_until` for workers of earlier versions
+/// (which take over a claim whose lease lapsed) during a rolling upgrade; this
+/// version goes by its owner's liveness alone (see `liveness`).
 pub const LEASE: Duration = Duration::from_secs(10);
-pub const LEASE_RENEW_EVERY: Duration = Duration::from_secs(3);
 
 /// What a claim attempt found.
 #[derive(Clone, Debug, PartialEq)]
@@ -36,154 +35,12 @@ pub enum Claim {
     Busy,
 }
 
-/// The claims this worker holds open (taken, result not yet published): the
-/// ones whose leases it renews.
-#[derive(Clone, Default)]
-pub struct OpenClaims(std::sync::Arc<std::sync::Mutex<std::collections::HashSet<(String, i64)>>>);
-
-impl OpenClaims {
-    pub fn add(&self, event_key: &str, device_id: i64) {
-        self.0
-            .lock()
-            .expect("open claims lock")
-            .insert((event_key.to_string(), device_id));
-    }
-
-    pub fn remove(&self, event_key: &str, device_ids: &[i64]) {
-        let mut open = self.0.lock().expect("open claims lock");
-        for d in device_ids {
-            open.remove(&(event_key.to_string(), *d));
-        }
-    }
-
-    pub fn snapshot(&self) -> Vec<(String, i64)> {
-        self.0
-            .lock()
-            .expect("open claims lock")
-            .iter()
-            .cloned()
-            .collect()
-    }
-}
-
-/// A push's outcome to record (see [`Store::record_outcome`]).
-#[derive(Clone, Debug)]
-pub struct Outcome {
-    pub event_key: String,
-    pub device_id: i64,
-    pub call_id: String,
-    pub event_type: &'static str,
-    /// The result event, stored in the claim.
-    pub result: serde_json::Value,
-    /// Every APNs request of the delivery.
-    pub attempts: Vec<AttemptRecord>,
-    /// The environment that accepted the token (our devices only).
-    pub success: Option<Environment>,
-}
-
 /// An event whose results the broker confirmed (see [`Store::finish_event`]).
 #[derive(Clone, Debug)]
 pub struct Finished {
     event_key: String,
     device_ids: Vec<i64>,
     settle: Option<(String, CallState)>,
-}
-
-/// Records many pushes' outcomes in one statement: each claim's result, every
-/// attempt, and the devices that accepted a push (their learned environment).
-async fn record_outcomes(
-    pool: deadpool_postgres::Pool,
-    reqs: Vec<Outcome>,
-) -> Result<Vec<()>, StoreError> {
-    let events: Vec<&str> = reqs.iter().map(|r| r.event_key.as_str()).collect();
-    let devices: Vec<i64> = reqs.iter().map(|r| r.device_id).collect();
-    let results: Vec<&serde_json::Value> = reqs.iter().map(|r| &r.result).collect();
-    let (success_ids, success_envs): (Vec<i64>, Vec<&str>) = reqs
-        .iter()
-        .filter(|r| r.device_id > 0)
-        .filter_map(|r| r.success.map(|e| (r.device_id, e.as_str())))
-        .unzip();
-    let mut a = AttemptColumns::default();
-    for r in &reqs {
-        for attempt in &r.attempts {
-            a.push(&r.call_id, r.device_id, r.event_type, attempt);
-        }
-    }
-    let client = pool.get().await?;
-    // `= ANY` keeps the plans on the primary keys whatever the batch size.
-    let stmt = client
-        .prepare_cached(
-            "WITH claim AS (
-                 UPDATE delivery_claims c SET result = k.r
-                 FROM unnest($1::text[], $2::bigint[], $3::jsonb[]) AS k(e, d, r)
-                 WHERE c.event_key = ANY($1) AND c.event_key = k.e AND c.device_id = k.d
-             ), success AS (
-                 UPDATE devices d SET last_success_at = now(), environment = k.env
-                 FROM unnest($4::bigint[], $5::text[]) AS k(id, env)
-                 WHERE d.id = ANY($4) AND d.id = k.id
-             )
-             INSERT INTO delivery_attempts
-                 (call_id, device_id, event_type, at, environment, apns_status, reason, apns_id,
-                  latency_ms)
-             SELECT c, d, t, to_timestamp(at / 1000.0), e, s, r, i, l
-             FROM unnest($6::text[], $7::bigint[], $8::text[], $9::bigint[], $10::text[],
-                         $11::smallint[], $12::text[], $13::text[], $14::int[])
-                 AS k(c, d, t, at, e, s, r, i, l)",
-        )
-        .await?;
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 14] = [
-        &events,
-        &devices,
-        &results,
-        &success_ids,
-        &success_envs,
-        &a.call_ids,
-        &a.device_ids,
-        &a.event_types,
-        &a.at_ms,
-        &a.environments,
-        &a.statuses,
-        &a.reasons,
-        &a.apns_ids,
-        &a.latencies,
-    ];
-    client.execute(&stmt, &params).await?;
-    Ok(vec![(); reqs.len()])
-}
-
-/// `delivery_attempts` rows as columns, for `unnest`.
-#[derive(Default)]
-struct AttemptColumns<'a> {
-    call_ids: Vec<&'a str>,
-    device_ids: Vec<i64>,
-    event_types: Vec<&'a str>,
-    at_ms: Vec<i64>,
-    environments: Vec<&'static str>,
-    statuses: Vec<Option<i16>>,
-    reasons: Vec<Option<&'a str>>,
-    apns_ids: Vec<Option<&'a str>>,
-    latencies: Vec<i32>,
-}
-
-impl<'a> AttemptColumns<'a> {
-    fn push(
-        &mut self,
-        call_id: &'a str,
-        device_id: i64,
-        event_type: &'a str,
-        a: &'a AttemptRecord,
-    ) {
-        self.call_ids.push(call_id);
-        self.device_ids.push(device_id);
-        self.event_types.push(event_type);
-        self.at_ms.push(a.at_ms);
-        self.environments.push(a.environment.as_str());
-        self.statuses.push(a.apns_status.map(|s| s as i16));
-        self.reasons.push(a.reason.as_deref());
-        self.apns_ids.push(a.apns_id.as_deref());
-        self.latencies
-            .push(a.latency_ms.min(i32::MAX as u64) as i32);
-    }
 }
 
 /// Marks many events' claims published and settles their calls. A call stays
@@ -251,12 +108,13 @@ async fn finish_events(
 }
 
 /// When a claim not yet published may be taken: by its own owner (the same
-/// message, tried again), when its lease lapsed, or when its owner is dead —
-/// its liveness lock (class [`super::liveness::LOCK_CLASS`]) is free.
+/// message, tried again), or when its owner is dead — its liveness lock (class
+/// [`super::liveness::LOCK_CLASS`]) is free. A live owner keeps its claims for
+/// as long as it works on them, however long its retries take.
 macro_rules! take_over {
     () => {
         "delivery_claims.published_at IS NULL
-         AND (delivery_claims.owner = EXCLUDED.owner OR delivery_claims.lease_until < now()
+         AND (delivery_claims.owner = EXCLUDED.owner
               OR pg_try_advisory_xact_lock_shared(1987082033,
                                                   hashtext(COALESCE(delivery_claims.worker_id, ''))))"
     };
@@ -328,25 +186,6 @@ impl Store {
         Ok(claim_not_taken(row))
     }
 
-    /// Records a push's outcome (its claim's result, its attempts, the device's
-    /// success), batched with concurrent pushes.
-    pub async fn record_outcome(&self, outcome: Outcome) -> Result<(), StoreError> {
-        if let (Some(ext), Some(env)) = (&self.external, outcome.success) {
-            if outcome.device_id < 0 {
-                ext.record_success(&self.pool, outcome.device_id, env)
-                    .await?;
-            }
-        }
-        super::batcher(
-            "record_outcome",
-            &self.batches.record_outcome,
-            &self.batches,
-            record_outcomes,
-        )
-        .call(outcome)
-        .await
-    }
-
     /// How many rings of this call are still in flight: claimed by a live owner
     /// and without a recorded outcome.
     pub async fn rings_in_flight(&self, call_id: &str) -> Result<i64, StoreError> {
@@ -355,7 +194,7 @@ impl Store {
             .prepare_cached(
                 "SELECT count(*) FROM delivery_claims
                  WHERE call_id = $1 AND event_type = 'call.incoming' AND result IS NULL
-                   AND published_at IS NULL AND lease_until >= now()
+                   AND published_at IS NULL
                    AND NOT pg_try_advisory_xact_lock_shared(1987082033,
                                                             hashtext(COALESCE(worker_id, '')))",
             )
@@ -385,27 +224,6 @@ impl Store {
         )
         .call(req)
         .await
-    }
-
-    /// Extends the leases of these open claims (the worker's own): the heartbeat
-    /// that tells other workers their owner is alive.
-    pub async fn renew_leases(&self, keys: &[(String, i64)]) -> Result<u64, StoreError> {
-        if keys.is_empty() {
-            return Ok(0);
-        }
-        let (events, devices): (Vec<&str>, Vec<i64>) =
-            keys.iter().map(|(e, d)| (e.as_str(), *d)).unzip();
-        let client = self.pool.get().await?;
-        let lease = LEASE.as_secs_f64();
-        Ok(client
-            .execute(
-                "UPDATE delivery_claims c SET lease_until = now() + make_interval(secs => $3)
-                 FROM unnest($1::text[], $2::bigint[]) AS k(event_key, device_id)
-                 WHERE c.event_key = k.event_key AND c.device_id = k.device_id
-                   AND c.published_at IS NULL",
-                &[&events, &devices, &lease],
-            )
-            .await?)
     }
 
     /// Deletes claims older than `age`; returns how many.

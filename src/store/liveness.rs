@@ -7,7 +7,8 @@
 //! its delivery claims sees that (`pg_try_advisory_xact_lock_shared` succeeds) and
 //! takes the claim over in the same statement, instead of waiting out a lease. A
 //! host that vanishes without closing its sockets is found by the session's TCP
-//! keepalives (about 15 s), and the claims' leases remain as the last bound.
+//! keepalives (about 15 s). A worker whose own liveness session is lost (a
+//! Postgres restart) locks its id again as soon as it reconnects.
 
 use std::time::Duration;
 

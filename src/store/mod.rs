@@ -7,6 +7,7 @@ pub mod claims;
 pub mod external;
 pub mod liveness;
 pub mod migrate;
+mod outcomes;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -151,7 +152,7 @@ struct Batches {
     pool: Pool,
     admit_ring: OnceLock<batch::Batcher<admit::Ring, admit::Admitted>>,
     live_devices: OnceLock<batch::Batcher<(String, String), Vec<Device>>>,
-    record_outcome: OnceLock<batch::Batcher<claims::Outcome, ()>>,
+    record_outcome: OnceLock<batch::Batcher<outcomes::Outcome, ()>>,
     finish_event: OnceLock<batch::Batcher<claims::Finished, ()>>,
     is_cancelled: OnceLock<batch::Batcher<String, bool>>,
 }

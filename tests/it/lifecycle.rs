@@ -129,7 +129,13 @@ async fn cancel_during_retries_stops_the_next_attempt() {
     .await;
     let r = &env.results_for("retry-c", 1).await[0];
     assert_eq!(r.status, Status::Cancelled);
-    let cancelled = cancelled_at_ms(&env, "retry-c").await.unwrap();
+    // Recorded once the ring in flight has its outcome (the ring's result may
+    // come first).
+    let cancelled = eventually("the cancel to be recorded", Duration::from_secs(10), || {
+        let env = &env;
+        async move { cancelled_at_ms(env, "retry-c").await }
+    })
+    .await;
     let requests = env.sim.requests();
     assert!(
         requests.iter().all(|q| q.at_ms <= cancelled),
@@ -316,7 +322,11 @@ async fn two_workers_racing_initiates_and_cancels_never_ring_after_the_cancel() 
     )
     .await;
     for (call, token) in &tokens {
-        let cancelled = cancelled_at_ms(&env, call).await.expect("cancel recorded");
+        let cancelled = eventually("the cancel to be recorded", Duration::from_secs(10), || {
+            let env = &env;
+            async move { cancelled_at_ms(env, call).await }
+        })
+        .await;
         for ring in requests
             .iter()
             .filter(|r| &r.token == token && r.payload["type"] == "call.incoming")
