@@ -65,16 +65,8 @@ impl Pipeline {
         let remaining_ms = expires_at_ms - now_ms();
         let base = base_result(&event_id, event, app);
         if !devices.is_empty() && remaining_ms > 0 {
-            let call = Call::new(
-                app,
-                event,
-                &event_id,
-                &key,
-                &base,
-                &msg.claim_owner,
-                sent_at_ms,
-                expires_at_ms,
-            );
+            let ids = (event_id.as_str(), key.as_str());
+            let call = Call::new(app, event, ids, &base, msg, (sent_at_ms, expires_at_ms));
             let mut claims = Vec::with_capacity(devices.len());
             for d in devices {
                 let claimed = self

@@ -96,19 +96,17 @@ struct Call<'a> {
 }
 
 impl<'a> Call<'a> {
-    /// The pushes of `event` (rings or cancel pushes, by its type), due before
-    /// `expires_at_ms`.
-    #[allow(clippy::too_many_arguments)]
+    /// The pushes of `event` (rings or cancel pushes, by its type) with its
+    /// (event id, claim key), for `msg`'s claims, in its (start, deadline) window.
     fn new(
         app: &'a App,
         event: &'a CallEvent,
-        event_id: &'a str,
-        key: &'a str,
+        (event_id, key): (&'a str, &'a str),
         base: &'a PushResult,
-        owner: &'a str,
-        sent_at_ms: i64,
-        expires_at_ms: i64,
+        msg: &'a Incoming,
+        (sent_at_ms, expires_at_ms): (i64, i64),
     ) -> Self {
+        let owner = msg.claim_owner.as_str();
         let remaining_ms = (expires_at_ms - now_ms()).max(0) as u64;
         Call {
             app,
@@ -242,16 +240,8 @@ impl Pipeline {
             }
             not_pushed
         } else {
-            let call = Call::new(
-                app,
-                event,
-                &event_id,
-                &key,
-                &base,
-                &msg.claim_owner,
-                sent_at_ms,
-                expires_at_ms,
-            );
+            let window = (sent_at_ms, expires_at_ms);
+            let call = Call::new(app, event, (&event_id, &key), &base, msg, window);
             let (results, busy) = match self.push_all(&call, admitted.devices).await {
                 Ok(r) => r,
                 Err(reason) => return Disposition::Retry(reason),
