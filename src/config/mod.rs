@@ -47,6 +47,11 @@ pub struct AmqpConfig {
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
     pub results_exchange: String,
+    /// Extra trusted roots (PEM) for `amqps://`, e.g. a private broker CA.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) and its key, for brokers that ask for one.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for AmqpConfig {
@@ -59,6 +64,9 @@ impl Default for AmqpConfig {
             dead_letter_exchange: "voip.calls.dlx".into(),
             dead_letter_queue: "voip-push.calls.dead".into(),
             results_exchange: "voip.push.results".into(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
 }
@@ -73,6 +81,9 @@ impl fmt::Debug for AmqpConfig {
             .field("dead_letter_exchange", &self.dead_letter_exchange)
             .field("dead_letter_queue", &self.dead_letter_queue)
             .field("results_exchange", &self.results_exchange)
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
             .finish()
     }
 }
@@ -89,6 +100,8 @@ pub struct PostgresConfig {
     /// restart) could lose the last fraction of a second of them. Cancels are
     /// always flushed.
     pub synchronous_commit: bool,
+    /// Trusted roots (PEM) for TLS when the URL names no `sslrootcert`.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for PostgresConfig {
@@ -101,6 +114,7 @@ impl Default for PostgresConfig {
             pool_size: 3,
             pool_timeout_ms: 5_000,
             synchronous_commit: false,
+            ca_file: None,
         }
     }
 }
@@ -112,6 +126,7 @@ impl fmt::Debug for PostgresConfig {
             .field("pool_size", &self.pool_size)
             .field("pool_timeout_ms", &self.pool_timeout_ms)
             .field("synchronous_commit", &self.synchronous_commit)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -342,8 +357,16 @@ impl Config {
             ),
             ("VPW__APNS__SANDBOX_URL", self.apns.sandbox_url.clone()),
         ];
-        if let Some(ca) = &self.apns.ca_file {
-            env.push(("VPW__APNS__CA_FILE", ca.display().to_string()));
+        for (var, file) in [
+            ("VPW__APNS__CA_FILE", &self.apns.ca_file),
+            ("VPW__POSTGRES__CA_FILE", &self.postgres.ca_file),
+            ("VPW__AMQP__CA_FILE", &self.amqp.ca_file),
+            ("VPW__AMQP__CERT_FILE", &self.amqp.cert_file),
+            ("VPW__AMQP__KEY_FILE", &self.amqp.key_file),
+        ] {
+            if let Some(f) = file {
+                env.push((var, f.display().to_string()));
+            }
         }
         if let Some(app) = self.apps().first() {
             env.push(("VPW__APNS__BUNDLE_ID", app.bundle_id.clone()));
