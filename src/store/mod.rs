@@ -19,9 +19,11 @@ use crate::tls::postgres::PgTls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("postgres: {0}")]
+    // tokio-postgres keeps the reason (the server's message, a TLS failure) in
+    // the error's source, not in its Display.
+    #[error("postgres: {}", crate::tls::error_chain(.0))]
     Db(#[from] tokio_postgres::Error),
-    #[error("postgres pool: {0}")]
+    #[error("postgres pool: {}", crate::tls::error_chain(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("postgres URL is invalid: {0}")]
     Url(String),

@@ -87,19 +87,21 @@ impl TlsFailure {
     /// the servers' words are stable enough, and the errors reach us wrapped by
     /// tokio-postgres, lapin and std::io in ways no downcast follows reliably.
     pub fn of(error_text: &str) -> Option<Self> {
-        let t = error_text;
-        if t.contains("UnknownIssuer") || t.contains("BadSignature") {
+        let t = error_text.to_ascii_lowercase();
+        let any = |words: &[&str]| words.iter().any(|w| t.contains(w));
+        if any(&["unknownissuer", "badsignature"]) {
             Some(Self::UnknownCa)
-        } else if t.contains("NotValidForName") {
+        } else if any(&["notvalidforname", "not valid for name"]) {
             Some(Self::HostMismatch)
-        } else if t.contains("Expired") || t.contains("NotValidYet") {
+        } else if any(&["expired", "notvalidyet", "not valid before"]) {
             Some(Self::Expired)
-        } else if t.contains("server does not support TLS")
-            || t.contains("InvalidContentType")
-            || t.contains("corrupt message")
-        {
+        } else if any(&[
+            "server does not support tls",
+            "invalidcontenttype",
+            "corrupt message",
+        ]) {
             Some(Self::NoTlsOnServer)
-        } else if t.contains("no encryption") || t.contains("SSL off") {
+        } else if any(&["no encryption", "ssl off"]) {
             // Postgres: `no pg_hba.conf entry for host ..., no encryption`.
             Some(Self::TlsRequired)
         } else {
@@ -181,6 +183,10 @@ mod tests {
         assert_eq!(
             of("no pg_hba.conf entry for host \"127.0.0.1\", user \"x\", database \"y\", no encryption"),
             Some(TlsFailure::TlsRequired)
+        );
+        assert_eq!(
+            of("invalid peer certificate: certificate not valid for name \"127.0.0.1\"; certificate is only valid for DnsName(\"localhost\")"),
+            Some(TlsFailure::HostMismatch)
         );
         assert_eq!(of("connection refused"), None);
     }

@@ -153,8 +153,19 @@ where
     fn connect(self, stream: S) -> Handshake<S> {
         let connector = tokio_rustls::TlsConnector::from(self.config);
         Box::pin(async move {
-            let s = connector.connect(self.name, stream).await?;
-            Ok(PgTlsStream(s))
+            let host = self.name.to_str().into_owned();
+            match connector.connect(self.name, stream).await {
+                Ok(s) => Ok(PgTlsStream(s)),
+                // The fix travels with the error: `migrate` and the worker's log
+                // say what to change, not only rustls' word for it.
+                Err(e) => Err(match super::TlsFailure::of(&e.to_string()) {
+                    Some(f) => io::Error::new(
+                        e.kind(),
+                        format!("{e}; {}", f.fix("sslrootcert (or postgres.ca_file)", &host)),
+                    ),
+                    None => e,
+                }),
+            }
         })
     }
 }
