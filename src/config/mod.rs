@@ -3,6 +3,7 @@
 //! bad deployment fails at start with one clear line instead of at the first call.
 
 mod backends;
+pub mod secrets;
 mod worker;
 
 use std::fmt;
@@ -205,6 +206,17 @@ impl Config {
         file: Option<&Path>,
         env: Option<config::Map<String, String>>,
     ) -> Result<Self, ConfigError> {
+        let cfg = Self::load_unvalidated_from(file, env)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Like [`Config::load_from`] without [`Config::validate`] (`doctor` reports
+    /// what is wrong instead of stopping at the first problem).
+    pub fn load_unvalidated_from(
+        file: Option<&Path>,
+        env: Option<config::Map<String, String>>,
+    ) -> Result<Self, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(file) = file {
             builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
@@ -214,9 +226,8 @@ impl Config {
             .prefix_separator("__")
             .separator("__")
             .source(env);
-        let cfg: Config = builder.add_source(env_source).build()?.try_deserialize()?;
-        cfg.validate()?;
-        Ok(cfg)
+        let built = secrets::resolve(builder.add_source(env_source).build()?)?;
+        Ok(built.try_deserialize()?)
     }
 
     /// Every configured app: the `[[apns.apps]]` list plus the single-app shorthand.
