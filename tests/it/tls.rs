@@ -16,12 +16,14 @@ use crate::tls_fixtures::{temp_dir, PgCluster, TestCa, TlsProxy};
 
 const STEP: Duration = Duration::from_secs(5);
 
+/// `migrate` with `url` as VPW__POSTGRES__URL (none when empty) and `env`.
 fn migrate(url: &str, env: &[(&str, &str)]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_voip-push-worker"))
-        .env_remove("VPW_CONFIG")
-        .env("VPW_LOG", "warn")
-        .env("VPW__POSTGRES__URL", url)
-        .envs(env.iter().copied())
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_voip-push-worker"));
+    c.env_remove("VPW_CONFIG").env("VPW_LOG", "warn");
+    if !url.is_empty() {
+        c.env("VPW__POSTGRES__URL", url);
+    }
+    c.envs(env.iter().copied())
         .arg("migrate")
         .output()
         .expect("run migrate")
@@ -79,6 +81,14 @@ async fn migrate_and_doctor_against_a_tls_only_postgres() {
         &pg.url("localhost", &db, "sslmode=verify-full"),
         &[("VPW__POSTGRES__CA_FILE", &ca_path)],
     );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("up to date"), "{}", text(&out));
+
+    // The URL (a secret: it may carry a password) from a file, as Kubernetes mounts it.
+    let url_file = dir.join("postgres-url");
+    std::fs::write(&url_file, format!("{full}\n")).unwrap();
+    let url_file = url_file.display().to_string();
+    let out = migrate("", &[("VPW__POSTGRES__URL_FILE", &url_file)]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("up to date"), "{}", text(&out));
 
