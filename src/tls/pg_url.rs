@@ -147,14 +147,13 @@ fn percent_decode(s: &str) -> Result<String, String> {
 }
 
 /// libpq's `key = value` form: values bare or in single quotes, `\` escaping.
-fn split_key_values(s: &str) -> Result<(String, Pairs), String> {
+fn key_values(s: &str) -> Result<Pairs, String> {
     let mut chars = s.chars().peekable();
-    let mut kept = Vec::new();
-    let mut ours = Vec::new();
+    let mut pairs = Vec::new();
     loop {
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         if chars.peek().is_none() {
-            break;
+            return Ok(pairs);
         }
         let mut key = String::new();
         while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
@@ -177,14 +176,35 @@ fn split_key_values(s: &str) -> Result<(String, Pairs), String> {
                 Some(c) => value.push(c),
             }
         }
-        if OURS.contains(&key.as_str()) {
-            ours.push((key, value));
-        } else {
-            let escaped = value.replace('\\', "\\\\").replace('\'', "\\'");
-            kept.push(format!("{key}='{escaped}'"));
-        }
+        pairs.push((key, value));
     }
-    Ok((kept.join(" "), ours))
+}
+
+fn join_key_values<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    pairs
+        .map(|(k, v)| format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn split_key_values(s: &str) -> Result<(String, Pairs), String> {
+    let (ours, kept): (Pairs, Pairs) = key_values(s)?
+        .into_iter()
+        .partition(|(k, _)| OURS.contains(&k.as_str()));
+    let rest = join_key_values(kept.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    Ok((rest, ours))
+}
+
+/// A `key=value` connection string fit for a log: the password hidden (one that
+/// does not parse is hidden whole).
+pub fn redact_key_values(s: &str) -> String {
+    match key_values(s) {
+        Ok(pairs) => join_key_values(pairs.iter().map(|(k, v)| {
+            let v = if k == "password" { "***" } else { v.as_str() };
+            (k.as_str(), v)
+        })),
+        Err(_) => "<unparsable connection string>".into(),
+    }
 }
 
 #[cfg(test)]

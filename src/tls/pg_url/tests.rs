@@ -97,6 +97,25 @@ fn key_value_strings_are_split() {
     assert!(split("host").is_err());
 }
 
+#[test]
+fn passwords_are_hidden_for_logs() {
+    use crate::config::redact_url;
+    assert_eq!(
+        redact_url("host=db password='it\\'s' sslmode=verify-full"),
+        "host='db' password='***' sslmode='verify-full'"
+    );
+    assert_eq!(
+        redact_url("postgres://u:pw@h/d?password=pw2&sslmode=require"),
+        "postgres://u:***@h/d?password=***&sslmode=require"
+    );
+    assert_eq!(redact_url("postgres://u@h/d"), "postgres://u@h/d");
+    assert_eq!(
+        redact_url("amqps://u:p@h:5671/%2f"),
+        "amqps://u:***@h:5671/%2f"
+    );
+    assert!(!redact_url("host='unterminated password=x").contains('x'));
+}
+
 fn value() -> impl Strategy<Value = String> {
     "[ -~]{0,12}"
 }
