@@ -211,3 +211,56 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for PgTlsStream<S> {
         Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verification(
+        query: &str,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Verification, String> {
+        let cfg = PostgresConfig {
+            url: format!("postgres://u@db.example.com/d{query}"),
+            ca_file: ca_file.map(Into::into),
+            ..Default::default()
+        };
+        connect_config(&cfg).map(|(_, tls)| tls.verification)
+    }
+
+    /// libpq's table: what each sslmode checks, with and without a root certificate.
+    #[test]
+    fn each_mode_checks_what_libpq_checks() {
+        let dir = std::env::temp_dir().join(format!("vpw-pg-tls-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+        let root = format!("sslrootcert={}", ca.display());
+        use Verification as V;
+        for (query, ca_file, want) in [
+            ("", None, V::None),
+            ("?sslmode=disable", None, V::Off),
+            ("?sslmode=prefer", None, V::None),
+            ("?sslmode=require", None, V::None),
+            (&format!("?sslmode=require&{root}") as &str, None, V::Chain),
+            ("?sslmode=prefer", Some(ca.as_path()), V::Chain),
+            ("?sslmode=verify-ca", None, V::Chain),
+            ("?sslmode=verify-full", None, V::Full),
+            (&format!("?sslmode=verify-full&{root}"), None, V::Full),
+            ("?sslrootcert=system", None, V::Full),
+        ] {
+            assert_eq!(
+                verification(query, ca_file),
+                Ok(want),
+                "{query} {ca_file:?}"
+            );
+        }
+        let err =
+            verification("?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem", None).unwrap_err();
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -131,6 +131,29 @@ async fn migrate_and_doctor_against_a_tls_only_postgres() {
     );
     assert!(out.status.success(), "{}", text(&out));
 
+    // SCRAM with channel binding required: the binding we compute from the
+    // server's certificate must be the one the server computes.
+    let (admin, tls) = voip_push_worker::tls::postgres::connect_config(&PostgresConfig {
+        url: full.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    let (client, conn) = admin.connect(tls).await.expect("connect over TLS");
+    tokio::spawn(conn);
+    client
+        .batch_execute("CREATE ROLE scram_user LOGIN PASSWORD 'pw'")
+        .await
+        .unwrap();
+    let scram = full.replace("postgres@", "scram_user:pw@") + "&channel_binding=require";
+    let (scram, tls) = voip_push_worker::tls::postgres::connect_config(&PostgresConfig {
+        url: scram,
+        ..Default::default()
+    })
+    .unwrap();
+    let (bound, conn) = scram.connect(tls).await.expect("SCRAM-SHA-256-PLUS");
+    tokio::spawn(conn);
+    bound.simple_query("SELECT 1").await.unwrap();
+
     // doctor: encrypted and verified, or the fix.
     let checks = postgres(&pg_config(full), STEP).await;
     let tls = one(&checks, "postgres.tls");

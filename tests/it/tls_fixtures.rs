@@ -152,7 +152,9 @@ impl PgCluster {
         append(&data.join("postgresql.conf"), &conf);
         std::fs::write(
             data.join("pg_hba.conf"),
-            "hostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+            // A password user for SCRAM with channel binding; everyone else trusted.
+            "hostssl all scram_user 127.0.0.1/32 scram-sha-256\n\
+             hostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
         )
         .unwrap();
         if is_root() {
