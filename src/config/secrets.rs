@@ -14,6 +14,14 @@ pub const SECRET_KEYS: &[&str] = &[
     "twilio.api_key_secret",
 ];
 
+/// `VPW__POSTGRES__URL_FILE` and the rest: what a supervisor that passes the
+/// values themselves (`Config::process_env`) removes from a child's environment.
+pub fn file_env_vars() -> impl Iterator<Item = String> {
+    SECRET_KEYS
+        .iter()
+        .map(|k| format!("VPW__{}_FILE", k.replace('.', "__").to_ascii_uppercase()))
+}
+
 /// A file's secret: its contents without the trailing newline editors and
 /// `echo` add (a secret never ends in one).
 fn read_secret(key: &str, path: &str) -> Result<String, ConfigError> {

@@ -156,3 +156,10 @@ fn secrets_come_from_files_named_by_file_keys() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn file_variables_are_named_as_the_environment_spells_them() {
+    let vars: Vec<String> = secrets::file_env_vars().collect();
+    assert!(vars.contains(&"VPW__POSTGRES__URL_FILE".to_string()));
+    assert!(vars.contains(&"VPW__HTTP__SERVICE_TOKEN_FILE".to_string()));
+}
