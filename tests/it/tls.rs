@@ -233,7 +233,8 @@ async fn worker_rings_over_tls_to_postgres_and_rabbitmq() {
     assert!(tls.detail.contains("host name verified"), "{tls:?}");
     assert_eq!(one(&mq_checks, "rabbitmq.topology").status, Status::Pass);
 
-    // A broker certificate from another CA, or for another name, is refused.
+    // A broker certificate from another CA, or for another name, is refused;
+    // amqps:// to the plain port is named as such.
     for (cfg, word, fix) in [
         (
             AmqpConfig {
@@ -251,6 +252,14 @@ async fn worker_rings_over_tls_to_postgres_and_rabbitmq() {
             },
             "not valid for name",
             "connect by the name on the certificate",
+        ),
+        (
+            AmqpConfig {
+                url: "amqps://guest:guest@localhost:5672/%2f".into(),
+                ..env.cfg.amqp.clone()
+            },
+            "InvalidContentType",
+            "does not speak TLS there",
         ),
     ] {
         let err = voip_push_worker::amqp::connect(&cfg, "test")
