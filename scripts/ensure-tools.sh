@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs what `make test` needs beyond the Rust toolchain, only where missing:
-# promtool and kubectl (Debian packages), kubernetes-validate (PyPI, offline
+# promtool, kubectl and socat (Debian packages), kubernetes-validate (PyPI, offline
 # schemas) and cargo-nextest (crates.io). Does nothing where all are present.
 set -euo pipefail
 
 missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v kubectl >/dev/null 2>&1 || missing+=(kubectl)
+# The TLS tests put socat in front of RabbitMQ.
+command -v socat >/dev/null 2>&1 || missing+=(socat)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "ensure-tools: installing ${missing[*]}"
     # Only the tools are wanted: keep the packages' services from starting (their

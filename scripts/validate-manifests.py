@@ -127,6 +127,15 @@ def matches(selector, labels):
     return all(labels.get(k) == v for k, v in selector.items())
 
 
+def need_mounted_secret_file(who, var, path, mounts, need_secret):
+    directory, _, key = path.rpartition("/")
+    vol = mounts.get(directory)
+    if vol is None or "secret" not in vol:
+        fail(who, f"{var}={path} is not in a mounted Secret")
+    else:
+        need_secret(who, vol["secret"]["secretName"], key)
+
+
 def check_references(docs, secrets_external):
     by_kind = {}
     for doc in docs:
@@ -179,6 +188,10 @@ def check_references(docs, secrets_external):
                 for m in c.get("volumeMounts", []):
                     if m["name"] not in volumes:
                         fail(who, f"volumeMount {m['name']} has no volume")
+                # Secrets from files: each VPW__..._FILE names a key of a mounted Secret.
+                for var, path in env.items():
+                    if var.startswith("VPW__") and var.endswith("_FILE") and path:
+                        need_mounted_secret_file(who, var, path, mounts, need_secret)
                 cfg_path = env.get("VPW_CONFIG")
                 if not cfg_path:
                     fail(who, f"container {c['name']}: VPW_CONFIG is not set")

@@ -106,10 +106,7 @@ pub async fn run(config: Config) -> Result<(), CommandError> {
 }
 
 pub async fn migrate(config: &Config) -> Result<(), CommandError> {
-    if ensure_database(&config.postgres.url)
-        .await
-        .map_err(failed)?
-    {
+    if ensure_database(&config.postgres).await.map_err(failed)? {
         println!("created database");
     }
     let store = Store::connect(&config.postgres).map_err(failed)?;
@@ -452,16 +449,14 @@ pub struct ListDevicesArgs {
 }
 
 pub async fn list_devices(config: &Config, a: ListDevicesArgs) -> Result<(), CommandError> {
-    let mut pg: tokio_postgres::Config = config
-        .postgres
-        .url
-        .parse()
+    let (mut pg, tls) = crate::tls::postgres::connect_config(&config.postgres)
         .map_err(|e| CommandError::Usage(format!("VPW__POSTGRES__URL: {e}")))?;
     pg.connect_timeout(crate::doctor::STEP_TIMEOUT);
-    let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| {
+    let (client, conn) = pg.connect(tls).await.map_err(|e| {
         failed(format!(
-            "postgres at {}: {e}",
-            crate::config::redact_url(&config.postgres.url)
+            "postgres at {}: {}",
+            crate::config::redact_url(&config.postgres.url),
+            crate::tls::error_chain(&e)
         ))
     })?;
     tokio::spawn(conn);

@@ -11,6 +11,7 @@
 pub mod apns;
 pub mod config;
 pub mod devices;
+pub mod postgres;
 pub mod render;
 pub mod services;
 
@@ -208,7 +209,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
     checks.extend(keys.iter().map(|k| k.check.clone()));
     let (apns, postgres, rabbitmq, worker) = tokio::join!(
         apns::check(cfg, &keys, opts.step_timeout),
-        services::postgres(cfg, opts.step_timeout),
+        postgres::postgres(cfg, opts.step_timeout),
         services::rabbitmq(&cfg.amqp, opts.step_timeout),
         async {
             match &opts.worker_url {

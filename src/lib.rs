@@ -15,6 +15,7 @@ pub mod http;
 pub mod metrics;
 pub mod pipeline;
 pub mod store;
+pub mod tls;
 pub mod trace;
 
 use std::net::SocketAddr;

@@ -25,6 +25,8 @@ pub const DELIVERY_LIMIT: i64 = 10;
 pub enum AmqpError {
     #[error("RabbitMQ at {url}: {source}")]
     Connect { url: String, source: lapin::Error },
+    #[error("RabbitMQ at {url}: TLS settings: {reason}")]
+    Tls { url: String, reason: String },
     #[error("RabbitMQ: {0}")]
     Protocol(#[from] lapin::Error),
     #[error("RabbitMQ refused (nack) a published message")]
@@ -50,12 +52,15 @@ impl AmqpError {
 pub async fn connect(cfg: &AmqpConfig, role: &str) -> Result<Connection, AmqpError> {
     let props = ConnectionProperties::default()
         .with_connection_name(format!("voip-push-worker {role}").into());
-    Connection::connect(&cfg.url, props)
+    let url = redact_url(&cfg.url);
+    let tls = crate::tls::amqp::tls_config(cfg).map_err(|e| AmqpError::Tls {
+        url: url.clone(),
+        reason: e,
+    })?;
+    let runtime = lapin::runtime::default_runtime()?;
+    Connection::connect_with_config(&cfg.url, props, tls, runtime)
         .await
-        .map_err(|source| AmqpError::Connect {
-            url: redact_url(&cfg.url),
-            source,
-        })
+        .map_err(|source| AmqpError::Connect { url, source })
 }
 
 fn text(s: &str) -> AMQPValue {

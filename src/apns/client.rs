@@ -180,21 +180,9 @@ impl ApnsClient {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(pem) = &settings.extra_roots_pem {
-            use rustls_pki_types::pem::PemObject;
-            let mut added = 0;
-            for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
-                let cert = cert.map_err(|e| format!("CA file is not PEM certificates: {e}"))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("CA file certificate rejected: {e}"))?;
-                added += 1;
-            }
-            if added == 0 {
-                return Err("CA file holds no certificate".into());
-            }
+            crate::tls::add_pem_roots(&mut roots, pem)?;
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)

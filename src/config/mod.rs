@@ -3,9 +3,10 @@
 //! bad deployment fails at start with one clear line instead of at the first call.
 
 mod backends;
+mod connections;
+pub mod secrets;
 mod worker;
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::event::Environment;
 
 pub use backends::{DevicesConfig, HttpConfig, StoreConfig, TwilioConfig};
+pub use connections::{AmqpConfig, PostgresConfig};
 pub use worker::WorkerConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,86 +36,6 @@ pub struct Config {
     pub twilio: TwilioConfig,
     pub store: StoreConfig,
     pub devices: DevicesConfig,
-}
-
-#[derive(Clone, Deserialize, Serialize)]
-#[serde(default)]
-pub struct AmqpConfig {
-    pub url: String,
-    pub call_exchange: String,
-    pub work_queue: String,
-    /// The cancel lane: `call.cancel` events, consumed apart from the rings.
-    pub cancel_queue: String,
-    pub dead_letter_exchange: String,
-    pub dead_letter_queue: String,
-    pub results_exchange: String,
-}
-
-impl Default for AmqpConfig {
-    fn default() -> Self {
-        Self {
-            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-            call_exchange: "voip.calls".into(),
-            work_queue: "voip-push.calls".into(),
-            cancel_queue: "voip-push.cancels".into(),
-            dead_letter_exchange: "voip.calls.dlx".into(),
-            dead_letter_queue: "voip-push.calls.dead".into(),
-            results_exchange: "voip.push.results".into(),
-        }
-    }
-}
-
-impl fmt::Debug for AmqpConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AmqpConfig")
-            .field("url", &redact_url(&self.url))
-            .field("call_exchange", &self.call_exchange)
-            .field("work_queue", &self.work_queue)
-            .field("cancel_queue", &self.cancel_queue)
-            .field("dead_letter_exchange", &self.dead_letter_exchange)
-            .field("dead_letter_queue", &self.dead_letter_queue)
-            .field("results_exchange", &self.results_exchange)
-            .finish()
-    }
-}
-
-#[derive(Clone, Deserialize, Serialize)]
-#[serde(default)]
-pub struct PostgresConfig {
-    pub url: String,
-    pub pool_size: usize,
-    /// How long a query waits for a pooled connection before the event is retried.
-    pub pool_timeout_ms: u64,
-    /// Wait for the WAL flush of every write. Off by default: claims, attempts
-    /// and results are many small writes, and only a Postgres crash (not a clean
-    /// restart) could lose the last fraction of a second of them. Cancels are
-    /// always flushed.
-    pub synchronous_commit: bool,
-}
-
-impl Default for PostgresConfig {
-    fn default() -> Self {
-        Self {
-            url: "postgres://postgres@127.0.0.1:5432/voip_push".into(),
-            // Rings use the batches' own connections (3) and hold none across a
-            // push; this pool serves cancels, the API and upkeep. With the
-            // liveness session, a replica opens at most 7 connections.
-            pool_size: 3,
-            pool_timeout_ms: 5_000,
-            synchronous_commit: false,
-        }
-    }
-}
-
-impl fmt::Debug for PostgresConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PostgresConfig")
-            .field("url", &redact_url(&self.url))
-            .field("pool_size", &self.pool_size)
-            .field("pool_timeout_ms", &self.pool_timeout_ms)
-            .field("synchronous_commit", &self.synchronous_commit)
-            .finish()
-    }
 }
 
 /// One app that can receive calls: its bundle id and the team key that signs for it.
@@ -190,6 +112,17 @@ impl Config {
         file: Option<&Path>,
         env: Option<config::Map<String, String>>,
     ) -> Result<Self, ConfigError> {
+        let cfg = Self::load_unvalidated_from(file, env)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Like [`Config::load_from`] without [`Config::validate`] (`doctor` reports
+    /// what is wrong instead of stopping at the first problem).
+    pub fn load_unvalidated_from(
+        file: Option<&Path>,
+        env: Option<config::Map<String, String>>,
+    ) -> Result<Self, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(file) = file {
             builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
@@ -199,9 +132,8 @@ impl Config {
             .prefix_separator("__")
             .separator("__")
             .source(env);
-        let cfg: Config = builder.add_source(env_source).build()?.try_deserialize()?;
-        cfg.validate()?;
-        Ok(cfg)
+        let built = secrets::resolve(builder.add_source(env_source).build()?)?;
+        Ok(built.try_deserialize()?)
     }
 
     /// Every configured app: the `[[apns.apps]]` list plus the single-app shorthand.
@@ -342,8 +274,16 @@ impl Config {
             ),
             ("VPW__APNS__SANDBOX_URL", self.apns.sandbox_url.clone()),
         ];
-        if let Some(ca) = &self.apns.ca_file {
-            env.push(("VPW__APNS__CA_FILE", ca.display().to_string()));
+        for (var, file) in [
+            ("VPW__APNS__CA_FILE", &self.apns.ca_file),
+            ("VPW__POSTGRES__CA_FILE", &self.postgres.ca_file),
+            ("VPW__AMQP__CA_FILE", &self.amqp.ca_file),
+            ("VPW__AMQP__CERT_FILE", &self.amqp.cert_file),
+            ("VPW__AMQP__KEY_FILE", &self.amqp.key_file),
+        ] {
+            if let Some(f) = file {
+                env.push((var, f.display().to_string()));
+            }
         }
         if let Some(app) = self.apps().first() {
             env.push(("VPW__APNS__BUNDLE_ID", app.bundle_id.clone()));
@@ -355,17 +295,35 @@ impl Config {
     }
 }
 
-/// Hides the password of a URL like `amqp://user:secret@host/`.
+/// Hides the password of a URL like `amqp://user:secret@host/` (also one in a
+/// `password=` query parameter), or of a libpq `key=value` string.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+        return crate::tls::pg_url::redact_key_values(url);
     };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else {
-        return url.to_string();
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, Some(q)),
+        None => (rest, None),
     };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_string(),
+    let query = query.map(|q| {
+        q.split('&')
+            .map(|p| match p.split_once('=') {
+                Some(("password", _)) => "password=***",
+                _ => p,
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    });
+    let base = match rest.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => format!("{scheme}://{rest}"),
+        },
+        None => format!("{scheme}://{rest}"),
+    };
+    match query {
+        Some(q) => format!("{base}?{q}"),
+        None => base,
     }
 }
 

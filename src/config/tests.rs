@@ -94,3 +94,72 @@ fn debug_output_redacts_passwords() {
     }
     assert!(shown.contains("<redacted>"));
 }
+
+#[test]
+fn secrets_come_from_files_named_by_file_keys() {
+    let dir = std::env::temp_dir().join(format!("vpw-secrets-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let pg = write(
+        "pg",
+        "postgres://app:s3cr%40t@db.example.com/voip?sslmode=verify-full\n",
+    );
+    let token = write("token", "tok en\r\n");
+    let toml = dir.join("config.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[twilio]\napi_key_secret_file = {:?}\n",
+            write("twilio", "tw")
+        ),
+    )
+    .unwrap();
+    let cfg = Config::load_from(
+        Some(&toml),
+        Some(env(&[
+            ("VPW__POSTGRES__URL_FILE", &pg),
+            ("VPW__HTTP__SERVICE_TOKEN_FILE", &token),
+        ])),
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.postgres.url,
+        "postgres://app:s3cr%40t@db.example.com/voip?sslmode=verify-full"
+    );
+    assert_eq!(cfg.http.service_token.as_deref(), Some("tok en"));
+    assert_eq!(cfg.twilio.api_key_secret.as_deref(), Some("tw"));
+    // Unset secrets keep their defaults.
+    assert_eq!(cfg.amqp.url, AmqpConfig::default().url);
+
+    let err = Config::load_from(
+        None,
+        Some(env(&[
+            ("VPW__POSTGRES__URL_FILE", &pg),
+            ("VPW__POSTGRES__URL", "postgres://x@y/z"),
+        ])),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("not both"), "{err}");
+    let err = Config::load_from(
+        None,
+        Some(env(&[("VPW__AMQP__URL_FILE", "/nonexistent/amqp-url")])),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("amqp.url_file \"/nonexistent/amqp-url\""),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn file_variables_are_named_as_the_environment_spells_them() {
+    let vars: Vec<String> = secrets::file_env_vars().collect();
+    assert!(vars.contains(&"VPW__POSTGRES__URL_FILE".to_string()));
+    assert!(vars.contains(&"VPW__HTTP__SERVICE_TOKEN_FILE".to_string()));
+}

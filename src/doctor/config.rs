@@ -53,14 +53,7 @@ pub fn apps(cfg: &Config) -> Vec<ConfiguredApp> {
 /// The same sources as [`Config::load`] without its validation, so an invalid
 /// configuration can still be diagnosed in full.
 pub fn load_unvalidated(file: Option<&Path>) -> Result<Config, ConfigError> {
-    let mut builder = config::Config::builder();
-    if let Some(file) = file {
-        builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
-    }
-    let env = config::Environment::with_prefix("VPW")
-        .prefix_separator("__")
-        .separator("__");
-    Ok(builder.add_source(env).build()?.try_deserialize()?)
+    Config::load_unvalidated_from(file, None)
 }
 
 /// The only check when the configuration cannot even be read.

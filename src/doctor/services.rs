@@ -1,5 +1,5 @@
-//! Postgres, RabbitMQ and the worker's `/readyz`: reachable, migrated, topology
-//! present, queues drained and consumed.
+//! RabbitMQ and the worker's `/readyz`: reachable (over TLS when asked), topology
+//! present, queues drained and consumed. Postgres is in `postgres.rs`.
 
 use std::future::Future;
 use std::time::Duration;
@@ -8,15 +8,14 @@ use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ExchangeKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_postgres::error::SqlState;
-use tokio_postgres::NoTls;
 
 use super::{Check, Section};
-use crate::config::{redact_url, AmqpConfig, Config};
-use crate::store::migrate::{pending, MIGRATIONS};
+use crate::config::{redact_url, AmqpConfig};
+use crate::tls::amqp::is_tls;
+use crate::tls::{error_chain, is_local, TlsFailure};
 
 /// Runs `f` under `timeout`; a timeout becomes an `Err` naming the step.
-async fn within<T, E: std::fmt::Display>(
+pub(super) async fn within<T, E: std::fmt::Display>(
     timeout: Duration,
     what: &str,
     f: impl Future<Output = Result<T, E>>,
@@ -28,194 +27,6 @@ async fn within<T, E: std::fmt::Display>(
             timeout.as_millis()
         )),
     }
-}
-
-/// `postgres.connect`, `postgres.migrations`, `postgres.tokens`.
-pub async fn postgres(cfg: &Config, timeout: Duration) -> Vec<Check> {
-    let url = redact_url(&cfg.postgres.url);
-    let connect = Check::new("postgres.connect", Section::Postgres, "Postgres reachable");
-    let migrations = Check::new(
-        "postgres.migrations",
-        Section::Postgres,
-        "migrations current",
-    );
-    let tokens = Check::new("postgres.tokens", Section::Postgres, "device tokens");
-    let mut pg: tokio_postgres::Config = match cfg.postgres.url.parse() {
-        Ok(c) => c,
-        Err(e) => {
-            return vec![
-                connect.fail(
-                    format!("{url}: {e}"),
-                    "set VPW__POSTGRES__URL to postgres://USER[:PASSWORD]@HOST:PORT/DATABASE",
-                ),
-                migrations.skip("no connection"),
-                tokens.skip("no connection"),
-            ]
-        }
-    };
-    pg.connect_timeout(timeout);
-    pg.application_name("voip-push-worker doctor");
-    let client = match tokio::time::timeout(timeout, pg.connect(NoTls)).await {
-        Ok(Ok((client, conn))) => {
-            tokio::spawn(conn);
-            client
-        }
-        failed => {
-            let (detail, fix) = match failed {
-                Ok(Err(e)) => {
-                    let fix = match e.code() {
-                        Some(c) if *c == SqlState::INVALID_CATALOG_NAME => {
-                            "the database does not exist yet: run `voip-push-worker migrate` \
-                             (it creates the database and its tables)"
-                                .to_string()
-                        }
-                        Some(c)
-                            if *c == SqlState::INVALID_PASSWORD
-                                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
-                        {
-                            "Postgres refused the login: fix the user and password in \
-                             VPW__POSTGRES__URL (or pg_hba.conf)"
-                                .to_string()
-                        }
-                        _ => format!(
-                            "start PostgreSQL, or set VPW__POSTGRES__URL to where it runs \
-                             (now {url})"
-                        ),
-                    };
-                    (format!("{url}: {}", pg_error(&e)), fix)
-                }
-                _ => (
-                    format!("{url}: no answer within {} ms", timeout.as_millis()),
-                    format!(
-                        "a firewall drops traffic to Postgres, or the host in \
-                         VPW__POSTGRES__URL is wrong (now {url})"
-                    ),
-                ),
-            };
-            return vec![
-                connect.fail(detail, fix),
-                migrations.skip("no connection"),
-                tokens.skip("no connection"),
-            ];
-        }
-    };
-    let mut out = vec![connect.pass(url)];
-
-    let pending = match within(timeout, "migrations", pending(&client)).await {
-        Ok(p) => p,
-        Err(e) => {
-            out.push(migrations.fail(e, "run `voip-push-worker migrate`"));
-            out.push(tokens.skip("migrations unknown"));
-            return out;
-        }
-    };
-    let latest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
-    if pending.is_empty() {
-        out.push(migrations.pass(format!("at version {latest}")));
-    } else {
-        let names: Vec<String> = MIGRATIONS
-            .iter()
-            .filter(|m| pending.contains(&m.0))
-            .map(|m| format!("{} {}", m.0, m.1))
-            .collect();
-        out.push(
-            migrations
-                .fail(
-                    format!("pending: {}", names.join(", ")),
-                    "run `voip-push-worker migrate` against this database (the worker \
-                     does not migrate by itself)",
-                )
-                .with_data(serde_json::json!({ "pending": pending })),
-        );
-        if pending.contains(&1) {
-            out.push(tokens.skip("no devices table yet"));
-            return out;
-        }
-    }
-    out.push(token_counts(&client, cfg, tokens, timeout).await);
-    out
-}
-
-/// The server's own message, not tokio-postgres' "db error" wrapper.
-fn pg_error(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => db.message().to_string(),
-        None => {
-            let mut s = e.to_string();
-            let mut src = std::error::Error::source(e);
-            while let Some(inner) = src {
-                s = format!("{s}: {inner}");
-                src = inner.source();
-            }
-            s
-        }
-    }
-}
-
-async fn token_counts(
-    client: &tokio_postgres::Client,
-    cfg: &Config,
-    c: Check,
-    timeout: Duration,
-) -> Check {
-    let rows = match within(
-        timeout,
-        "token counts",
-        client.query(
-            "SELECT bundle_id, environment,
-                    count(*) FILTER (WHERE invalidated_at IS NULL),
-                    count(*) FILTER (WHERE invalidated_at IS NOT NULL)
-             FROM devices GROUP BY 1, 2 ORDER BY 1, 2",
-            &[],
-        ),
-    )
-    .await
-    {
-        Ok(rows) => rows,
-        Err(e) => return c.fail(e, "run `voip-push-worker migrate`"),
-    };
-    let mut live_total = 0;
-    let mut invalid_total = 0;
-    let mut data = Vec::new();
-    let mut notes = Vec::new();
-    let mut unserved = Vec::new();
-    let apps: Vec<String> = cfg.apps().into_iter().map(|a| a.bundle_id).collect();
-    for r in &rows {
-        let bundle: String = r.get(0);
-        let env: String = r.get(1);
-        let live: i64 = r.get(2);
-        let invalid: i64 = r.get(3);
-        live_total += live;
-        invalid_total += invalid;
-        notes.push(format!(
-            "{bundle:<30} {env:<10} {live:>5} live {invalid:>5} invalidated"
-        ));
-        if live > 0 && !apps.contains(&bundle) && !unserved.contains(&bundle) {
-            unserved.push(bundle.clone());
-        }
-        data.push(serde_json::json!({
-            "bundleId": bundle, "environment": env, "live": live, "invalidated": invalid,
-        }));
-    }
-    let detail = format!("{live_total} live, {invalid_total} invalidated");
-    let mut c = c.with_data(serde_json::Value::Array(data));
-    c.notes = notes;
-    if !unserved.is_empty() {
-        return c.warn(
-            format!("{detail}; no app configured for {}", unserved.join(", ")),
-            "calls to these devices fail: configure the app (bundle id, key) or fix the \
-             bundle id the backend registers",
-        );
-    }
-    if live_total == 0 {
-        return c.warn(
-            detail,
-            "no live device token: registrations are not reaching this database \
-             (register one with `voip-push-worker devices register`, or check \
-             VPW__POSTGRES__URL is the database the backend writes to)",
-        );
-    }
-    c.pass(detail)
 }
 
 /// `rabbitmq.connect`, `rabbitmq.topology`, `rabbitmq.work_queue`, `rabbitmq.dead_letters`.
@@ -233,24 +44,42 @@ pub async fn rabbitmq(cfg: &AmqpConfig, timeout: Duration) -> Vec<Check> {
         Section::Rabbitmq,
         format!("dead letters {}", cfg.dead_letter_queue),
     );
-    let conn = match within(timeout, "connect", crate::amqp::connect(cfg, "doctor")).await {
-        Ok(c) => c,
-        Err(e) => {
-            return vec![
-                connect.fail(
-                    e,
+    let tls = Check::new("rabbitmq.tls", Section::Rabbitmq, "RabbitMQ encryption");
+    let host = crate::tls::amqp::host(&cfg.url);
+    let connected = tokio::time::timeout(timeout, crate::amqp::connect(cfg, "doctor")).await;
+    let conn = match connected {
+        Ok(Ok(c)) => c,
+        failed => {
+            let (e, failure) = match failed {
+                Ok(Err(e)) => (e.to_string(), TlsFailure::of(&error_chain(&e))),
+                _ => (
+                    format!("connect: no answer within {} ms", timeout.as_millis()),
+                    None,
+                ),
+            };
+            let (fix, tls) = match failure {
+                Some(f) => {
+                    let fix = f.fix("VPW__AMQP__CA_FILE", &host);
+                    (fix.clone(), tls.fail(e.clone(), fix))
+                }
+                None => (
                     format!(
                         "start RabbitMQ, or set VPW__AMQP__URL to where it runs (now {url}); \
                          check the user, password and vhost (%2f is /)"
                     ),
+                    tls.skip("no connection"),
                 ),
+            };
+            return vec![
+                connect.fail(e, fix),
+                tls,
                 topology.skip("no connection"),
                 work.skip("no connection"),
                 dead.skip("no connection"),
-            ]
+            ];
         }
     };
-    let mut out = vec![connect.pass(url)];
+    let mut out = vec![connect.pass(url), tls_state(cfg, &host, tls)];
 
     // A passive declare of a missing object closes its channel, so each object is
     // asked on a channel of its own.
@@ -401,6 +230,34 @@ pub async fn rabbitmq(cfg: &AmqpConfig, timeout: Duration) -> Vec<Check> {
     });
     close(conn).await;
     out
+}
+
+/// `rabbitmq.tls`: `amqps://` always verifies the chain and the host name (a
+/// connection that got this far passed both); plaintext is worth a warning
+/// across a network.
+fn tls_state(cfg: &AmqpConfig, host: &str, c: Check) -> Check {
+    let encrypted = is_tls(&cfg.url);
+    let c = c.with_data(serde_json::json!({
+        "encrypted": encrypted,
+        "verification": if encrypted { "full" } else { "off" },
+    }));
+    if encrypted {
+        let roots = match &cfg.ca_file {
+            Some(f) => format!("public CAs and {}", f.display()),
+            None => "public CAs".into(),
+        };
+        c.pass(format!(
+            "encrypted, certificate and host name verified ({roots})"
+        ))
+    } else if is_local(host) {
+        c.pass("not encrypted (broker on this machine)")
+    } else {
+        c.warn(
+            "not encrypted",
+            "the connection to RabbitMQ is in plaintext: use amqps:// (the broker's TLS \
+             listener, usually port 5671), with VPW__AMQP__CA_FILE for a private CA",
+        )
+    }
 }
 
 async fn close(conn: Connection) {

@@ -12,12 +12,12 @@
 
 use std::time::Duration;
 
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::StoreError;
 use crate::config::PostgresConfig;
+use crate::tls::postgres::PgTls;
 
 /// The first key of every liveness lock (the second is `hashtext(worker_id)`):
 /// "vpw1". Appears as a literal in the claim statements (see `claims`).
@@ -39,17 +39,17 @@ impl Liveness {
     /// the session alive, reconnecting and re-locking whenever it is lost, until
     /// `stop`.
     pub async fn start(cfg: &PostgresConfig, stop: CancellationToken) -> Result<Self, StoreError> {
-        let mut pg = super::pg_config(&cfg.url)?;
+        let (mut pg, tls) = super::pg_config(cfg)?;
         pg.options(KEEPALIVE_OPTIONS);
         pg.keepalives(true).keepalives_idle(Duration::from_secs(5));
         pg.application_name("voip-push-worker liveness");
         let mut delay = Duration::from_millis(100);
         loop {
             let worker_id = uuid::Uuid::new_v4().simple().to_string();
-            match Session::open(&pg, &worker_id).await {
+            match Session::open(&pg, &tls, &worker_id).await {
                 Ok(Some(session)) => {
                     info!(%worker_id, "worker id (owner of its delivery claims) locked");
-                    tokio::spawn(session.keep(pg, stop));
+                    tokio::spawn(session.keep(pg, tls, stop));
                     return Ok(Self { worker_id });
                 }
                 Ok(None) => continue,
@@ -79,9 +79,10 @@ impl Session {
     /// `None`: the lock is taken (by a live worker whose id hashes the same).
     async fn open(
         pg: &tokio_postgres::Config,
+        tls: &PgTls,
         worker_id: &str,
     ) -> Result<Option<Self>, StoreError> {
-        let (client, conn) = pg.connect(NoTls).await?;
+        let (client, conn) = pg.connect(tls.clone()).await?;
         let conn = tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -105,7 +106,7 @@ impl Session {
 
     /// Holds the lock until `shutdown`; when the session is lost, opens a new
     /// one and locks the same id again.
-    async fn keep(mut self, pg: tokio_postgres::Config, shutdown: CancellationToken) {
+    async fn keep(mut self, pg: tokio_postgres::Config, tls: PgTls, shutdown: CancellationToken) {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -114,7 +115,7 @@ impl Session {
             warn!("liveness session to Postgres lost; reconnecting");
             let mut delay = Duration::from_millis(100);
             self = loop {
-                match Session::open(&pg, &self.worker_id).await {
+                match Session::open(&pg, &tls, &self.worker_id).await {
                     Ok(Some(s)) => break s,
                     Ok(None) => warn!("liveness lock held by another session; retrying"),
                     Err(e) => warn!(error = %e, "cannot reopen the liveness session; retrying"),

@@ -13,16 +13,18 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
 
 use crate::config::PostgresConfig;
 use crate::event::Environment;
+use crate::tls::postgres::PgTls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("postgres: {0}")]
+    // tokio-postgres keeps the reason (the server's message, a TLS failure) in
+    // the error's source, not in its Display.
+    #[error("postgres: {}", crate::tls::error_chain(.0))]
     Db(#[from] tokio_postgres::Error),
-    #[error("postgres pool: {0}")]
+    #[error("postgres pool: {}", crate::tls::error_chain(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("postgres URL is invalid: {0}")]
     Url(String),
@@ -117,12 +119,13 @@ fn without_seqscan(mut pg: tokio_postgres::Config) -> tokio_postgres::Config {
 
 fn build_pool(
     pg: tokio_postgres::Config,
+    tls: PgTls,
     size: usize,
     timeout: Duration,
 ) -> Result<Pool, StoreError> {
     let mgr = Manager::from_config(
         pg,
-        NoTls,
+        tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -185,27 +188,27 @@ where
     })
 }
 
-pub(crate) fn pg_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
-    let mut cfg: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e: tokio_postgres::Error| StoreError::Url(e.to_string()))?;
+pub(crate) fn pg_config(
+    pg: &PostgresConfig,
+) -> Result<(tokio_postgres::Config, PgTls), StoreError> {
+    let (mut cfg, tls) = crate::tls::postgres::connect_config(pg).map_err(StoreError::Url)?;
     // Without this a black-holed database makes every connect hang for minutes.
     cfg.connect_timeout(Duration::from_secs(5));
     cfg.application_name("voip-push-worker");
-    Ok(cfg)
+    Ok((cfg, tls))
 }
 
 /// Creates the database named in `url` if it does not exist (connecting to the
 /// `postgres` maintenance database of the same server), so `migrate` works on a
 /// fresh server.
-pub async fn ensure_database(url: &str) -> Result<bool, StoreError> {
-    let cfg = pg_config(url)?;
+pub async fn ensure_database(pg: &PostgresConfig) -> Result<bool, StoreError> {
+    let (cfg, tls) = pg_config(pg)?;
     let Some(name) = cfg.get_dbname().map(str::to_string) else {
         return Ok(false);
     };
     let mut admin = cfg.clone();
     admin.dbname("postgres");
-    let (client, conn) = admin.connect(NoTls).await?;
+    let (client, conn) = admin.connect(tls).await?;
     let task = tokio::spawn(conn);
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
@@ -230,7 +233,7 @@ pub async fn ensure_database(url: &str) -> Result<bool, StoreError> {
 
 impl Store {
     pub fn connect(cfg: &PostgresConfig) -> Result<Self, StoreError> {
-        let mut pg = pg_config(&cfg.url)?;
+        let (mut pg, tls) = pg_config(cfg)?;
         if !cfg.synchronous_commit {
             // The worker's writes are many and small; waiting for each WAL flush
             // makes Postgres the bottleneck. A Postgres crash (not a restart) can
@@ -240,10 +243,10 @@ impl Store {
         }
         let timeout = Duration::from_millis(cfg.pool_timeout_ms);
         Ok(Self {
-            pool: build_pool(pg.clone(), cfg.pool_size, timeout)?,
+            pool: build_pool(pg.clone(), tls.clone(), cfg.pool_size, timeout)?,
             external: None,
             batches: Arc::new(Batches {
-                pool: build_pool(without_seqscan(pg), BATCH_CONNECTIONS, timeout)?,
+                pool: build_pool(without_seqscan(pg), tls, BATCH_CONNECTIONS, timeout)?,
                 admit_ring: OnceLock::new(),
                 live_devices: OnceLock::new(),
                 record_outcome: OnceLock::new(),

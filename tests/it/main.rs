@@ -16,3 +16,5 @@ mod lifecycle;
 mod ops;
 mod pipeline;
 mod routing;
+mod tls;
+mod tls_fixtures;

@@ -46,7 +46,12 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     paced_secs: u64,
     /// The bench's own database: dropped and created at the start, dropped at the end.
-    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/vpw_bench")]
+    /// Plaintext on loopback by default, so figures compare across versions (the
+    /// worker's own default, libpq's `prefer`, encrypts when the server offers TLS).
+    #[arg(
+        long,
+        default_value = "postgres://postgres@127.0.0.1:5432/vpw_bench?sslmode=disable"
+    )]
     postgres_url: String,
     #[arg(long, default_value = "target/release/voip-push-worker")]
     worker_bin: PathBuf,

@@ -43,7 +43,13 @@ impl WorkerProc {
             .parse()
             .map_err(|e| format!("{e}"))?;
         let stderr = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let child = Command::new(bin)
+        let mut command = Command::new(bin);
+        // The values themselves come from process_env: a *_FILE variable of
+        // ours beside them would be "set both".
+        for var in voip_push_worker::config::secrets::file_env_vars() {
+            command.env_remove(var);
+        }
+        let child = command
             .arg("run")
             .env_remove("VPW_CONFIG")
             .env("VPW_LOG", std::env::var("VPW_LOG").unwrap_or("warn".into()))

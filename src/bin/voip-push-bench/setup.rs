@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-use tokio_postgres::NoTls;
 use voip_push_worker::amqp::{connect, declare_topology};
 use voip_push_worker::apns::token::generate_p8_pem;
 use voip_push_worker::apns_sim::{ApnsSim, SimApp, SimOptions};
@@ -108,7 +107,8 @@ impl Bench {
         cfg.apns.apps = vec![app];
         cfg.apns.bundle_id.clear();
 
-        let db_name = pg_config(postgres_url)?
+        let db_name = pg_config(&cfg.postgres)?
+            .0
             .get_dbname()
             .map(str::to_string)
             .ok_or("the bench's Postgres URL names no database")?;
@@ -124,7 +124,7 @@ impl Bench {
         };
         bench.delete_amqp_objects().await;
         bench.drop_database().await?;
-        ensure_database(&bench.cfg.postgres.url)
+        ensure_database(&bench.cfg.postgres)
             .await
             .map_err(|e| e.to_string())?;
         let store = Store::connect(&bench.cfg.postgres).map_err(|e| e.to_string())?;
@@ -159,7 +159,9 @@ impl Bench {
             }
             self.devices_of[user] = n;
         }
-        let (client, conn) = tokio_postgres::connect(&self.cfg.postgres.url, NoTls)
+        let (pg, tls) = pg_config(&self.cfg.postgres)?;
+        let (client, conn) = pg
+            .connect(tls)
             .await
             .map_err(|e| format!("postgres: {e}"))?;
         let task = tokio::spawn(conn);
@@ -245,11 +247,11 @@ impl Bench {
     }
 
     async fn drop_database(&self) -> Result<(), String> {
-        let mut admin = pg_config(&self.cfg.postgres.url)?;
+        let (mut admin, tls) = pg_config(&self.cfg.postgres)?;
         admin.dbname("postgres");
         admin.connect_timeout(Duration::from_secs(5));
         let (client, conn) = admin
-            .connect(NoTls)
+            .connect(tls)
             .await
             .map_err(|e| format!("postgres: {e}"))?;
         let task = tokio::spawn(conn);
@@ -280,6 +282,15 @@ pub fn user_id(user: usize) -> String {
     format!("bench-user-{user}")
 }
 
-fn pg_config(url: &str) -> Result<tokio_postgres::Config, String> {
-    url.parse().map_err(|e| format!("bad Postgres URL: {e}"))
+fn pg_config(
+    pg: &voip_push_worker::config::PostgresConfig,
+) -> Result<
+    (
+        tokio_postgres::Config,
+        voip_push_worker::tls::postgres::PgTls,
+    ),
+    String,
+> {
+    voip_push_worker::tls::postgres::connect_config(pg)
+        .map_err(|e| format!("bad Postgres URL: {e}"))
 }
