@@ -116,6 +116,27 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     pub events_overdue: IntGauge,
     pub results_unrouted: IntCounter,
+    /// The HTTP listener: connections open, refused over the cap, and cut off
+    /// by a read timeout (`phase` `header` or `body`).
+    pub http_connections: IntGauge,
+    pub http_connections_refused: IntCounter,
+    pub http_read_timeouts: IntCounterVec,
+}
+
+/// Counts something in a gauge for as long as it is held.
+pub struct Held(IntGauge);
+
+impl Held {
+    pub fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Default for Metrics {
@@ -257,6 +278,26 @@ impl Metrics {
         registry
             .register(Box::new(results_unrouted.clone()))
             .expect("register");
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(format!("voip_push_{name}"), help).expect("metric");
+            registry.register(Box::new(g.clone())).expect("register");
+            g
+        };
+        let counter1 = |name: &str, help: &str| {
+            let c = IntCounter::new(format!("voip_push_{name}"), help).expect("metric");
+            registry.register(Box::new(c.clone())).expect("register");
+            c
+        };
+        let http_connections = gauge("http_connections", "Connections open on the HTTP listener.");
+        let http_connections_refused = counter1(
+            "http_connections_refused_total",
+            "Connections closed at once because http.max_connections were open.",
+        );
+        let http_read_timeouts = counter(
+            "http_read_timeouts_total",
+            "Connections cut off because a request's head or body did not arrive in time.",
+            &["phase"],
+        );
         let m = Self {
             registry,
             events,
@@ -278,6 +319,9 @@ impl Metrics {
             dead_letters,
             events_overdue,
             results_unrouted,
+            http_connections,
+            http_connections_refused,
+            http_read_timeouts,
         };
         m.zero_known_series();
         m
@@ -327,6 +371,9 @@ impl Metrics {
         }
         for status in DELIVERY_STATUSES {
             self.results_published.with_label_values(&[status]);
+        }
+        for phase in ["header", "body"] {
+            self.http_read_timeouts.with_label_values(&[phase]);
         }
         for lane in DEAD_LETTER_LANES {
             for reason in DEAD_LETTER_REASONS {

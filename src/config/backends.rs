@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +26,14 @@ pub struct HttpConfig {
     /// rate and holding at most `rate_limit_burst`. 0 turns the limit off.
     pub rate_limit_per_minute: u32,
     pub rate_limit_burst: u32,
+    /// Time a client has to send a request's head — and, on a kept-alive
+    /// connection, to start its next request; then the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// Time a client has to send a request's body once its head arrived; then
+    /// the answer is 408 and the connection is closed.
+    pub body_read_timeout_ms: u64,
+    /// Connections open at once; one more is closed as soon as it is accepted.
+    pub max_connections: usize,
 }
 
 impl Default for HttpConfig {
@@ -40,7 +49,44 @@ impl Default for HttpConfig {
             // offices while stopping token-guessing floods.
             rate_limit_per_minute: 60,
             rate_limit_burst: 20,
+            // A request head is a few hundred bytes: 10 s is generous for a slow
+            // phone link and short enough that trickled heads (slowloris) cannot
+            // hold connections for long. It also closes idle keep-alive
+            // connections (hyper starts the clock when it waits for a head).
+            header_read_timeout_ms: 10_000,
+            // Bodies are at most `max_body_bytes` (16 KiB): 10 s is ~13 kbit/s.
+            body_read_timeout_ms: 10_000,
+            // Far above what backends and apps need (they reuse connections),
+            // far below the file descriptors a container gets.
+            max_connections: 512,
         }
+    }
+}
+
+impl HttpConfig {
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_read_timeout_ms)
+    }
+
+    /// The listener's and the API's limits, one line per refusal.
+    pub(super) fn validate_limits(&self) -> Result<(), String> {
+        for (name, ms) in [
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("body_read_timeout_ms", self.body_read_timeout_ms),
+        ] {
+            if !(1..=3_600_000).contains(&ms) {
+                return Err(format!("http.{name} must be between 1 and 3600000"));
+            }
+        }
+        // The listener waits for every connection slot at shutdown (u32 permits).
+        if !(1..=65_536).contains(&self.max_connections) {
+            return Err("http.max_connections must be between 1 and 65536".into());
+        }
+        Ok(())
     }
 }
 
@@ -62,6 +108,9 @@ impl fmt::Debug for HttpConfig {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("rate_limit_per_minute", &self.rate_limit_per_minute)
             .field("rate_limit_burst", &self.rate_limit_burst)
+            .field("header_read_timeout_ms", &self.header_read_timeout_ms)
+            .field("body_read_timeout_ms", &self.body_read_timeout_ms)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }

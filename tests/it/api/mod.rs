@@ -5,6 +5,7 @@
 mod calls;
 mod devices;
 mod limits;
+mod listener;
 mod token_query;
 mod twilio;
 
