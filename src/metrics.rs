@@ -121,6 +121,10 @@ pub struct Metrics {
     pub http_connections: IntGauge,
     pub http_connections_refused: IntCounter,
     pub http_read_timeouts: IntCounterVec,
+    /// Long polls of `GET /v1/calls/{id}?waitMs=` waiting now, and refused
+    /// over `http.max_long_polls`.
+    pub long_polls_waiting: IntGauge,
+    pub long_polls_refused: IntCounter,
 }
 
 /// Counts something in a gauge for as long as it is held.
@@ -298,6 +302,14 @@ impl Metrics {
             "Connections cut off because a request's head or body did not arrive in time.",
             &["phase"],
         );
+        let long_polls_waiting = gauge(
+            "api_long_polls_waiting",
+            "Long polls of GET /v1/calls/{id}?waitMs= waiting now.",
+        );
+        let long_polls_refused = counter1(
+            "api_long_polls_refused_total",
+            "Long polls answered 503 because http.max_long_polls were waiting.",
+        );
         let m = Self {
             registry,
             events,
@@ -322,6 +334,8 @@ impl Metrics {
             http_connections,
             http_connections_refused,
             http_read_timeouts,
+            long_polls_waiting,
+            long_polls_refused,
         };
         m.zero_known_series();
         m

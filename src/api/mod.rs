@@ -120,6 +120,8 @@ pub struct ApiState {
     pub auth: Arc<Auth>,
     pub twilio: Option<Arc<TwilioSigner>>,
     limiter: Arc<RateLimiter>,
+    /// Status reads and long polls, on their own connections.
+    pub status: call_status::StatusReads,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -160,6 +162,8 @@ impl ApiState {
         let auth = Auth::new(set(&cfg.http.service_token), users);
         let twilio = TwilioSigner::from_config(&cfg.twilio).map(Arc::new);
         let limiter = RateLimiter::new(cfg.http.rate_limit_per_minute, cfg.http.rate_limit_burst);
+        let status = call_status::StatusReads::connect(&cfg, metrics.clone())
+            .map_err(|e| ConfigError::Invalid(format!("postgres: {e}")))?;
         Ok(Self {
             cfg,
             store,
@@ -167,6 +171,7 @@ impl ApiState {
             auth: Arc::new(auth),
             twilio,
             limiter: Arc::new(limiter),
+            status,
             metrics,
         })
     }

@@ -34,6 +34,11 @@ pub struct HttpConfig {
     pub body_read_timeout_ms: u64,
     /// Connections open at once; one more is closed as soon as it is accepted.
     pub max_connections: usize,
+    /// Postgres connections of the call status reads (`GET /v1/calls/{id}`),
+    /// apart from the ring pipeline's.
+    pub long_poll_pool_size: usize,
+    /// Long polls (`?waitMs=`) waiting at once; one more is a 503 with Retry-After.
+    pub max_long_polls: usize,
 }
 
 impl Default for HttpConfig {
@@ -59,6 +64,10 @@ impl Default for HttpConfig {
             // Far above what backends and apps need (they reuse connections),
             // far below the file descriptors a container gets.
             max_connections: 512,
+            // A replica stays within 8 Postgres connections: status reads get one,
+            // and a long poll takes it only for one short query every poll step.
+            long_poll_pool_size: 1,
+            max_long_polls: 32,
         }
     }
 }
@@ -86,6 +95,9 @@ impl HttpConfig {
         if !(1..=65_536).contains(&self.max_connections) {
             return Err("http.max_connections must be between 1 and 65536".into());
         }
+        if self.long_poll_pool_size == 0 {
+            return Err("http.long_poll_pool_size must be at least 1".into());
+        }
         Ok(())
     }
 }
@@ -111,6 +123,8 @@ impl fmt::Debug for HttpConfig {
             .field("header_read_timeout_ms", &self.header_read_timeout_ms)
             .field("body_read_timeout_ms", &self.body_read_timeout_ms)
             .field("max_connections", &self.max_connections)
+            .field("long_poll_pool_size", &self.long_poll_pool_size)
+            .field("max_long_polls", &self.max_long_polls)
             .finish()
     }
 }

@@ -6,6 +6,7 @@ mod calls;
 mod devices;
 mod limits;
 mod listener;
+mod long_poll;
 mod token_query;
 mod twilio;
 
