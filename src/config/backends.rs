@@ -26,6 +26,10 @@ pub struct HttpConfig {
     /// rate and holding at most `rate_limit_burst`. 0 turns the limit off.
     pub rate_limit_per_minute: u32,
     pub rate_limit_burst: u32,
+    /// Peers whose `X-Forwarded-For` names the client (IPs or CIDRs, a list or
+    /// one comma-separated string). Empty: the socket peer is the client.
+    #[serde(deserialize_with = "one_or_many")]
+    pub trusted_proxies: Vec<String>,
     /// Time a client has to send a request's head — and, on a kept-alive
     /// connection, to start its next request; then the connection is closed.
     pub header_read_timeout_ms: u64,
@@ -41,6 +45,25 @@ pub struct HttpConfig {
     pub max_long_polls: usize,
 }
 
+/// A list in the TOML file, or one comma-separated string (an environment variable).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => s.split(',').map(str::to_string).collect(),
+        OneOrMany::Many(v) => v,
+    };
+    Ok(items
+        .into_iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect())
+}
+
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
@@ -54,6 +77,7 @@ impl Default for HttpConfig {
             // offices while stopping token-guessing floods.
             rate_limit_per_minute: 60,
             rate_limit_burst: 20,
+            trusted_proxies: Vec::new(),
             // A request head is a few hundred bytes: 10 s is generous for a slow
             // phone link and short enough that trickled heads (slowloris) cannot
             // hold connections for long. It also closes idle keep-alive
@@ -98,6 +122,8 @@ impl HttpConfig {
         if self.long_poll_pool_size == 0 {
             return Err("http.long_poll_pool_size must be at least 1".into());
         }
+        crate::api::client_addr::TrustedProxies::parse(&self.trusted_proxies)
+            .map_err(|why| format!("http.trusted_proxies {why}"))?;
         Ok(())
     }
 }
@@ -120,6 +146,7 @@ impl fmt::Debug for HttpConfig {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("rate_limit_per_minute", &self.rate_limit_per_minute)
             .field("rate_limit_burst", &self.rate_limit_burst)
+            .field("trusted_proxies", &self.trusted_proxies)
             .field("header_read_timeout_ms", &self.header_read_timeout_ms)
             .field("body_read_timeout_ms", &self.body_read_timeout_ms)
             .field("max_connections", &self.max_connections)
