@@ -27,6 +27,59 @@ pub enum JwtError {
     NotYetValid,
     #[error("token has no subject")]
     NoSubject,
+    #[error("token is not from the configured issuer")]
+    WrongIssuer,
+    #[error("token is not for the configured audience")]
+    WrongAudience,
+    /// A long-lived token is a standing credential if it leaks.
+    #[error("token is good for {0} s, longer than the {1} s allowed")]
+    TooLong(i64, i64),
+}
+
+/// What a user token must say besides its signature and times: the issuer
+/// and audience when configured, and a bounded lifetime.
+#[derive(Clone, Debug, Default)]
+pub struct Rules {
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    /// `None`: any lifetime (the Twilio tokens we sign ourselves, tests).
+    pub max_lifetime_secs: Option<i64>,
+}
+
+impl Rules {
+    /// Checks `claims` at `now` (unix seconds).
+    pub fn check(&self, claims: &Map<String, Value>, now: i64) -> Result<(), JwtError> {
+        if let Some(iss) = &self.issuer {
+            if claims.get("iss").and_then(Value::as_str) != Some(iss.as_str()) {
+                return Err(JwtError::WrongIssuer);
+            }
+        }
+        if let Some(aud) = &self.audience {
+            // RFC 7519 §4.1.3: one string, or a list of them.
+            let holds = match claims.get("aud") {
+                Some(Value::String(a)) => a == aud,
+                Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(aud)),
+                _ => false,
+            };
+            if !holds {
+                return Err(JwtError::WrongAudience);
+            }
+        }
+        if let Some(max) = self.max_lifetime_secs {
+            let exp = time_claim(claims, "exp").ok_or(JwtError::NoExpiry)?;
+            // An `iat` in the future must not stretch the window.
+            let from = time_claim(claims, "iat").map_or(now, |iat| iat.min(now));
+            let lifetime = exp.saturating_sub(from);
+            if lifetime > max.saturating_add(LEEWAY_SECS) {
+                return Err(JwtError::TooLong(lifetime, max));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn time_claim(claims: &Map<String, Value>, name: &str) -> Option<i64> {
+    claims.get(name).and_then(Value::as_f64).map(|t| t as i64)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +162,7 @@ impl Verifier {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or(JwtError::Malformed)?;
-        let time = |name: &str| claims.get(name).and_then(Value::as_f64).map(|t| t as i64);
+        let time = |name: &str| time_claim(&claims, name);
         match time("exp") {
             None => return Err(JwtError::NoExpiry),
             Some(exp) if now > exp.saturating_add(LEEWAY_SECS) => return Err(JwtError::Expired),
@@ -340,6 +393,60 @@ mod tests {
         let mut tampered = jwt.clone();
         tampered.insert(jwt.find('.').unwrap() + 2, 'x');
         assert!(verifier.verify(&tampered, NOW).is_err());
+    }
+
+    #[test]
+    fn issuer_audience_and_lifetime_rules() {
+        let rules = Rules {
+            issuer: Some("https://auth.example.com".into()),
+            audience: Some("voip-push".into()),
+            max_lifetime_secs: Some(86_400),
+        };
+        let claims = |v: Value| v.as_object().unwrap().clone();
+        let good = json!({"sub":"u","iss":"https://auth.example.com","aud":"voip-push",
+            "iat":NOW,"exp":NOW + 3600});
+        assert_eq!(rules.check(&claims(good.clone()), NOW), Ok(()));
+        let mut listed = good.clone();
+        listed["aud"] = json!(["other", "voip-push"]);
+        assert_eq!(rules.check(&claims(listed), NOW), Ok(()));
+        for (field, value, want) in [
+            (
+                "iss",
+                json!("https://evil.example.com"),
+                JwtError::WrongIssuer,
+            ),
+            ("iss", Value::Null, JwtError::WrongIssuer),
+            ("aud", json!("other"), JwtError::WrongAudience),
+            ("aud", json!(["other"]), JwtError::WrongAudience),
+            ("aud", Value::Null, JwtError::WrongAudience),
+        ] {
+            let mut c = claims(good.clone());
+            if value.is_null() {
+                c.remove(field);
+            } else {
+                c.insert(field.into(), value);
+            }
+            assert_eq!(rules.check(&c, NOW), Err(want), "{field}");
+        }
+        let long = json!({"iss":"https://auth.example.com","aud":"voip-push",
+            "iat":NOW,"exp":NOW + 2 * 86_400});
+        assert!(matches!(
+            rules.check(&claims(long), NOW),
+            Err(JwtError::TooLong(..))
+        ));
+        // Without iat the lifetime counts from now; an iat in the future too.
+        let no_iat =
+            json!({"iss":"https://auth.example.com","aud":"voip-push","exp":NOW + 2 * 86_400});
+        assert!(rules.check(&claims(no_iat), NOW).is_err());
+        let late_iat = json!({"iss":"https://auth.example.com","aud":"voip-push",
+            "iat":NOW + 2 * 86_400,"exp":NOW + 2 * 86_400 + 60});
+        assert!(rules.check(&claims(late_iat), NOW).is_err());
+        // Issued a day ago and good for one more hour: 25 h in all.
+        let old = json!({"iss":"https://auth.example.com","aud":"voip-push",
+            "iat":NOW - 86_400,"exp":NOW + 3600});
+        assert!(rules.check(&claims(old), NOW).is_err());
+        // No rules configured: only what `verify` checks.
+        assert_eq!(Rules::default().check(&claims(json!({})), NOW), Ok(()));
     }
 
     #[test]

@@ -162,7 +162,12 @@ impl ApiState {
             }
             (None, None) => None,
         };
-        let auth = Auth::new(set(&cfg.http.service_token), users);
+        let rules = jwt::Rules {
+            issuer: set(&cfg.http.user_jwt_issuer),
+            audience: set(&cfg.http.user_jwt_audience),
+            max_lifetime_secs: Some(cfg.http.user_jwt_max_lifetime_secs as i64),
+        };
+        let auth = Auth::new(set(&cfg.http.service_token), users.map(|v| (v, rules)));
         let twilio = TwilioSigner::from_config(&cfg.twilio).map(Arc::new);
         let limiter = RateLimiter::new(cfg.http.rate_limit_per_minute, cfg.http.rate_limit_burst);
         let proxies = TrustedProxies::parse(&cfg.http.trusted_proxies)

@@ -43,6 +43,13 @@ pub struct HttpConfig {
     pub long_poll_pool_size: usize,
     /// Long polls (`?waitMs=`) waiting at once; one more is a 503 with Retry-After.
     pub max_long_polls: usize,
+    /// When set, a user JWT's `iss` must be this.
+    pub user_jwt_issuer: Option<String>,
+    /// When set, a user JWT's `aud` (a string or a list) must hold this.
+    pub user_jwt_audience: Option<String>,
+    /// The longest a user JWT may be good for: `exp` − `iat` (or − now, when
+    /// `iat` is absent or in the future).
+    pub user_jwt_max_lifetime_secs: u64,
 }
 
 /// A list in the TOML file, or one comma-separated string (an environment variable).
@@ -92,6 +99,11 @@ impl Default for HttpConfig {
             // and a long poll takes it only for one short query every poll step.
             long_poll_pool_size: 1,
             max_long_polls: 32,
+            user_jwt_issuer: None,
+            user_jwt_audience: None,
+            // A day: an app refreshes its session token far more often; a leaked
+            // token of a longer-lived kind must not register devices for weeks.
+            user_jwt_max_lifetime_secs: 86_400,
         }
     }
 }
@@ -121,6 +133,9 @@ impl HttpConfig {
         }
         if self.long_poll_pool_size == 0 {
             return Err("http.long_poll_pool_size must be at least 1".into());
+        }
+        if !(1..=365 * 86_400).contains(&self.user_jwt_max_lifetime_secs) {
+            return Err("http.user_jwt_max_lifetime_secs must be between 1 and 31536000".into());
         }
         crate::api::client_addr::TrustedProxies::parse(&self.trusted_proxies)
             .map_err(|why| format!("http.trusted_proxies {why}"))?;
@@ -152,6 +167,12 @@ impl fmt::Debug for HttpConfig {
             .field("max_connections", &self.max_connections)
             .field("long_poll_pool_size", &self.long_poll_pool_size)
             .field("max_long_polls", &self.max_long_polls)
+            .field("user_jwt_issuer", &self.user_jwt_issuer)
+            .field("user_jwt_audience", &self.user_jwt_audience)
+            .field(
+                "user_jwt_max_lifetime_secs",
+                &self.user_jwt_max_lifetime_secs,
+            )
             .finish()
     }
 }

@@ -4,6 +4,7 @@
 
 mod calls;
 mod devices;
+mod jwt_rules;
 mod limits;
 mod listener;
 mod long_poll;
