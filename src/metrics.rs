@@ -125,6 +125,8 @@ pub struct Metrics {
     /// over `http.max_long_polls`.
     pub long_polls_waiting: IntGauge,
     pub long_polls_refused: IntCounter,
+    /// Device tokens registered by another user than the one holding them.
+    pub device_moves: IntCounter,
 }
 
 /// Counts something in a gauge for as long as it is held.
@@ -310,6 +312,10 @@ impl Metrics {
             "api_long_polls_refused_total",
             "Long polls answered 503 because http.max_long_polls were waiting.",
         );
+        let device_moves = counter1(
+            "device_moves_total",
+            "Device tokens registered by a user other than the one they belonged to (moved).",
+        );
         let m = Self {
             registry,
             events,
@@ -336,6 +342,7 @@ impl Metrics {
             http_read_timeouts,
             long_polls_waiting,
             long_polls_refused,
+            device_moves,
         };
         m.zero_known_series();
         m

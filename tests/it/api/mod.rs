@@ -8,6 +8,7 @@ mod jwt_rules;
 mod limits;
 mod listener;
 mod long_poll;
+mod moves;
 mod token_query;
 mod twilio;
 
