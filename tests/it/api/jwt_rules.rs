@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 use voip_push_worker::api::jwt::sign_hs256;
 
-use super::{all_groups, assert_error, bearer, now, req, tokens_of, USER_JWT_SECRET};
+use super::{all_groups, assert_error, bearer, now, register_mine, tokens_of, USER_JWT_SECRET};
 use crate::common::{random_token, TestEnv, BUNDLE};
 
 const ISSUER: &str = "https://auth.example.com";
@@ -54,19 +54,7 @@ async fn user_jwts_must_match_issuer_audience_and_lifetime() {
         ),
     ];
     for (what, claims) in refused {
-        let body = format!(
-            r#"{{"platform":"ios","bundleId":"{BUNDLE}","voipDeviceToken":"{}"}}"#,
-            random_token()
-        );
-        let auth = jwt(claims);
-        let got = req(
-            &env,
-            "PUT",
-            "/api/v1/me/devices",
-            Some(("Authorization", &auth)),
-            &body,
-        )
-        .await;
+        let got = register_mine(&env, &jwt(claims), &random_token()).await;
         assert_error(&got, 401, "unauthorized");
         assert!(
             tokens_of(&env, "j1", BUNDLE).await.is_empty(),
@@ -76,16 +64,8 @@ async fn user_jwts_must_match_issuer_audience_and_lifetime() {
 
     // The right token, with the audience in a list, registers.
     let token = random_token();
-    let body = format!(r#"{{"platform":"ios","bundleId":"{BUNDLE}","voipDeviceToken":"{token}"}}"#);
     let auth = jwt(with("aud", json!(["other", AUDIENCE])));
-    let got = req(
-        &env,
-        "PUT",
-        "/api/v1/me/devices",
-        Some(("Authorization", &auth)),
-        &body,
-    )
-    .await;
+    let got = register_mine(&env, &auth, &token).await;
     assert_eq!(got.0, 200, "{got:?}");
     assert_eq!(tokens_of(&env, "j1", BUNDLE).await, vec![token]);
     env.cleanup().await;

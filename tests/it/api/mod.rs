@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use voip_push_worker::api::jwt::sign_hs256;
 use voip_push_worker::config::{AppConfig, Config};
 
-use crate::common::{http_request_with_headers, TestEnv};
+use crate::common::{http_request_with_headers, TestEnv, BUNDLE};
 
 const SERVICE_TOKEN: &str = "svc-7d1c0f2b9a";
 const USER_JWT_SECRET: &str = "users-jwt-5e8a41";
@@ -93,4 +93,18 @@ fn assert_error(got: &(u16, Value), status: u16, code: &str) {
     assert_eq!(got.0, status, "{got:?}");
     assert_eq!(got.1["error"], code, "{got:?}");
     assert!(got.1["message"].is_string(), "{got:?}");
+}
+
+/// The app registers `token` for the first app with `PUT /api/v1/me/devices`,
+/// under the `Authorization` value `auth` (a user's bearer JWT).
+async fn register_mine(env: &TestEnv, auth: &str, token: &str) -> (u16, Value) {
+    let body = format!(r#"{{"platform":"ios","bundleId":"{BUNDLE}","voipDeviceToken":"{token}"}}"#);
+    req(
+        env,
+        "PUT",
+        "/api/v1/me/devices",
+        Some(("Authorization", auth)),
+        &body,
+    )
+    .await
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Value};
 use voip_push_worker::event::{Environment, Status};
 
-use super::{all_groups, bearer, req, user_jwt, SERVICE_TOKEN, USER_JWT_SECRET};
+use super::{all_groups, bearer, register_mine, req, user_jwt, SERVICE_TOKEN, USER_JWT_SECRET};
 use crate::common::{binary_for, random_token, TestEnv, BUNDLE};
 
 /// Everything the worker logs on this test's thread (the test runtime is
@@ -50,41 +50,17 @@ async fn a_token_move_is_logged_counted_and_listed() {
         .register_token(Environment::Production, &token, BUNDLE);
     let service = bearer(SERVICE_TOKEN);
     let body = json!({"userId":"old-owner","token":token,"environment":"production"}).to_string();
-    let got = req(
-        &env,
-        "PUT",
-        "/v1/devices",
-        Some(("Authorization", &service)),
-        &body,
-    )
-    .await;
-    assert_eq!(got.0, 200, "{got:?}");
-    // The same owner again is no move.
-    let got = req(
-        &env,
-        "PUT",
-        "/v1/devices",
-        Some(("Authorization", &service)),
-        &body,
-    )
-    .await;
-    assert_eq!(got.0, 200, "{got:?}");
+    // Registered by its owner, then again by the same owner: no move.
+    for _ in 0..2 {
+        let auth = Some(("Authorization", service.as_str()));
+        let got = req(&env, "PUT", "/v1/devices", auth, &body).await;
+        assert_eq!(got.0, 200, "{got:?}");
+    }
     env.wait_metric("voip_push_device_moves_total", 0.0).await;
 
     // The phone changes hands: its new user registers it with their JWT.
     let jwt = bearer(&user_jwt("new-owner", 600, USER_JWT_SECRET));
-    let mine = format!(
-        r#"{{"platform":"ios","bundleId":"{BUNDLE}","voipDeviceToken":"{}"}}"#,
-        token.to_ascii_uppercase()
-    );
-    let got = req(
-        &env,
-        "PUT",
-        "/api/v1/me/devices",
-        Some(("Authorization", &jwt)),
-        &mine,
-    )
-    .await;
+    let got = register_mine(&env, &jwt, &token.to_ascii_uppercase()).await;
     assert_eq!(got.0, 200, "{got:?}");
     env.wait_metric("voip_push_device_moves_total", 1.0).await;
 
