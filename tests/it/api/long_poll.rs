@@ -1,6 +1,6 @@
 //! Long polls of `GET /v1/calls/{id}?waitMs=` run on their own pool and under a
-//! cap: over it, a 503 with Retry-After at once; at it, calls still ring, and a
-//! status read is answered while a ring holds every connection of the pipeline.
+//! cap: over it, a 503 with Retry-After at once; at it, calls still ring; and a
+//! status read is answered while every connection of the pipeline's pool is taken.
 
 use std::time::{Duration, Instant};
 
@@ -94,5 +94,77 @@ async fn long_polls_over_the_cap_are_503_and_never_hold_up_a_ring() {
         assert_eq!(v["state"], "delivered", "{v}");
     }
     assert_eq!(waiting.get(), 0);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_status_read_never_waits_for_the_pipelines_connections() {
+    let mut env = TestEnv::with(|cfg| {
+        all_groups(cfg);
+        cfg.postgres.pool_size = 1;
+    })
+    .await;
+    let addr = env.worker().http_addr;
+    env.device("sr", Some(Environment::Production), Environment::Production)
+        .await;
+    env.publish(json!({"callId":"sr-1","toUserId":"sr"})).await;
+    assert_eq!(
+        env.results_for("sr-1", 1).await[0].status,
+        Status::Delivered
+    );
+
+    // A registration stuck behind a table lock holds the pipeline pool's only
+    // connection.
+    let (db, conn) = tokio_postgres::connect(&env.db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    db.batch_execute("BEGIN; LOCK TABLE devices IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let service = bearer(SERVICE_TOKEN);
+    let stuck = {
+        let service = service.clone();
+        let body = json!({"userId":"sr2","token":crate::common::random_token()}).to_string();
+        tokio::spawn(async move {
+            let auth = [("Authorization", service.as_str())];
+            http_request_with_headers(addr, "PUT", "/v1/devices", &auth, &body).await
+        })
+    };
+    eventually(
+        "the registration to wait on the lock",
+        Duration::from_secs(5),
+        || {
+            let db = &db;
+            async move {
+                // This session is in a transaction: without this, it would see
+                // pg_stat_activity as it was at its first look.
+                db.batch_execute("SELECT pg_stat_clear_snapshot()")
+                    .await
+                    .unwrap();
+                let waiting: i64 = db
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                (waiting > 0).then_some(())
+            }
+        },
+    )
+    .await;
+
+    let started = Instant::now();
+    let auth = [("Authorization", service.as_str())];
+    let (status, body) = http_request_with_headers(addr, "GET", "/v1/calls/sr-1", &auth, "").await;
+    let took = started.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert!(took < Duration::from_secs(1), "status read took {took:?}");
+
+    db.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(stuck.await.unwrap().0, 200);
     env.cleanup().await;
 }
