@@ -141,15 +141,20 @@ pub async fn register_device(config: &Config, a: DeviceArgs) -> Result<(), Comma
         })?),
     };
     let store = Store::connect(&config.postgres).map_err(failed)?;
-    let id = store
+    let reg = store
         .register_device(&a.user, &bundle, &a.token, env)
         .await
         .map_err(|e| match e {
             crate::store::StoreError::BadToken(_) => CommandError::Usage(e.to_string()),
             other => failed(other),
         })?;
+    let moved = reg
+        .moved_from
+        .map(|from| format!(" (moved from user {from})"))
+        .unwrap_or_default();
     println!(
-        "device {id} registered: user {} bundle {bundle} token …{} environment {}",
+        "device {} registered: user {} bundle {bundle} token …{} environment {}{moved}",
+        reg.id,
         a.user,
         token_suffix(&a.token.to_ascii_lowercase()),
         env.map(Environment::as_str).unwrap_or("unknown")

@@ -1,4 +1,7 @@
-//! The worker's HTTP listener: `/metrics`, `/healthz`, `/readyz`.
+//! The worker's HTTP listener: `/metrics`, `/healthz`, `/readyz`, and the API
+//! (`crate::api`); [`serve`] holds it against slow and greedy clients.
+
+pub mod serve;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -30,12 +33,17 @@ pub struct HttpState {
 
 pub fn router(state: HttpState) -> Router {
     let api = crate::api::router(state.api.clone());
+    let body_limits = serve::BodyLimits::new(&state.api.cfg.http, state.metrics.clone());
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
         .merge(api)
+        .layer(axum::middleware::from_fn_with_state(
+            body_limits,
+            serve::read_body_in_time,
+        ))
 }
 
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {

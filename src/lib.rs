@@ -116,14 +116,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
         store: store.clone(),
         api: api_state,
     });
-    let http_shutdown = shutdown.clone();
-    let http = tokio::spawn(async move {
-        // The peer address feeds the registration rate limit.
-        let service = router.into_make_service_with_connect_info::<SocketAddr>();
-        let _ = axum::serve(listener, service)
-            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
-            .await;
-    });
+    let listener = http::serve::Listener {
+        listener,
+        router,
+        metrics: metrics.clone(),
+        max_connections: cfg.http.max_connections,
+        header_read_timeout: cfg.http.header_read_timeout(),
+        drain: Duration::from_secs(cfg.worker.drain_timeout_secs),
+    };
+    let http = tokio::spawn(listener.serve(shutdown.clone()));
     info!(%http_addr, "serving /metrics, /healthz, /readyz");
 
     let pipeline = Arc::new(Pipeline {

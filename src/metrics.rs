@@ -116,6 +116,33 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     pub events_overdue: IntGauge,
     pub results_unrouted: IntCounter,
+    /// The HTTP listener: connections open, refused over the cap, and cut off
+    /// by a read timeout (`phase` `header` or `body`).
+    pub http_connections: IntGauge,
+    pub http_connections_refused: IntCounter,
+    pub http_read_timeouts: IntCounterVec,
+    /// Long polls of `GET /v1/calls/{id}?waitMs=` waiting now, and refused
+    /// over `http.max_long_polls`.
+    pub long_polls_waiting: IntGauge,
+    pub long_polls_refused: IntCounter,
+    /// Device tokens registered by another user than the one holding them.
+    pub device_moves: IntCounter,
+}
+
+/// Counts something in a gauge for as long as it is held.
+pub struct Held(IntGauge);
+
+impl Held {
+    pub fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Default for Metrics {
@@ -257,6 +284,38 @@ impl Metrics {
         registry
             .register(Box::new(results_unrouted.clone()))
             .expect("register");
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(format!("voip_push_{name}"), help).expect("metric");
+            registry.register(Box::new(g.clone())).expect("register");
+            g
+        };
+        let counter1 = |name: &str, help: &str| {
+            let c = IntCounter::new(format!("voip_push_{name}"), help).expect("metric");
+            registry.register(Box::new(c.clone())).expect("register");
+            c
+        };
+        let http_connections = gauge("http_connections", "Connections open on the HTTP listener.");
+        let http_connections_refused = counter1(
+            "http_connections_refused_total",
+            "Connections closed at once because http.max_connections were open.",
+        );
+        let http_read_timeouts = counter(
+            "http_read_timeouts_total",
+            "Connections cut off because a request's head or body did not arrive in time.",
+            &["phase"],
+        );
+        let long_polls_waiting = gauge(
+            "api_long_polls_waiting",
+            "Long polls of GET /v1/calls/{id}?waitMs= waiting now.",
+        );
+        let long_polls_refused = counter1(
+            "api_long_polls_refused_total",
+            "Long polls answered 503 because http.max_long_polls were waiting.",
+        );
+        let device_moves = counter1(
+            "device_moves_total",
+            "Device tokens registered by a user other than the one they belonged to (moved).",
+        );
         let m = Self {
             registry,
             events,
@@ -278,6 +337,12 @@ impl Metrics {
             dead_letters,
             events_overdue,
             results_unrouted,
+            http_connections,
+            http_connections_refused,
+            http_read_timeouts,
+            long_polls_waiting,
+            long_polls_refused,
+            device_moves,
         };
         m.zero_known_series();
         m
@@ -327,6 +392,9 @@ impl Metrics {
         }
         for status in DELIVERY_STATUSES {
             self.results_published.with_label_values(&[status]);
+        }
+        for phase in ["header", "body"] {
+            self.http_read_timeouts.with_label_values(&[phase]);
         }
         for lane in DEAD_LETTER_LANES {
             for reason in DEAD_LETTER_REASONS {

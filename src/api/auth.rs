@@ -4,7 +4,7 @@
 
 use axum::http::{header, HeaderMap};
 
-use super::jwt::{self, Verifier};
+use super::jwt::{self, Rules, Verifier};
 use super::ApiError;
 
 /// The backends' seed signal server sends its shared secret in this header.
@@ -33,7 +33,7 @@ pub enum Caller {
 
 pub struct Auth {
     service_token: Option<String>,
-    users: Option<Verifier>,
+    users: Option<(Verifier, Rules)>,
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -46,7 +46,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 impl Auth {
-    pub fn new(service_token: Option<String>, users: Option<Verifier>) -> Self {
+    pub fn new(service_token: Option<String>, users: Option<(Verifier, Rules)>) -> Self {
         Self {
             service_token: service_token.filter(|t| !t.is_empty()),
             users,
@@ -68,12 +68,13 @@ impl Auth {
     }
 
     fn user(&self, token: &str) -> Result<String, ApiError> {
-        let Some(verifier) = &self.users else {
+        let Some((verifier, rules)) = &self.users else {
             return Err(ApiError::unauthorized("the bearer token is not accepted"));
         };
         let now = crate::apns::token::unix_now() as i64;
         verifier
             .verify(token, now)
+            .and_then(|claims| rules.check(&claims, now).map(|()| claims))
             .and_then(|claims| jwt::subject(&claims))
             .map_err(|e| ApiError::unauthorized(&format!("bearer token refused: {e}")))
     }

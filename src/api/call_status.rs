@@ -2,28 +2,60 @@
 //! answers from Postgres (with `?waitMs=N` to wait until the call settles), and
 //! `POST /v1/calls/{id}/cancel` publishes a `call.cancel` event.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio::sync::Semaphore;
 
 use super::calls::accept_object;
 use super::{json_object, text_field, ApiError, ApiResult, ApiState};
+use crate::config::{Config, PostgresConfig};
+use crate::metrics::{Held, Metrics};
 use crate::store::calls::CallState;
+use crate::store::{Store, StoreError};
 
 /// A long poll waits at most this long, whatever `waitMs` asks: past it, load
 /// balancers and clients give up anyway.
 const MAX_WAIT: Duration = Duration::from_secs(60);
-/// How often a long poll looks at the call again.
+/// How often a long poll looks at the call again (one indexed read of its state).
 const POLL_EVERY: Duration = Duration::from_millis(100);
+/// What a long poll over `http.max_long_polls` is told to wait before trying again.
+const BUSY_RETRY_AFTER_SECS: u64 = 1;
 
 const REASONS: &[&str] = &["caller_hangup", "answered_elsewhere", "declined", "timeout"];
+
+/// Status reads and long polls: their own small pool, so that however many
+/// clients poll, they never take a connection a ring needs; and a cap on the
+/// long polls waiting at once.
+#[derive(Clone)]
+pub struct StatusReads {
+    store: Store,
+    waiting: Arc<Semaphore>,
+    metrics: Metrics,
+}
+
+impl StatusReads {
+    /// No connection is opened here: the pool connects on first use.
+    pub fn connect(cfg: &Config, metrics: Metrics) -> Result<Self, StoreError> {
+        let pg = PostgresConfig {
+            pool_size: cfg.http.long_poll_pool_size,
+            ..cfg.postgres.clone()
+        };
+        Ok(Self {
+            store: Store::connect(&pg)?,
+            waiting: Arc::new(Semaphore::new(cfg.http.max_long_polls)),
+            metrics,
+        })
+    }
+}
 
 #[derive(Deserialize)]
 pub struct StatusQuery {
@@ -31,7 +63,9 @@ pub struct StatusQuery {
     wait_ms: Option<u64>,
 }
 
-/// `GET /v1/calls/{callId}[?waitMs=N]` (service token).
+/// `GET /v1/calls/{callId}[?waitMs=N]` (service token). Over
+/// `http.max_long_polls` waiting polls, a poll that would wait is a 503 with
+/// `Retry-After` at once (a poll without `waitMs` is always answered).
 pub async fn get_call(
     State(s): State<ApiState>,
     headers: HeaderMap,
@@ -39,22 +73,40 @@ pub async fn get_call(
     Query(q): Query<StatusQuery>,
 ) -> ApiResult {
     s.require_service(&headers)?;
+    let reads = &s.status;
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(MAX_WAIT);
+    let _slot = if wait.is_zero() {
+        None
+    } else {
+        let Ok(slot) = reads.waiting.clone().try_acquire_owned() else {
+            reads.metrics.long_polls_refused.inc();
+            let busy = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "too many long polls are waiting; retry later, or poll without waitMs",
+            );
+            return Ok((
+                [(header::RETRY_AFTER, BUSY_RETRY_AFTER_SECS.to_string())],
+                busy,
+            )
+                .into_response());
+        };
+        Some((slot, Held::new(&reads.metrics.long_polls_waiting)))
+    };
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let trace = s.store.trace_call(&call_id).await?;
-        let settled = trace
-            .as_ref()
-            .is_some_and(|t| t.state != CallState::Ringing);
+        let state = reads.store.call_state(&call_id).await?;
+        let settled = state.is_some_and(|st| st != CallState::Ringing);
         if settled || tokio::time::Instant::now() >= deadline {
-            return match trace {
-                Some(t) => Ok(Json(t).into_response()),
-                None => Err(ApiError::not_found(&format!(
-                    "no call {call_id:?} is recorded"
-                ))),
-            };
+            break;
         }
         tokio::time::sleep(POLL_EVERY).await;
+    }
+    match reads.store.trace_call(&call_id).await? {
+        Some(t) => Ok(Json(t).into_response()),
+        None => Err(ApiError::not_found(&format!(
+            "no call {call_id:?} is recorded"
+        ))),
     }
 }
 

@@ -1,7 +1,8 @@
 //! Device registration over HTTP. Every path ends in `Store::register_device`: the
 //! token is normalised (lower-case hex, even length, at most 200 digits) or refused
 //! with 400 before anything is stored; a re-registration refreshes `updated_at` and
-//! clears an invalidation; a token registered by another user moves to them.
+//! clears an invalidation; a token registered by another user moves to them, and
+//! the move is logged, counted and kept (`devices list` shows it).
 
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
@@ -10,7 +11,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::auth::Caller;
 use super::{json_object, text_field, ApiError, ApiResult, ApiState};
@@ -46,13 +47,21 @@ pub(super) async fn register(
     env: Option<Environment>,
 ) -> Result<i64, ApiError> {
     let token = checked_token(token)?;
-    let id = s
+    let reg = s
         .store
         .register_device(user_id, bundle_id, &token, env)
         .await?;
-    info!(%user_id, %bundle_id, token_suffix = %token_suffix(&token), device_id = id,
-        "device registered over HTTP");
-    Ok(id)
+    let suffix = token_suffix(&token);
+    if let Some(from) = &reg.moved_from {
+        // The old owner's calls stop ringing on this phone: worth a line and a
+        // count (many moves can mean tokens being taken over).
+        s.metrics.device_moves.inc();
+        warn!(%user_id, previous_user_id = %from, %bundle_id, token_suffix = %suffix,
+            device_id = reg.id, "device token moved to another user");
+    }
+    info!(%user_id, %bundle_id, token_suffix = %suffix, device_id = reg.id,
+        "device registered");
+    Ok(reg.id)
 }
 
 fn registered(id: i64) -> ApiResult {

@@ -27,6 +27,59 @@ pub enum JwtError {
     NotYetValid,
     #[error("token has no subject")]
     NoSubject,
+    #[error("token is not from the configured issuer")]
+    WrongIssuer,
+    #[error("token is not for the configured audience")]
+    WrongAudience,
+    /// A long-lived token is a standing credential if it leaks.
+    #[error("token is good for {0} s, longer than the {1} s allowed")]
+    TooLong(i64, i64),
+}
+
+/// What a user token must say besides its signature and times: the issuer
+/// and audience when configured, and a bounded lifetime.
+#[derive(Clone, Debug, Default)]
+pub struct Rules {
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    /// `None`: any lifetime (the Twilio tokens we sign ourselves, tests).
+    pub max_lifetime_secs: Option<i64>,
+}
+
+impl Rules {
+    /// Checks `claims` at `now` (unix seconds).
+    pub fn check(&self, claims: &Map<String, Value>, now: i64) -> Result<(), JwtError> {
+        if let Some(iss) = &self.issuer {
+            if claims.get("iss").and_then(Value::as_str) != Some(iss.as_str()) {
+                return Err(JwtError::WrongIssuer);
+            }
+        }
+        if let Some(aud) = &self.audience {
+            // RFC 7519 §4.1.3: one string, or a list of them.
+            let holds = match claims.get("aud") {
+                Some(Value::String(a)) => a == aud,
+                Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(aud)),
+                _ => false,
+            };
+            if !holds {
+                return Err(JwtError::WrongAudience);
+            }
+        }
+        if let Some(max) = self.max_lifetime_secs {
+            let exp = time_claim(claims, "exp").ok_or(JwtError::NoExpiry)?;
+            // An `iat` in the future must not stretch the window.
+            let from = time_claim(claims, "iat").map_or(now, |iat| iat.min(now));
+            let lifetime = exp.saturating_sub(from);
+            if lifetime > max.saturating_add(LEEWAY_SECS) {
+                return Err(JwtError::TooLong(lifetime, max));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn time_claim(claims: &Map<String, Value>, name: &str) -> Option<i64> {
+    claims.get(name).and_then(Value::as_f64).map(|t| t as i64)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +162,7 @@ impl Verifier {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or(JwtError::Malformed)?;
-        let time = |name: &str| claims.get(name).and_then(Value::as_f64).map(|t| t as i64);
+        let time = |name: &str| time_claim(&claims, name);
         match time("exp") {
             None => return Err(JwtError::NoExpiry),
             Some(exp) if now > exp.saturating_add(LEEWAY_SECS) => return Err(JwtError::Expired),
@@ -219,135 +272,4 @@ fn spki(input: &[u8]) -> Option<(SpkiAlg, Vec<u8>)> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    const NOW: i64 = 1_800_000_000;
-
-    #[test]
-    fn hs256_round_trip_and_refusals() {
-        let header = json!({"alg":"HS256","typ":"JWT"});
-        let good = sign_hs256(&header, &json!({"sub":"10","exp":NOW + 600}), b"s3cret");
-        let v = Verifier::hs256(b"s3cret");
-        assert_eq!(subject(&v.verify(&good, NOW).unwrap()).unwrap(), "10");
-        assert_eq!(
-            Verifier::hs256(b"other").verify(&good, NOW),
-            Err(JwtError::BadSignature)
-        );
-        let expired = sign_hs256(&header, &json!({"sub":"10","exp":NOW - 120}), b"s3cret");
-        assert_eq!(v.verify(&expired, NOW), Err(JwtError::Expired));
-        let within_leeway = sign_hs256(&header, &json!({"sub":10,"exp":NOW - 30}), b"s3cret");
-        assert_eq!(
-            subject(&v.verify(&within_leeway, NOW).unwrap()).unwrap(),
-            "10"
-        );
-        let early = sign_hs256(
-            &header,
-            &json!({"sub":"10","nbf":NOW + 600,"exp":NOW + 900}),
-            b"s3cret",
-        );
-        assert_eq!(v.verify(&early, NOW), Err(JwtError::NotYetValid));
-        let forever = sign_hs256(&header, &json!({"sub":"10"}), b"s3cret");
-        assert_eq!(v.verify(&forever, NOW), Err(JwtError::NoExpiry));
-        let far = sign_hs256(&header, &json!({"sub":"10","exp":i64::MAX}), b"s3cret");
-        assert!(v.verify(&far, i64::MAX).is_ok());
-        let nul = sign_hs256(&header, &json!({"sub":"1\u{0}","exp":NOW + 60}), b"s3cret");
-        assert_eq!(
-            subject(&v.verify(&nul, NOW).unwrap()),
-            Err(JwtError::NoSubject)
-        );
-        let none = format!(
-            "{}.{}.",
-            URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#),
-            URL_SAFE_NO_PAD.encode(r#"{"sub":"10"}"#)
-        );
-        assert!(matches!(
-            v.verify(&none, NOW),
-            Err(JwtError::WrongAlgorithm(_))
-        ));
-        assert_eq!(v.verify("abc", NOW), Err(JwtError::Malformed));
-    }
-
-    fn sign_with(alg: &str, claims: &Value, sign: impl Fn(&[u8]) -> Vec<u8>) -> String {
-        let signed = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(json!({"alg":alg,"typ":"JWT"}).to_string()),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
-        );
-        let sig = sign(signed.as_bytes());
-        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sig))
-    }
-
-    #[test]
-    fn es256_with_a_spki_pem_public_key() {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let verifier = Verifier::from_pem(&key.public_key_pem()).unwrap();
-        assert!(matches!(verifier, Verifier::Es256(_)));
-        let rng = ring::rand::SystemRandom::new();
-        let signer = signature::EcdsaKeyPair::from_pkcs8(
-            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            &key.serialize_der(),
-            &rng,
-        )
-        .unwrap();
-        let jwt = sign_with("ES256", &json!({"sub":"u1","exp":NOW + 60}), |m| {
-            signer.sign(&rng, m).unwrap().as_ref().to_vec()
-        });
-        assert_eq!(subject(&verifier.verify(&jwt, NOW).unwrap()).unwrap(), "u1");
-        let other = Verifier::from_pem(&rcgen::KeyPair::generate().unwrap().public_key_pem());
-        assert_eq!(
-            other.unwrap().verify(&jwt, NOW),
-            Err(JwtError::BadSignature)
-        );
-        // An HS256 token never passes an ES256 verifier.
-        let hs = sign_hs256(&json!({"alg":"HS256"}), &json!({"sub":"u1"}), b"x");
-        assert!(matches!(
-            verifier.verify(&hs, NOW),
-            Err(JwtError::WrongAlgorithm(_))
-        ));
-    }
-
-    #[test]
-    fn rs256_with_a_spki_pem_public_key() {
-        // A throwaway 2048-bit key made for this test (DER: PKCS#8 and SPKI).
-        let pkcs8 = include_bytes!("../../tests/fixtures/jwt-rsa-test-private.pk8");
-        let spki_der = include_bytes!("../../tests/fixtures/jwt-rsa-test-public.der");
-        let pem = |label: &str, der: &[u8]| {
-            format!(
-                "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-                STANDARD.encode(der)
-            )
-        };
-        let signer = signature::RsaKeyPair::from_pkcs8(pkcs8).unwrap();
-        let verifier = Verifier::from_pem(&pem("PUBLIC KEY", spki_der)).unwrap();
-        assert!(matches!(verifier, Verifier::Rs256(_)));
-        // The PKCS#1 form names the same key.
-        let pkcs1 = pem("RSA PUBLIC KEY", signer.public().as_ref());
-        assert!(matches!(
-            Verifier::from_pem(&pkcs1).unwrap(),
-            Verifier::Rs256(_)
-        ));
-        let rng = ring::rand::SystemRandom::new();
-        let jwt = sign_with("RS256", &json!({"sub":"u2","exp":NOW + 60}), |m| {
-            let mut sig = vec![0; signer.public().modulus_len()];
-            signer
-                .sign(&signature::RSA_PKCS1_SHA256, &rng, m, &mut sig)
-                .unwrap();
-            sig
-        });
-        assert_eq!(subject(&verifier.verify(&jwt, NOW).unwrap()).unwrap(), "u2");
-        let mut tampered = jwt.clone();
-        tampered.insert(jwt.find('.').unwrap() + 2, 'x');
-        assert!(verifier.verify(&tampered, NOW).is_err());
-    }
-
-    #[test]
-    fn garbage_keys_are_refused() {
-        assert!(Verifier::from_pem("hello").is_err());
-        assert!(
-            Verifier::from_pem("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
-                .is_err()
-        );
-    }
-}
+mod tests;

@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod call_status;
 pub mod calls;
+pub mod client_addr;
 pub mod device_events;
 pub mod devices;
 pub mod jwt;
@@ -34,6 +35,7 @@ use crate::config::{Config, ConfigError};
 use crate::store::{Store, StoreError};
 
 use self::auth::Auth;
+use self::client_addr::TrustedProxies;
 use self::jwt::Verifier;
 use self::ratelimit::RateLimiter;
 use self::twilio::TwilioSigner;
@@ -120,6 +122,9 @@ pub struct ApiState {
     pub auth: Arc<Auth>,
     pub twilio: Option<Arc<TwilioSigner>>,
     limiter: Arc<RateLimiter>,
+    proxies: Arc<TrustedProxies>,
+    /// Status reads and long polls, on their own connections.
+    pub status: call_status::StatusReads,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -157,9 +162,18 @@ impl ApiState {
             }
             (None, None) => None,
         };
-        let auth = Auth::new(set(&cfg.http.service_token), users);
+        let rules = jwt::Rules {
+            issuer: set(&cfg.http.user_jwt_issuer),
+            audience: set(&cfg.http.user_jwt_audience),
+            max_lifetime_secs: Some(cfg.http.user_jwt_max_lifetime_secs as i64),
+        };
+        let auth = Auth::new(set(&cfg.http.service_token), users.map(|v| (v, rules)));
         let twilio = TwilioSigner::from_config(&cfg.twilio).map(Arc::new);
         let limiter = RateLimiter::new(cfg.http.rate_limit_per_minute, cfg.http.rate_limit_burst);
+        let proxies = TrustedProxies::parse(&cfg.http.trusted_proxies)
+            .map_err(|why| ConfigError::Invalid(format!("http.trusted_proxies {why}")))?;
+        let status = call_status::StatusReads::connect(&cfg, metrics.clone())
+            .map_err(|e| ConfigError::Invalid(format!("postgres: {e}")))?;
         Ok(Self {
             cfg,
             store,
@@ -167,6 +181,8 @@ impl ApiState {
             auth: Arc::new(auth),
             twilio,
             limiter: Arc::new(limiter),
+            proxies: Arc::new(proxies),
+            status,
             metrics,
         })
     }
@@ -258,12 +274,13 @@ async fn observe(State(s): State<ApiState>, req: Request, next: Next) -> Respons
 }
 
 async fn rate_limit(State(s): State<ApiState>, req: Request, next: Next) -> Response {
-    let ip = req
+    let peer = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    if !s.limiter.allow(ip) {
+    let client = s.proxies.client(peer, req.headers());
+    if !s.limiter.allow(client) {
         return ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +26,49 @@ pub struct HttpConfig {
     /// rate and holding at most `rate_limit_burst`. 0 turns the limit off.
     pub rate_limit_per_minute: u32,
     pub rate_limit_burst: u32,
+    /// Peers whose `X-Forwarded-For` names the client (IPs or CIDRs, a list or
+    /// one comma-separated string). Empty: the socket peer is the client.
+    #[serde(deserialize_with = "one_or_many")]
+    pub trusted_proxies: Vec<String>,
+    /// Time a client has to send a request's head — and, on a kept-alive
+    /// connection, to start its next request; then the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// Time a client has to send a request's body once its head arrived; then
+    /// the answer is 408 and the connection is closed.
+    pub body_read_timeout_ms: u64,
+    /// Connections open at once; one more is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// Postgres connections of the call status reads (`GET /v1/calls/{id}`),
+    /// apart from the ring pipeline's.
+    pub long_poll_pool_size: usize,
+    /// Long polls (`?waitMs=`) waiting at once; one more is a 503 with Retry-After.
+    pub max_long_polls: usize,
+    /// When set, a user JWT's `iss` must be this.
+    pub user_jwt_issuer: Option<String>,
+    /// When set, a user JWT's `aud` (a string or a list) must hold this.
+    pub user_jwt_audience: Option<String>,
+    /// The longest a user JWT may be good for: `exp` − `iat` (or − now, when
+    /// `iat` is absent or in the future).
+    pub user_jwt_max_lifetime_secs: u64,
+}
+
+/// A list in the TOML file, or one comma-separated string (an environment variable).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => s.split(',').map(str::to_string).collect(),
+        OneOrMany::Many(v) => v,
+    };
+    Ok(items
+        .into_iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect())
 }
 
 impl Default for HttpConfig {
@@ -40,7 +84,62 @@ impl Default for HttpConfig {
             // offices while stopping token-guessing floods.
             rate_limit_per_minute: 60,
             rate_limit_burst: 20,
+            trusted_proxies: Vec::new(),
+            // A request head is a few hundred bytes: 10 s is generous for a slow
+            // phone link and short enough that trickled heads (slowloris) cannot
+            // hold connections for long. It also closes idle keep-alive
+            // connections (hyper starts the clock when it waits for a head).
+            header_read_timeout_ms: 10_000,
+            // Bodies are at most `max_body_bytes` (16 KiB): 10 s is ~13 kbit/s.
+            body_read_timeout_ms: 10_000,
+            // Far above what backends and apps need (they reuse connections),
+            // far below the file descriptors a container gets.
+            max_connections: 512,
+            // A replica stays within 8 Postgres connections: status reads get one,
+            // and a long poll takes it only for one short query every poll step.
+            long_poll_pool_size: 1,
+            max_long_polls: 32,
+            user_jwt_issuer: None,
+            user_jwt_audience: None,
+            // A day: an app refreshes its session token far more often; a leaked
+            // token of a longer-lived kind must not register devices for weeks.
+            user_jwt_max_lifetime_secs: 86_400,
         }
+    }
+}
+
+impl HttpConfig {
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_read_timeout_ms)
+    }
+
+    /// The listener's and the API's limits, one line per refusal.
+    pub(super) fn validate_limits(&self) -> Result<(), String> {
+        for (name, ms) in [
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("body_read_timeout_ms", self.body_read_timeout_ms),
+        ] {
+            if !(1..=3_600_000).contains(&ms) {
+                return Err(format!("http.{name} must be between 1 and 3600000"));
+            }
+        }
+        // The listener waits for every connection slot at shutdown (u32 permits).
+        if !(1..=65_536).contains(&self.max_connections) {
+            return Err("http.max_connections must be between 1 and 65536".into());
+        }
+        if self.long_poll_pool_size == 0 {
+            return Err("http.long_poll_pool_size must be at least 1".into());
+        }
+        if !(1..=365 * 86_400).contains(&self.user_jwt_max_lifetime_secs) {
+            return Err("http.user_jwt_max_lifetime_secs must be between 1 and 31536000".into());
+        }
+        crate::api::client_addr::TrustedProxies::parse(&self.trusted_proxies)
+            .map_err(|why| format!("http.trusted_proxies {why}"))?;
+        Ok(())
     }
 }
 
@@ -62,6 +161,18 @@ impl fmt::Debug for HttpConfig {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("rate_limit_per_minute", &self.rate_limit_per_minute)
             .field("rate_limit_burst", &self.rate_limit_burst)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("header_read_timeout_ms", &self.header_read_timeout_ms)
+            .field("body_read_timeout_ms", &self.body_read_timeout_ms)
+            .field("max_connections", &self.max_connections)
+            .field("long_poll_pool_size", &self.long_poll_pool_size)
+            .field("max_long_polls", &self.max_long_polls)
+            .field("user_jwt_issuer", &self.user_jwt_issuer)
+            .field("user_jwt_audience", &self.user_jwt_audience)
+            .field(
+                "user_jwt_max_lifetime_secs",
+                &self.user_jwt_max_lifetime_secs,
+            )
             .finish()
     }
 }

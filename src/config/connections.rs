@@ -82,7 +82,8 @@ impl Default for PostgresConfig {
             url: "postgres://postgres@127.0.0.1:5432/voip_push".into(),
             // Rings use the batches' own connections (3) and hold none across a
             // push; this pool serves cancels, the API and upkeep. With the
-            // liveness session, a replica opens at most 7 connections.
+            // liveness session and the call status reads' own connection
+            // (`http.long_poll_pool_size`), a replica opens at most 8.
             pool_size: 3,
             pool_timeout_ms: 5_000,
             synchronous_commit: false,

@@ -204,6 +204,7 @@ impl Config {
         if self.http.max_body_bytes == 0 {
             return invalid("http.max_body_bytes must be at least 1".into());
         }
+        self.http.validate_limits().map_err(ConfigError::Invalid)?;
         if !(1..=86_400).contains(&self.twilio.token_ttl_secs) {
             return invalid("twilio.token_ttl_secs must be between 1 and 86400".into());
         }

@@ -163,3 +163,55 @@ fn file_variables_are_named_as_the_environment_spells_them() {
     assert!(vars.contains(&"VPW__POSTGRES__URL_FILE".to_string()));
     assert!(vars.contains(&"VPW__HTTP__SERVICE_TOKEN_FILE".to_string()));
 }
+
+#[test]
+fn http_limits_load_from_the_environment_and_are_checked() {
+    let cfg = Config::load_from(
+        None,
+        Some(env(&[
+            ("VPW__HTTP__TRUSTED_PROXIES", "10.0.0.0/8, 192.0.2.1"),
+            ("VPW__HTTP__HEADER_READ_TIMEOUT_MS", "2500"),
+            ("VPW__HTTP__USER_JWT_ISSUER", "https://auth.example.com"),
+        ])),
+    )
+    .unwrap();
+    assert_eq!(cfg.http.trusted_proxies, ["10.0.0.0/8", "192.0.2.1"]);
+    assert_eq!(cfg.http.header_read_timeout_ms, 2500);
+    assert_eq!(cfg.http.max_connections, 512);
+    assert_eq!(cfg.http.long_poll_pool_size, 1);
+    assert_eq!(cfg.http.user_jwt_max_lifetime_secs, 86_400);
+    let file = std::env::temp_dir().join(format!("vpw-proxies-{}.toml", std::process::id()));
+    std::fs::write(
+        &file,
+        "[http]\ntrusted_proxies = [\"10.0.0.1\", \"fd00::/8\"]\n",
+    )
+    .unwrap();
+    let from_file = Config::load_from(Some(&file), Some(env(&[])));
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(
+        from_file.unwrap().http.trusted_proxies,
+        ["10.0.0.1", "fd00::/8"]
+    );
+    for (key, value, says) in [
+        (
+            "VPW__HTTP__TRUSTED_PROXIES",
+            "10.0.0.0/40",
+            "http.trusted_proxies",
+        ),
+        (
+            "VPW__HTTP__BODY_READ_TIMEOUT_MS",
+            "0",
+            "body_read_timeout_ms",
+        ),
+        ("VPW__HTTP__MAX_CONNECTIONS", "0", "max_connections"),
+        ("VPW__HTTP__LONG_POLL_POOL_SIZE", "0", "long_poll_pool_size"),
+        (
+            "VPW__HTTP__USER_JWT_MAX_LIFETIME_SECS",
+            "0",
+            "user_jwt_max_lifetime_secs",
+        ),
+    ] {
+        let err = Config::load_from(None, Some(env(&[(key, value)]))).unwrap_err();
+        assert!(err.to_string().contains(says), "{key}: {err}");
+    }
+}

@@ -22,11 +22,19 @@ pub struct DeviceInfo {
     pub last_success_at: Option<String>,
     pub invalidated_at: Option<String>,
     pub invalid_reason: Option<String>,
+    /// The user this device's token was registered by before it moved to this one.
+    pub moved_from: Option<String>,
+    /// Set on a device that moved away: the user who holds its token now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<String>,
+    /// When it last moved.
+    pub moved_at: Option<String>,
 }
 
 const RFC3339_UTC: &str = r#"'YYYY-MM-DD"T"HH24:MI:SS"Z"'"#;
 
-/// A user's devices across every app, oldest first.
+/// A user's devices across every app, oldest first, then the devices whose token
+/// last moved from this user to another.
 pub async fn list(
     client: &tokio_postgres::Client,
     user_id: &str,
@@ -34,12 +42,14 @@ pub async fn list(
     let ts = |col: &str| format!("to_char({col} AT TIME ZONE 'UTC', {RFC3339_UTC})");
     let sql = format!(
         "SELECT id, bundle_id, right(voip_token, 8), environment, {}, {}, {}, {}, invalid_reason,
-                last_success_at IS NOT NULL
-         FROM devices WHERE user_id = $1 ORDER BY id",
+                last_success_at IS NOT NULL, user_id, previous_user_id, {}
+         FROM devices WHERE user_id = $1 OR previous_user_id = $1
+         ORDER BY user_id <> $1, id",
         ts("created_at"),
         ts("updated_at"),
         ts("last_success_at"),
         ts("invalidated_at"),
+        ts("moved_at"),
     );
     let rows = client.query(&sql, &[&user_id]).await?;
     Ok(rows
@@ -47,6 +57,13 @@ pub async fn list(
         .map(|r| {
             let environment: String = r.get(3);
             let delivered: bool = r.get(9);
+            let owner: String = r.get(10);
+            let previous: Option<String> = r.get(11);
+            let (moved_from, moved_to) = if owner == user_id {
+                (previous, None)
+            } else {
+                (None, Some(owner))
+            };
             DeviceInfo {
                 device_id: r.get(0),
                 bundle_id: r.get(1),
@@ -62,6 +79,9 @@ pub async fn list(
                 last_success_at: r.get(6),
                 invalidated_at: r.get(7),
                 invalid_reason: r.get(8),
+                moved_from,
+                moved_to,
+                moved_at: r.get(12),
             }
         })
         .collect())
@@ -73,7 +93,8 @@ fn human_time(t: &str) -> String {
 }
 
 /// The listing for people: one block per device, under 80 columns.
-pub fn render_human(user_id: &str, devices: &[DeviceInfo]) -> String {
+pub fn render_human(user_id: &str, all: &[DeviceInfo]) -> String {
+    let (devices, away) = owned_and_moved_away(all);
     let live = devices
         .iter()
         .filter(|d| d.invalidated_at.is_none())
@@ -118,18 +139,46 @@ pub fn render_human(user_id: &str, devices: &[DeviceInfo]) -> String {
                 d.invalid_reason.as_deref().unwrap_or("no reason recorded")
             ));
         }
+        if let (Some(from), Some(at)) = (&d.moved_from, &d.moved_at) {
+            out.push_str(&format!(
+                "  moved         from user {from} at {}\n",
+                human_time(at)
+            ));
+        }
+    }
+    for d in away {
+        out.push_str(&format!(
+            "\ndevice {}  …{}  {}  moved away\n  moved         to user {} at {}\n",
+            d.device_id,
+            d.token_suffix,
+            d.bundle_id,
+            d.moved_to.as_deref().unwrap_or("?"),
+            d.moved_at.as_deref().map(human_time).unwrap_or_default()
+        ));
     }
     out
+}
+
+/// This user's devices, and those whose token moved to another user since.
+fn owned_and_moved_away(all: &[DeviceInfo]) -> (Vec<&DeviceInfo>, Vec<&DeviceInfo>) {
+    all.iter().partition(|d| d.moved_to.is_none())
 }
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct DeviceList<'a> {
     user_id: &'a str,
-    devices: &'a [DeviceInfo],
+    devices: Vec<&'a DeviceInfo>,
+    moved_away: Vec<&'a DeviceInfo>,
 }
 
-/// The stable JSON form: `{"userId", "devices": [DeviceInfo…]}`.
-pub fn render_json(user_id: &str, devices: &[DeviceInfo]) -> String {
-    serde_json::to_string_pretty(&DeviceList { user_id, devices }).expect("device list serialises")
+/// The stable JSON form: `{"userId", "devices": [DeviceInfo…], "movedAway": [DeviceInfo…]}`.
+pub fn render_json(user_id: &str, all: &[DeviceInfo]) -> String {
+    let (devices, moved_away) = owned_and_moved_away(all);
+    serde_json::to_string_pretty(&DeviceList {
+        user_id,
+        devices,
+        moved_away,
+    })
+    .expect("device list serialises")
 }

@@ -15,6 +15,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (4, "claim_worker", include_str!("../../migrations/0004_claim_worker.sql")),
     (5, "claims_hot_updates", include_str!("../../migrations/0005_claims_hot_updates.sql")),
     (6, "claims_event_type", include_str!("../../migrations/0006_claims_event_type.sql")),
+    (7, "device_moves", include_str!("../../migrations/0007_device_moves.sql")),
     (8, "hot_updates_fillfactor", include_str!("../../migrations/0008_hot_updates_fillfactor.sql")),
 ];
 

@@ -93,6 +93,14 @@ pub fn normalize_token(token: &str) -> Result<String, StoreError> {
     Ok(t)
 }
 
+/// What a registration did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registration {
+    pub id: i64,
+    /// The user the token belonged to, when this registration moved it.
+    pub moved_from: Option<String>,
+}
+
 /// A live device of a user.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Device {
@@ -285,32 +293,42 @@ impl Store {
     }
 
     /// Registers or refreshes a token: re-registration clears any invalidation and
-    /// moves the token to `user_id`. `environment` `None` keeps what was known.
+    /// moves the token to `user_id` (recording whom it moved from, and when).
+    /// `environment` `None` keeps what was known.
     pub async fn register_device(
         &self,
         user_id: &str,
         bundle_id: &str,
         token: &str,
         environment: Option<Environment>,
-    ) -> Result<i64, StoreError> {
+    ) -> Result<Registration, StoreError> {
         let token = normalize_token(token)?;
         let client = self.pool.get().await?;
         let env = environment.map(Environment::as_str);
+        // `moved_at = now()` only when this statement moved it: `now()` is the
+        // transaction's start, and any earlier move committed before it.
         let row = client
             .query_one(
                 "INSERT INTO devices (user_id, bundle_id, voip_token, environment)
                  VALUES ($1, $2, $3, COALESCE($4, 'unknown'))
                  ON CONFLICT (bundle_id, voip_token) DO UPDATE SET
                      user_id = EXCLUDED.user_id,
+                     previous_user_id = CASE WHEN devices.user_id <> EXCLUDED.user_id
+                         THEN devices.user_id ELSE devices.previous_user_id END,
+                     moved_at = CASE WHEN devices.user_id <> EXCLUDED.user_id
+                         THEN now() ELSE devices.moved_at END,
                      environment = COALESCE($4, devices.environment),
                      updated_at = now(),
                      invalidated_at = NULL,
                      invalid_reason = NULL
-                 RETURNING id",
+                 RETURNING id, CASE WHEN moved_at = now() THEN previous_user_id END",
                 &[&user_id, &bundle_id, &token, &env],
             )
             .await?;
-        Ok(row.get(0))
+        Ok(Registration {
+            id: row.get(0),
+            moved_from: row.get(1),
+        })
     }
 
     /// A user's live (not invalidated) devices for one app, oldest first.

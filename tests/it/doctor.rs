@@ -394,7 +394,8 @@ async fn devices_list_shows_suffixes_only() {
     let id = store
         .register_device(&user, BUNDLE, &live, Some(Environment::Sandbox))
         .await
-        .unwrap();
+        .unwrap()
+        .id;
     store
         .record_success(id, Environment::Sandbox)
         .await
@@ -402,7 +403,8 @@ async fn devices_list_shows_suffixes_only() {
     let dead_id = store
         .register_device(&user, BUNDLE, &dead, None)
         .await
-        .unwrap();
+        .unwrap()
+        .id;
     assert!(store
         .invalidate(dead_id, "BadDeviceToken", None)
         .await
