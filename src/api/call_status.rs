@@ -129,6 +129,17 @@ pub async fn post_cancel(
             format!("reason {reason:?} is not one of {}", REASONS.join(", ")),
         ));
     }
+    // The worker would refuse it too (dead letter); saying so here tells the
+    // backend at once. A call not seen yet may be cancelled before its ring.
+    if let Some(callee) = s.store.callee(&call_id).await? {
+        if callee != to_user_id {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "wrong_user",
+                "toUserId is not this call's callee; nothing was cancelled",
+            ));
+        }
+    }
     let mut event = json!({
         "type": "call.cancel",
         "callId": call_id,

@@ -6,7 +6,8 @@ use tracing::info;
 use super::ids::{base_result, claim_key, event_id};
 use super::{Call, Disposition, Incoming, Pipeline};
 use crate::apns::App;
-use crate::event::{now_ms, CallEvent, EventType};
+use crate::event::{now_ms, CallEvent, EventType, InvalidEvent, InvalidKind};
+use crate::store::calls::Cancelled;
 use crate::store::Device;
 
 impl Pipeline {
@@ -17,7 +18,7 @@ impl Pipeline {
     pub(super) async fn cancel(&self, msg: &Incoming, event: &CallEvent, app: &App) -> Disposition {
         let event_id = event_id(msg, event);
         let key = claim_key(&event_id, event);
-        let ring_deadline = match self
+        let cancelled = self
             .store
             .cancel_call(
                 &event.call_id,
@@ -26,9 +27,18 @@ impl Pipeline {
                 event.reason.as_deref(),
                 event.answered_device_id.as_deref(),
             )
-            .await
-        {
-            Ok(d) => d,
+            .await;
+        let ring_deadline = match cancelled {
+            Ok(Cancelled::Recorded(d)) => d,
+            Ok(Cancelled::OtherUser) => {
+                let invalid = InvalidEvent {
+                    kind: InvalidKind::BadField,
+                    message: "toUserId is not the callee of this call; nothing was cancelled"
+                        .into(),
+                    call_id: Some(event.call_id.clone()),
+                };
+                return self.refuse(msg, invalid).await;
+            }
             Err(e) => return self.retry("record the cancel", e),
         };
         info!(

@@ -53,13 +53,13 @@ const EVENTS: &str = "
         FROM ev ORDER BY call_id
         ON CONFLICT (call_id) DO UPDATE
             SET ring_deadline = COALESCE(calls.ring_deadline, EXCLUDED.ring_deadline)
-        RETURNING call_id, state
+        RETURNING call_id, state, to_user_id
     ),";
 
 /// Our devices table: looked up in the statement.
 const OUR_DEVICES: &str = "
     dev AS (
-        SELECT ev.i, ev.key, ev.call_id, ev.owner, ev.claim, o.state, d.id, d.voip_token,
+        SELECT ev.i, ev.key, ev.call_id, ev.owner, ev.claim, {STATE}, d.id, d.voip_token,
                d.environment, (extract(epoch FROM d.updated_at) * 1000)::bigint AS updated_ms,
                d.last_success_at IS NOT NULL AS proven
         FROM ev JOIN opened o ON o.call_id = ev.call_id
@@ -70,7 +70,7 @@ const OUR_DEVICES: &str = "
 /// Devices resolved beforehand: ($9 event position, $10 device id) pairs.
 const GIVEN_DEVICES: &str = "
     dev AS (
-        SELECT ev.i, ev.key, ev.call_id, ev.owner, ev.claim, o.state, x.id,
+        SELECT ev.i, ev.key, ev.call_id, ev.owner, ev.claim, {STATE}, x.id,
                NULL::text AS voip_token, NULL::text AS environment, 0::bigint AS updated_ms,
                false AS proven
         FROM unnest($9::bigint[], $10::bigint[]) AS x(i, id)
@@ -106,9 +106,14 @@ fn tail() -> String {
     )
 }
 
+/// The call's state as this ring sees it: a call id already taken by another
+/// user's call (a cancel for someone else that came first, or a producer's
+/// reused id) does not cancel this one.
+const STATE: &str = "CASE WHEN o.to_user_id = ev.user_id THEN o.state ELSE 'ringing' END AS state";
+
 fn statement(given: bool) -> String {
     let dev = if given { GIVEN_DEVICES } else { OUR_DEVICES };
-    format!("WITH {EVENTS}{dev}{}", tail())
+    format!("WITH {EVENTS}{}{}", dev.replace("{STATE}", STATE), tail())
 }
 
 /// Admits a batch of rings in one statement.

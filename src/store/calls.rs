@@ -139,12 +139,21 @@ fn ts(column: &str) -> String {
     TS.replace("%s", column)
 }
 
+/// What recording a cancel found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cancelled {
+    /// Recorded; the call's ring deadline (ms since epoch) when it had one.
+    Recorded(Option<i64>),
+    /// The call is another user's: nothing was changed.
+    OtherUser,
+}
+
 impl Store {
     /// Records a cancel (creating the call if its initiate has not arrived):
     /// marks the call cancelled, so no further ring is admitted or attempted,
     /// waits for the rings already admitted to be answered, then records
-    /// `cancelled_at`. Returns the ring deadline (ms since epoch) when the call
-    /// had one.
+    /// `cancelled_at`. A cancel naming another user than the call's changes
+    /// nothing: a producer's mistake must not silence someone else's call.
     pub async fn cancel_call(
         &self,
         call_id: &str,
@@ -152,7 +161,7 @@ impl Store {
         to_user_id: &str,
         reason: Option<&str>,
         answered_device_id: Option<&str>,
-    ) -> Result<Option<i64>, StoreError> {
+    ) -> Result<Cancelled, StoreError> {
         let mut client = self.pool.get().await?;
         // Always flushed, whatever postgres.synchronous_commit says: a cancel
         // lost in a crash could let its call ring.
@@ -160,7 +169,7 @@ impl Store {
         tx.batch_execute("SET LOCAL synchronous_commit = on")
             .await?;
         let row = tx
-            .query_one(
+            .query_opt(
                 "INSERT INTO calls (call_id, bundle_id, to_user_id, state, cancel_reason,
                                     answered_device_id)
                  VALUES ($1, $2, $3, 'cancelled', $4, $5)
@@ -168,12 +177,16 @@ impl Store {
                      state = 'cancelled',
                      cancel_reason = COALESCE(calls.cancel_reason, EXCLUDED.cancel_reason),
                      answered_device_id = COALESCE(calls.answered_device_id, EXCLUDED.answered_device_id)
+                 WHERE calls.to_user_id = EXCLUDED.to_user_id
                  RETURNING (extract(epoch FROM ring_deadline) * 1000)::bigint",
                 &[&call_id, &bundle_id, &to_user_id, &reason, &answered_device_id],
             )
             .await?;
         tx.commit().await?;
         drop(client);
+        let Some(row) = row else {
+            return Ok(Cancelled::OtherUser);
+        };
         let ring_deadline: Option<i64> = row.get(0);
         self.wait_for_rings(call_id, ring_deadline).await?;
         let client = self.pool.get().await?;
@@ -185,7 +198,7 @@ impl Store {
                 &[&call_id],
             )
             .await?;
-        Ok(ring_deadline)
+        Ok(Cancelled::Recorded(ring_deadline))
     }
 
     /// Waits (polling, no connection held in between) until no ring of the call
@@ -250,6 +263,18 @@ impl Store {
                 environment: Environment::parse(r.get::<_, &str>(2)),
             })
             .collect())
+    }
+
+    /// The call's callee, or `None` for a call never seen.
+    pub async fn callee(&self, call_id: &str) -> Result<Option<String>, StoreError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT to_user_id FROM calls WHERE call_id = $1",
+                &[&call_id],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
     }
 
     /// The call's state, or `None` for a call never seen.

@@ -6,6 +6,7 @@ mod api;
 mod apns;
 mod batching;
 mod bounds;
+mod cancel_user;
 mod cli;
 mod common;
 mod delivery;
