@@ -7,10 +7,11 @@ use std::time::Instant;
 
 use tracing::{info, warn};
 
+use super::publish::Outgoing;
 use super::{Call, Pipeline, APNS_ID_NAMESPACE, MAX_VOIP_PAYLOAD};
 use crate::apns::{AttemptHooks, AttemptRecord, DeliveryOutcome, DevicePush, FinalAction};
 use crate::event::{now_ms, now_rfc3339, token_suffix, Environment, EventType, PushResult, Status};
-use crate::store::claims::{Claim, Outcome};
+use crate::store::claims::{Claim, JsonText, Outcome};
 use crate::store::{Device, Store, StoreError};
 
 /// Collects a delivery's attempts (recorded with its outcome). For a ring, every
@@ -61,15 +62,17 @@ impl Pipeline {
         call: &Call<'_>,
         device: &Device,
         claim: Claim,
-    ) -> Option<PushResult> {
+    ) -> Option<Outgoing> {
         match claim {
             Claim::Push => {
                 let timer = self.metrics.stage("deliver");
                 let pushed = self.push_device(call, device).await;
                 drop(timer);
                 let _timer = self.metrics.stage("record");
-                self.record(call, device, &pushed).await;
-                Some(pushed.result)
+                let out = Outgoing::new(pushed.result);
+                self.record(call, device, &out, pushed.attempts, pushed.success)
+                    .await;
+                Some(out)
             }
             Claim::Republish(stored) => {
                 info!(
@@ -80,7 +83,7 @@ impl Pipeline {
                     .retries
                     .with_label_values(&["redelivered"])
                     .inc();
-                serde_json::from_value(stored).ok()
+                serde_json::from_value(stored).ok().map(Outgoing::new)
             }
             Claim::Done => {
                 info!(
@@ -105,15 +108,22 @@ impl Pipeline {
     /// Records a push's outcome with its attempts. The push already happened, so
     /// this is retried through a short database outage: until it is recorded, a
     /// retry of the event would push the device again.
-    async fn record(&self, call: &Call<'_>, device: &Device, pushed: &Pushed) {
+    async fn record(
+        &self,
+        call: &Call<'_>,
+        device: &Device,
+        out: &Outgoing,
+        attempts: Vec<AttemptRecord>,
+        success: Option<Environment>,
+    ) {
         let outcome = Outcome {
             event_key: call.key.to_string(),
             device_id: device.id,
             call_id: call.event.call_id.clone(),
             event_type: call.kind.as_str(),
-            result: serde_json::to_value(&pushed.result).expect("results serialise"),
-            attempts: pushed.attempts.clone(),
-            success: pushed.success,
+            result: JsonText(out.body.clone()),
+            attempts,
+            success,
         };
         let recorded = super::retry::patiently("record the push's outcome", || {
             self.store.record_outcome(outcome.clone())

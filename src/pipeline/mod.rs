@@ -12,6 +12,7 @@ mod publish;
 mod retry;
 
 use ids::{base_result, call_state, claim_key, event_id};
+use publish::Outgoing;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -232,8 +233,9 @@ impl Pipeline {
 
         let results = if let Some(not_pushed) = not_pushed {
             let settled = call_state(&not_pushed);
+            let out: Vec<Outgoing> = not_pushed.iter().cloned().map(Outgoing::new).collect();
             if let Err(reason) = self
-                .publish_and_mark(&key, &not_pushed, Some((&event.call_id, settled)))
+                .publish_and_mark(&key, &out, Some((&event.call_id, settled)))
                 .await
             {
                 return Disposition::Retry(reason);
@@ -284,12 +286,12 @@ impl Pipeline {
     ) -> Result<(Vec<PushResult>, bool), String> {
         let busy = claims.iter().any(|(_, c)| *c == Claim::Busy);
         let done = join_all(claims.into_iter().map(|(d, claim)| async move {
-            let Some(result) = self.claimed_push(call, &d, claim).await else {
+            let Some(out) = self.claimed_push(call, &d, claim).await else {
                 return Ok::<_, String>(None);
             };
-            self.publish_and_mark(call.key, std::slice::from_ref(&result), None)
+            self.publish_and_mark(call.key, std::slice::from_ref(&out), None)
                 .await?;
-            Ok(Some(result))
+            Ok(Some(out.result))
         }))
         .await;
         let mut results = Vec::with_capacity(done.len());

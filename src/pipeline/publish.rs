@@ -14,16 +14,32 @@ use crate::store::calls::CallState;
 /// before the event is tried again from the start.
 const RESULT_PUBLISH_PATIENCE: Duration = Duration::from_secs(30);
 
+/// A result and its JSON, serialised once: the same bytes go to the broker and
+/// into the claim.
+pub(super) struct Outgoing {
+    pub result: PushResult,
+    pub body: bytes::Bytes,
+}
+
+impl Outgoing {
+    pub fn new(result: PushResult) -> Self {
+        let body = serde_json::to_vec(&result)
+            .expect("results serialise")
+            .into();
+        Outgoing { result, body }
+    }
+}
+
 impl Pipeline {
     /// Counts and publishes the results of one event, then marks them published
     /// (and settles the call, for a ring).
     pub(super) async fn publish_and_mark(
         &self,
         event_id: &str,
-        results: &[PushResult],
+        results: &[Outgoing],
         settle: Option<(&str, CallState)>,
     ) -> Result<(), String> {
-        for r in results {
+        for Outgoing { result: r, .. } in results {
             let env = r.environment.map(|e| e.as_str()).unwrap_or("none");
             self.metrics
                 .deliveries
@@ -35,7 +51,7 @@ impl Pipeline {
             .await
             .map_err(|e| format!("publish results: {e}"))?;
         drop(timer);
-        let published: Vec<i64> = results.iter().filter_map(|r| r.device_id).collect();
+        let published: Vec<i64> = results.iter().filter_map(|r| r.result.device_id).collect();
         let timer = self.metrics.stage("settle");
         self.finish(event_id, &published, settle).await;
         drop(timer);
@@ -91,7 +107,7 @@ impl Pipeline {
                 .deliveries
                 .with_label_values(&["invalid_event", "none"])
                 .inc();
-            if let Err(e) = self.publish_results(std::slice::from_ref(&result)).await {
+            if let Err(e) = self.publish_results(&[Outgoing::new(result)]).await {
                 return Disposition::Retry(format!("publish invalid_event result: {e}"));
             }
         }
@@ -104,28 +120,27 @@ impl Pipeline {
 
     /// Publishes every result and waits for the broker's confirms, retrying (with
     /// reconnects) for a while before giving up.
-    async fn publish_results(&self, results: &[PushResult]) -> Result<(), String> {
+    async fn publish_results(&self, results: &[Outgoing]) -> Result<(), String> {
         let exchange = &self.cfg.amqp.results_exchange;
         let started = Instant::now();
         let mut delay = Duration::from_millis(100);
-        let mut pending: Vec<&PushResult> = results.iter().collect();
+        let mut pending: Vec<&Outgoing> = results.iter().collect();
         while !pending.is_empty() {
-            let outcomes = join_all(pending.iter().map(|r| async move {
-                let body = serde_json::to_vec(r).expect("results serialise");
-                let key = format!("push.{}", r.status.as_str());
+            let outcomes = join_all(pending.iter().map(|o| async move {
+                let key = format!("push.{}", o.result.status.as_str());
                 self.publisher
-                    .publish_json(exchange, &key, &body, None)
+                    .publish_json(exchange, &key, &o.body, None)
                     .await
             }))
             .await;
             let mut failed = Vec::new();
             let mut last_error = String::new();
-            for (r, outcome) in pending.iter().zip(outcomes) {
+            for (o, outcome) in pending.iter().zip(outcomes) {
                 match outcome {
                     Ok(routed) => {
                         self.metrics
                             .results_published
-                            .with_label_values(&[r.status.as_str()])
+                            .with_label_values(&[o.result.status.as_str()])
                             .inc();
                         if !routed {
                             self.metrics.results_unrouted.inc();
@@ -133,7 +148,7 @@ impl Pipeline {
                     }
                     Err(e) => {
                         last_error = e.to_string();
-                        failed.push(*r);
+                        failed.push(*o);
                     }
                 }
             }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use super::calls::CallState;
 use super::{Store, StoreError};
 
-pub use super::outcomes::Outcome;
+pub use super::outcomes::{JsonText, Outcome};
 
 /// Written into each claim's `lease_until` for workers of earlier versions
 /// (which take over a claim whose lease lapsed) during a rolling upgrade; this

@@ -17,6 +17,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (6, "claims_event_type", include_str!("../../migrations/0006_claims_event_type.sql")),
     (7, "device_moves", include_str!("../../migrations/0007_device_moves.sql")),
     (8, "hot_updates_fillfactor", include_str!("../../migrations/0008_hot_updates_fillfactor.sql")),
+    (9, "time_indexes_brin", include_str!("../../migrations/0009_time_indexes_brin.sql")),
 ];
 
 /// Arbitrary but fixed: the key of the advisory lock migrations hold.

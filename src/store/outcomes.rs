@@ -1,9 +1,45 @@
 //! A push's outcome, recorded once it is known: the claim's result, every APNs
 //! attempt, and the device's success, for many pushes in one statement.
 
+use bytes::{BufMut, BytesMut};
+use tokio_postgres::types::{accepts, to_sql_checked, IsNull, ToSql, Type};
+
 use super::calls::AttemptRecord;
 use super::{Store, StoreError};
 use crate::event::Environment;
+
+/// JSON already serialised (a result, the same bytes as published), written as
+/// `json`/`jsonb` without being parsed and serialised again.
+#[derive(Clone, Debug)]
+pub struct JsonText(pub bytes::Bytes);
+
+impl From<serde_json::Value> for JsonText {
+    fn from(v: serde_json::Value) -> Self {
+        JsonText(
+            serde_json::to_vec(&v)
+                .expect("a JSON value serialises")
+                .into(),
+        )
+    }
+}
+
+impl ToSql for JsonText {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        if *ty == Type::JSONB {
+            // jsonb's binary form: a version byte, then the text.
+            out.put_u8(1);
+        }
+        out.extend_from_slice(&self.0);
+        Ok(IsNull::No)
+    }
+
+    accepts!(JSON, JSONB);
+    to_sql_checked!();
+}
 
 /// A push's outcome to record (see [`Store::record_outcome`]).
 #[derive(Clone, Debug)]
@@ -13,7 +49,7 @@ pub struct Outcome {
     pub call_id: String,
     pub event_type: &'static str,
     /// The result event, stored in the claim.
-    pub result: serde_json::Value,
+    pub result: JsonText,
     /// Every APNs request of the delivery.
     pub attempts: Vec<AttemptRecord>,
     /// The environment that accepted the token (our devices only).
@@ -31,7 +67,7 @@ async fn record_outcomes(
 ) -> Result<Vec<()>, StoreError> {
     let events: Vec<&str> = reqs.iter().map(|r| r.event_key.as_str()).collect();
     let devices: Vec<i64> = reqs.iter().map(|r| r.device_id).collect();
-    let results: Vec<&serde_json::Value> = reqs.iter().map(|r| &r.result).collect();
+    let results: Vec<&JsonText> = reqs.iter().map(|r| &r.result).collect();
     let (success_ids, success_envs): (Vec<i64>, Vec<&str>) = reqs
         .iter()
         .filter(|r| r.device_id > 0)

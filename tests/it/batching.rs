@@ -137,7 +137,7 @@ async fn concurrent_events_each_get_their_own_call_devices_claims_and_settlement
                 device_id: *device,
                 call_id: format!("bcall-{u}"),
                 event_type: "call.incoming",
-                result: json!({"status": "delivered", "user": u, "deviceId": device}),
+                result: json!({"status": "delivered", "user": u, "deviceId": device}).into(),
                 attempts: vec![attempt],
                 success: Some(Environment::Production),
             })

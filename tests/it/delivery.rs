@@ -528,7 +528,7 @@ async fn a_copy_of_the_event_holding_one_device_does_not_hold_up_the_others_resu
         device_id: held_id,
         call_id: "split-1".into(),
         event_type: "call.incoming",
-        result: json!({"status": "delivered", "deviceId": held_id}),
+        result: json!({"status": "delivered", "deviceId": held_id}).into(),
         attempts: Vec::new(),
         success: None,
     };
