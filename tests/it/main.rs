@@ -9,6 +9,7 @@ mod bounds;
 mod cancel_user;
 mod cli;
 mod common;
+mod connections;
 mod delivery;
 mod doctor;
 mod faults;
