@@ -38,8 +38,8 @@ struct Args {
     /// Events in each pre-loaded backlog (reference, one worker, two workers).
     #[arg(long, default_value_t = 10_000)]
     events: usize,
-    /// Fixed offered loads for the latency phases, events/s; a last phase runs at
-    /// the one-worker throughput (saturation).
+    /// Fixed offered loads for the latency phases, events/s; two last phases run at
+    /// half of the one-worker throughput and at all of it (saturation).
     #[arg(long, value_delimiter = ',', default_value = "200,1000")]
     rates: Vec<f64>,
     /// How long each latency phase publishes.
@@ -182,6 +182,8 @@ async fn run(bench: &Bench, args: &Args, deadline: Instant) -> Result<Report, St
         .map(|r| (format!("{r:.0}/s"), *r))
         .collect();
     let saturation = one.events_per_sec.floor().max(1.0);
+    let half = (saturation / 2.0).floor().max(1.0);
+    loads.push((format!("half of saturation ({half:.0}/s)"), half));
     loads.push((format!("saturation ({saturation:.0}/s)"), saturation));
     let mut lat = Vec::new();
     for (k, (label, rate)) in loads.into_iter().enumerate() {

@@ -158,6 +158,19 @@ impl Report {
                 ),
             });
         }
+        if let Some(l) = self
+            .latency
+            .iter()
+            .find(|l| l.load.starts_with("half of saturation"))
+        {
+            t.push(Target {
+                name: "p99 publish -> APNs at half of saturation",
+                target: "<= 50 ms",
+                measured: format!("{} ms", l.p99_ms),
+                met: l.p99_ms <= 50.0,
+                note: format!("{}; p50 {} ms, p95 {} ms", l.load, l.p50_ms, l.p95_ms),
+            });
+        }
         if let (Some(one), Some(two)) = (one, two) {
             let scale = two.events_per_sec / one.events_per_sec;
             t.push(Target {
