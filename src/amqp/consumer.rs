@@ -53,9 +53,7 @@ impl Consumer {
                 let conn = connect(&cfg.amqp, "consumer").await?;
                 let ch = conn.create_channel().await?;
                 declare_topology(&ch, &cfg.amqp).await?;
-                // Room beyond the slots for messages waiting on another worker's
-                // claims (they give their slot back).
-                let prefetch = self.concurrency.saturating_mul(2);
+                let prefetch = super::prefetch_for(self.concurrency);
                 let consumer = super::consume(&ch, &self.queue, prefetch).await?;
                 Ok::<_, AmqpError>((conn, ch, consumer))
             }

@@ -120,6 +120,12 @@ pub async fn declare_quorum_queue(
 
 /// Consumes `queue` with manual acknowledgements and at most `prefetch`
 /// unacknowledged messages.
+/// The prefetch of a lane with `concurrency` slots: room beyond the slots for
+/// messages waiting on another worker's claims (they give their slot back).
+pub fn prefetch_for(concurrency: u16) -> u16 {
+    concurrency.saturating_mul(2)
+}
+
 pub async fn consume(
     ch: &Channel,
     queue: &str,

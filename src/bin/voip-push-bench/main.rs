@@ -141,7 +141,8 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 
 async fn run(bench: &Bench, args: &Args, deadline: Instant) -> Result<Report, String> {
     let cfg = &bench.cfg;
-    let prefetch = cfg.worker.concurrency;
+    // The reference consumes with the worker's own prefetch.
+    let prefetch = voip_push_worker::amqp::prefetch_for(cfg.worker.concurrency);
     let collector = Collector::start(&cfg.amqp, &bench.results_queue).await?;
     let producer = Producer::open(&cfg.amqp).await?;
     let mut workers_seen = Vec::new();
@@ -244,7 +245,8 @@ async fn run(bench: &Bench, args: &Args, deadline: Instant) -> Result<Report, St
         loadavg_before: String::new(),
         users: bench.users(),
         devices: bench.devices.len(),
-        worker_concurrency: prefetch,
+        worker_concurrency: cfg.worker.concurrency,
+        prefetch,
         reference,
         throughput: vec![one, two],
         latency: lat,

@@ -19,6 +19,8 @@ pub struct Report {
     pub users: usize,
     pub devices: usize,
     pub worker_concurrency: u16,
+    /// The worker's prefetch, and the reference's.
+    pub prefetch: u16,
     pub reference: Reference,
     pub throughput: Vec<Throughput>,
     pub latency: Vec<Latency>,
@@ -229,8 +231,8 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "{} users, {} devices, worker concurrency (= prefetch) {}\n",
-            self.users, self.devices, self.worker_concurrency
+            "{} users, {} devices, worker concurrency {}, prefetch {} (the reference's too)\n",
+            self.users, self.devices, self.worker_concurrency, self.prefetch
         );
         let _ = writeln!(s, "Throughput (pre-loaded backlog, first result to last)");
         let _ = writeln!(
