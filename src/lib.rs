@@ -14,6 +14,7 @@ pub mod event;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;
+pub mod retry_policy;
 pub mod store;
 pub mod tls;
 pub mod trace;

@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::BackoffBuilder;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
@@ -20,6 +19,7 @@ use tracing::{error, info, warn};
 pub use super::health::ConsumerHealth;
 use super::{connect, declare_topology, AmqpError, Publisher};
 use crate::pipeline::{Disposition, Incoming, Pipeline};
+use crate::retry_policy::RetryPolicy;
 
 pub struct Consumer {
     pub pipeline: Arc<Pipeline>,
@@ -41,8 +41,7 @@ impl Consumer {
         let cfg = self.pipeline.cfg.clone();
         let permits = Arc::new(Semaphore::new(self.concurrency as usize));
         let mut tasks = JoinSet::new();
-        let backoff = super::reconnect_backoff();
-        let mut delays = backoff.build();
+        let mut delays = super::RECONNECT.delays();
         let mut seq: u64 = 0;
         // How long a message may be held before it counts as overdue (health).
         let hold_for = self.pipeline.longest_retry() + OVERDUE_GRACE;
@@ -61,7 +60,7 @@ impl Consumer {
             let (conn, ch, mut consumer) = match session {
                 Ok(s) => s,
                 Err(e) => {
-                    let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                    let delay = delays.next_delay();
                     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot consume; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => break 'connection,
@@ -69,7 +68,7 @@ impl Consumer {
                     }
                 }
             };
-            delays = backoff.build();
+            delays = super::RECONNECT.delays();
             self.health.lane_up();
             self.health.sessions.fetch_add(1, Ordering::Relaxed);
             info!(queue = %self.queue, concurrency = self.concurrency, "consuming");
@@ -163,6 +162,10 @@ async fn drain(tasks: &mut JoinSet<()>, timeout: Duration) {
 /// may still be waiting out the store's or the broker's patience (30 s each).
 const OVERDUE_GRACE: Duration = Duration::from_secs(60);
 
+/// How often a message whose claims a live worker holds is looked at again.
+const WAIT_FOR_OWNER: RetryPolicy =
+    RetryPolicy::doubling(Duration::from_millis(50), Duration::from_secs(1));
+
 /// Handles a message in its slot (`permit`) until it can be settled. While a
 /// live worker holds some of its claims, the slot is given back and the
 /// message looked at again after a pause: a duplicate never keeps a new call
@@ -175,7 +178,7 @@ async fn handle(
     stop: &CancellationToken,
 ) -> Disposition {
     let mut permit = Some(permit);
-    let mut pause = Duration::from_millis(50);
+    let mut pauses = WAIT_FOR_OWNER.delays();
     loop {
         match guarded(pipeline.handle_until_settled(msg, stop)).await {
             Disposition::Wait { until } if Instant::now() < until => {
@@ -184,9 +187,8 @@ async fn handle(
                     _ = stop.cancelled() => {
                         return Disposition::Retry("shut down while another worker held its claims".into());
                     }
-                    _ = tokio::time::sleep(pause) => {}
+                    _ = tokio::time::sleep(pauses.next_delay()) => {}
                 }
-                pause = (pause * 2).min(Duration::from_secs(1));
                 permit = Some(
                     slots
                         .clone()

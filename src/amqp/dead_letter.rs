@@ -11,10 +11,14 @@ use lapin::BasicProperties;
 use tracing::warn;
 
 use super::{AmqpError, Publisher};
+use crate::retry_policy::RetryPolicy;
 
 /// How long a dead letter's publish is retried (the publisher reconnects in
 /// between) before the message is left to the broker's own dead-lettering.
 const DEAD_LETTER_PATIENCE: Duration = Duration::from_secs(30);
+/// Pauses between tries of a dead letter's publish.
+const DEAD_LETTER_RETRY: RetryPolicy =
+    RetryPolicy::doubling(Duration::from_millis(100), Duration::from_secs(5));
 
 /// Publishes `d` to `exchange` with its reason; `Ok` once a queue holds it.
 pub async fn publish(
@@ -42,7 +46,8 @@ pub async fn publish(
                 .unwrap_or_else(|| "application/octet-stream".into()),
         );
     let started = Instant::now();
-    let mut delay = Duration::from_millis(100);
+    let mut delays = DEAD_LETTER_RETRY.delays();
+    let mut delay = delays.next_delay();
     loop {
         match publisher
             .publish_mandatory(exchange, d.routing_key.as_str(), &d.data, props.clone())
@@ -53,7 +58,7 @@ pub async fn publish(
                 warn!(error = %e, reason, retry_in_ms = delay.as_millis() as u64,
                     "could not publish a dead letter; retrying");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                delay = delays.next_delay();
             }
             Err(e) => return Err(e),
         }

@@ -16,6 +16,7 @@ use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 pub use publisher::Publisher;
 
 use crate::config::{redact_url, AmqpConfig};
+use crate::retry_policy::RetryPolicy;
 
 /// After this many deliveries a message that keeps failing (a poison message that
 /// crashes workers, say) goes to the dead-letter queue instead of looping forever.
@@ -69,13 +70,11 @@ fn text(s: &str) -> AMQPValue {
 
 /// Pauses between reconnects to the broker: 200 ms doubling to 10 s, jittered,
 /// with no attempt cap (a worker waits for its broker as long as it takes).
-pub fn reconnect_backoff() -> backon::ExponentialBuilder {
-    backon::ExponentialBuilder::new()
-        .with_min_delay(std::time::Duration::from_millis(200))
-        .with_max_delay(std::time::Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times()
-}
+pub const RECONNECT: RetryPolicy = RetryPolicy::doubling(
+    std::time::Duration::from_millis(200),
+    std::time::Duration::from_secs(10),
+)
+.jittered();
 
 /// Declares a durable exchange (idempotent).
 pub async fn declare_exchange(

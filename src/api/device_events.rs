@@ -8,7 +8,6 @@
 
 use std::time::{Duration, Instant};
 
-use backon::BackoffBuilder;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
@@ -20,10 +19,9 @@ use tracing::{error, info, warn};
 
 use super::devices::{environment, register};
 use super::{text_field, ApiError, ApiState};
-use crate::amqp::{
-    connect, consume, declare_exchange, declare_quorum_queue, reconnect_backoff, AmqpError,
-};
+use crate::amqp::{connect, consume, declare_exchange, declare_quorum_queue, AmqpError, RECONNECT};
 use crate::event::token_suffix;
+use crate::retry_policy::RetryPolicy;
 use crate::store::normalize_token;
 
 /// Registrations are tiny and each is one upsert: a handful in flight is plenty.
@@ -45,14 +43,13 @@ pub async fn run(state: ApiState, shutdown: CancellationToken) {
     if state.cfg.devices.queue.is_empty() {
         return;
     }
-    let backoff = reconnect_backoff();
-    let mut delays = backoff.build();
+    let mut delays = RECONNECT.delays();
     while !shutdown.is_cancelled() {
-        match session(&state, &shutdown, &mut || delays = backoff.build()).await {
+        match session(&state, &shutdown, &mut || delays = RECONNECT.delays()).await {
             Ok(true) => return,
             Ok(false) => warn!("device events: the broker ended the consumer; reconnecting"),
             Err(e) => {
-                let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                let delay = delays.next_delay();
                 warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
                     "device events: cannot consume; retrying");
                 tokio::select! {
@@ -120,7 +117,8 @@ async fn settle(
     shutdown: &CancellationToken,
 ) -> Result<(), AmqpError> {
     let started = Instant::now();
-    let mut delay = DB_RETRY_PAUSE;
+    let mut delays = RetryPolicy::doubling(DB_RETRY_PAUSE, MAX_RETRY_PAUSE).delays();
+    let mut delay = delays.next_delay();
     let (reason, detail) = loop {
         match apply(state, d.routing_key.as_str(), &d.data).await {
             Ok(()) => {
@@ -140,7 +138,7 @@ async fn settle(
                     }
                     _ = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(MAX_RETRY_PAUSE);
+                delay = delays.next_delay();
             }
             Err(e) => break (dead_letter_reason(e.code), e.message),
         }

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use tracing::{info, warn};
 
 pub use client::{ApnsClient, ApnsResponse, ClientSettings, Lane, PushRequest, SendError};
@@ -21,39 +20,7 @@ use crate::event::Environment;
 use crate::metrics::Metrics;
 pub use crate::store::calls::AttemptRecord;
 
-/// How retries are spaced. A value, so tests can make it fast and deterministic.
-#[derive(Clone, Debug)]
-pub struct RetryPolicy {
-    pub min_delay: Duration,
-    pub max_delay: Duration,
-    pub jitter: bool,
-}
-
-impl Default for RetryPolicy {
-    /// 250 ms doubling to 5 s: a 45 s ring gets about a dozen tries, and a device
-    /// Apple throttles (429) is not hammered.
-    fn default() -> Self {
-        Self {
-            min_delay: Duration::from_millis(250),
-            max_delay: Duration::from_secs(5),
-            jitter: true,
-        }
-    }
-}
-
-impl RetryPolicy {
-    fn delays(&self) -> impl Iterator<Item = Duration> {
-        let mut b = ExponentialBuilder::new()
-            .with_min_delay(self.min_delay)
-            .with_max_delay(self.max_delay)
-            .with_factor(2.0)
-            .without_max_times();
-        if self.jitter {
-            b = b.with_jitter();
-        }
-        b.build()
-    }
-}
+pub use crate::retry_policy::RetryPolicy;
 
 /// A configured app with the provider token and connections of its signing key.
 pub struct App {
@@ -165,11 +132,11 @@ impl Apns {
         Ok(Self {
             apps,
             default_environment: cfg.apns.default_environment,
-            retry: RetryPolicy {
-                min_delay: Duration::from_millis(cfg.worker.retry_min_delay_ms),
-                max_delay: Duration::from_millis(cfg.worker.retry_max_delay_ms),
-                jitter: true,
-            },
+            retry: RetryPolicy::doubling(
+                Duration::from_millis(cfg.worker.retry_min_delay_ms),
+                Duration::from_millis(cfg.worker.retry_max_delay_ms),
+            )
+            .jittered(),
         })
     }
 
@@ -353,7 +320,7 @@ impl Apns {
                     }
                 }
             };
-            let delay = delays.next().unwrap_or(self.retry.max_delay);
+            let delay = delays.next_delay();
             if Instant::now() + delay >= push.deadline {
                 out.action = FinalAction::Expired;
                 return out;

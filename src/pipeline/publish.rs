@@ -8,11 +8,15 @@ use tracing::warn;
 
 use super::{Disposition, Incoming, Pipeline};
 use crate::event::{now_rfc3339, EventType, InvalidEvent, PushResult, Status};
+use crate::retry_policy::RetryPolicy;
 use crate::store::calls::CallState;
 
 /// Publishing results is retried this long (the publisher reconnects in between)
 /// before the event is tried again from the start.
 const RESULT_PUBLISH_PATIENCE: Duration = Duration::from_secs(30);
+/// Pauses between tries of the results not yet confirmed.
+const RESULT_PUBLISH_RETRY: RetryPolicy =
+    RetryPolicy::doubling(Duration::from_millis(100), Duration::from_secs(5));
 
 /// A result and its JSON, serialised once: the same bytes go to the broker and
 /// into the claim.
@@ -123,7 +127,8 @@ impl Pipeline {
     async fn publish_results(&self, results: &[Outgoing]) -> Result<(), String> {
         let exchange = &self.cfg.amqp.results_exchange;
         let started = Instant::now();
-        let mut delay = Duration::from_millis(100);
+        let mut delays = RESULT_PUBLISH_RETRY.delays();
+        let mut delay = delays.next_delay();
         let mut pending: Vec<&Outgoing> = results.iter().collect();
         while !pending.is_empty() {
             let outcomes = join_all(pending.iter().map(|o| async move {
@@ -158,7 +163,7 @@ impl Pipeline {
                 }
                 warn!(failed = failed.len(), error = %last_error, "result publish failed; retrying");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                delay = delays.next_delay();
             }
             pending = failed;
         }

@@ -12,6 +12,7 @@ use tracing::warn;
 
 use super::{Disposition, Incoming, Pipeline};
 use crate::event::{now_ms, CallEvent, EventType, MAX_CLOCK_AHEAD_MS};
+use crate::retry_policy::RetryPolicy;
 use crate::store::StoreError;
 
 /// Longest pause between two tries of an event that hit a fault.
@@ -70,7 +71,12 @@ impl Pipeline {
     ) -> Disposition {
         let started = Instant::now();
         let mut give_up = None;
-        let mut delay = Duration::from_millis(self.cfg.worker.retry_delay_ms);
+        let mut delays = RetryPolicy::doubling(
+            Duration::from_millis(self.cfg.worker.retry_delay_ms),
+            MAX_RETRY_PAUSE,
+        )
+        .delays();
+        let mut delay = delays.next_delay();
         loop {
             let reason = match self.handle(msg).await {
                 Disposition::Retry(reason) if !shutdown.is_cancelled() => reason,
@@ -89,7 +95,7 @@ impl Pipeline {
                 _ = shutdown.cancelled() => return Disposition::Retry(reason),
                 _ = tokio::time::sleep(delay) => {}
             }
-            delay = (delay * 2).min(MAX_RETRY_PAUSE);
+            delay = delays.next_delay();
         }
     }
 }
@@ -97,6 +103,9 @@ impl Pipeline {
 /// How long a store write that must follow a push is retried (a database restart
 /// takes a few seconds).
 const STORE_PATIENCE: Duration = Duration::from_secs(30);
+/// Pauses between tries of such a write.
+const STORE_RETRY: RetryPolicy =
+    RetryPolicy::doubling(Duration::from_millis(100), Duration::from_secs(2));
 
 /// Runs `write` until it succeeds, pausing 100 ms (doubling up to 2 s) between
 /// tries, for up to [`STORE_PATIENCE`]; then returns its last error.
@@ -106,13 +115,14 @@ where
     Fut: std::future::Future<Output = Result<(), StoreError>>,
 {
     let started = Instant::now();
-    let mut delay = Duration::from_millis(100);
+    let mut delays = STORE_RETRY.delays();
+    let mut delay = delays.next_delay();
     loop {
         match write().await {
             Err(e) if started.elapsed() < STORE_PATIENCE => {
                 warn!(step = what, error = %e, "store write failed; retrying");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+                delay = delays.next_delay();
             }
             done => return done,
         }

@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use super::{Store, StoreError};
 use crate::event::Environment;
+use crate::retry_policy::RetryPolicy;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -70,6 +71,10 @@ pub struct RungDevice {
     pub token: String,
     pub environment: Option<Environment>,
 }
+
+/// How often a cancel looks at the rings of its call in flight.
+const RING_WAIT_POLL: RetryPolicy =
+    RetryPolicy::doubling(Duration::from_millis(5), Duration::from_millis(50));
 
 /// How long a cancel waits for the rings of its call in flight, at most.
 const RING_WAIT_CAP: Duration = Duration::from_secs(15);
@@ -218,14 +223,13 @@ impl Store {
             }
             None => cap,
         };
-        let mut pause = Duration::from_millis(5);
+        let mut pauses = RING_WAIT_POLL.delays();
         while self.rings_in_flight(call_id).await? > 0 {
             if tokio::time::Instant::now() >= until {
                 tracing::warn!(%call_id, "rings of the cancelled call still unanswered; going on");
                 break;
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
+            tokio::time::sleep(pauses.next_delay()).await;
         }
         Ok(())
     }

@@ -17,7 +17,12 @@ use tracing::{info, warn};
 
 use super::StoreError;
 use crate::config::PostgresConfig;
+use crate::retry_policy::RetryPolicy;
 use crate::tls::postgres::PgTls;
+
+/// Pauses between attempts to open the liveness session.
+const SESSION_RETRY: RetryPolicy =
+    RetryPolicy::doubling(Duration::from_millis(100), Duration::from_secs(5));
 
 /// The first key of every liveness lock (the second is `hashtext(worker_id)`):
 /// "vpw1". Appears as a literal in the claim statements (see `claims`).
@@ -43,7 +48,8 @@ impl Liveness {
         pg.options(KEEPALIVE_OPTIONS);
         pg.keepalives(true).keepalives_idle(Duration::from_secs(5));
         pg.application_name("voip-push-worker liveness");
-        let mut delay = Duration::from_millis(100);
+        let mut delays = SESSION_RETRY.delays();
+        let mut delay = delays.next_delay();
         loop {
             let worker_id = uuid::Uuid::new_v4().simple().to_string();
             match Session::open(&pg, &tls, &worker_id).await {
@@ -60,7 +66,7 @@ impl Liveness {
                         _ = stop.cancelled() => return Err(e),
                         _ = tokio::time::sleep(delay) => {}
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    delay = delays.next_delay();
                 }
             }
         }
@@ -113,7 +119,8 @@ impl Session {
                 _ = &mut self.conn => {}
             }
             warn!("liveness session to Postgres lost; reconnecting");
-            let mut delay = Duration::from_millis(100);
+            let mut delays = SESSION_RETRY.delays();
+            let mut delay = delays.next_delay();
             self = loop {
                 match Session::open(&pg, &tls, &self.worker_id).await {
                     Ok(Some(s)) => break s,
@@ -124,7 +131,7 @@ impl Session {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(5));
+                delay = delays.next_delay();
             };
             info!("liveness session reopened");
         }
