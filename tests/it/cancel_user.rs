@@ -11,6 +11,15 @@ use crate::common::{eventually, http_request_with_headers, TestEnv};
 
 const SERVICE: &str = "Bearer cancel-user-token";
 
+/// Waits until the call is settled as delivered (just after its result).
+async fn settled(env: &TestEnv, call: &str) {
+    eventually("the call settled", Duration::from_secs(10), || async move {
+        let state = env.store.call_state(call).await.unwrap();
+        (state == Some(CallState::Delivered)).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_cancel_for_another_user_is_refused_and_silences_nothing() {
     let mut env = TestEnv::new().await;
@@ -29,6 +38,7 @@ async fn a_cancel_for_another_user_is_refused_and_silences_nothing() {
         env.results_for("cu-1", 1).await[0].status,
         Status::Delivered
     );
+    settled(&env, "cu-1").await;
     env.publish_cancel(
         json!({"type": "call.cancel", "callId": "cu-1", "toUserId": "cu-b", "reason": "caller_hangup"}),
     )
@@ -94,6 +104,7 @@ async fn the_cancel_endpoint_refuses_another_users_call() {
         env.results_for("cu-h1", 1).await[0].status,
         Status::Delivered
     );
+    settled(&env, "cu-h1").await;
     let cancel = |user: &'static str| {
         let addr = env.worker().http_addr;
         async move {
