@@ -1,12 +1,16 @@
-//! Postgres: the connection pool, migrations, and the device queries.
+//! Postgres: the connection pool, its errors and migrations; the queries live in
+//! the modules by what they store (devices, calls, claims, outcomes).
 
 pub mod admit;
 mod batch;
 pub mod calls;
 pub mod claims;
+mod devices;
 pub mod external;
 pub mod liveness;
 pub mod migrate;
+
+pub use devices::{normalize_token, Device, Registration, MAX_TOKEN_HEX};
 mod outcomes;
 
 use std::sync::{Arc, OnceLock};
@@ -15,7 +19,6 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
 use crate::config::PostgresConfig;
-use crate::event::Environment;
 use crate::tls::postgres::PgTls;
 
 #[derive(Debug, thiserror::Error)]
@@ -69,49 +72,6 @@ impl StoreError {
             _ => false,
         }
     }
-}
-
-/// Tokens are hex of opaque bytes; Apple's are 32 bytes today, but the length is
-/// not promised, so any even length up to 200 digits is accepted.
-pub const MAX_TOKEN_HEX: usize = 200;
-
-/// Lower-cases and checks a device token: hex only, an even number of digits.
-pub fn normalize_token(token: &str) -> Result<String, StoreError> {
-    let t = token.trim().to_ascii_lowercase();
-    if t.is_empty() {
-        return Err(StoreError::BadToken("empty"));
-    }
-    if t.len() > MAX_TOKEN_HEX {
-        return Err(StoreError::BadToken("longer than 200 hex digits"));
-    }
-    if !t.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(StoreError::BadToken("not hexadecimal"));
-    }
-    if t.len() % 2 != 0 {
-        return Err(StoreError::BadToken("odd number of hex digits"));
-    }
-    Ok(t)
-}
-
-/// What a registration did.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Registration {
-    pub id: i64,
-    /// The user the token belonged to, when this registration moved it.
-    pub moved_from: Option<String>,
-}
-
-/// A live device of a user.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Device {
-    pub id: i64,
-    pub token: String,
-    /// `None` while unknown.
-    pub environment: Option<Environment>,
-    /// Last registration, ms since epoch (compared with APNs' 410 timestamp).
-    pub updated_at_ms: i64,
-    /// APNs has accepted a push to this token before.
-    pub proven: bool,
 }
 
 /// Batched statements find every row by key (`= ANY` on an index). A table
@@ -271,15 +231,6 @@ impl Store {
         self
     }
 
-    /// Forgets a token (every app): `DELETE /v1/devices/{token}`.
-    pub async fn unregister_token(&self, token: &str) -> Result<u64, StoreError> {
-        let token = normalize_token(token)?;
-        let client = self.pool.get().await?;
-        Ok(client
-            .execute("DELETE FROM devices WHERE voip_token = $1", &[&token])
-            .await?)
-    }
-
     pub async fn migrate(&self) -> Result<Vec<i32>, StoreError> {
         let mut client = self.pool.get().await?;
         migrate::migrate(&mut client).await
@@ -290,169 +241,5 @@ impl Store {
         let client = self.pool.get().await?;
         client.simple_query("SELECT 1").await?;
         Ok(())
-    }
-
-    /// Registers or refreshes a token: re-registration clears any invalidation and
-    /// moves the token to `user_id` (recording whom it moved from, and when).
-    /// `environment` `None` keeps what was known.
-    pub async fn register_device(
-        &self,
-        user_id: &str,
-        bundle_id: &str,
-        token: &str,
-        environment: Option<Environment>,
-    ) -> Result<Registration, StoreError> {
-        let token = normalize_token(token)?;
-        let client = self.pool.get().await?;
-        let env = environment.map(Environment::as_str);
-        // `moved_at = now()` only when this statement moved it: `now()` is the
-        // transaction's start, and any earlier move committed before it.
-        let row = client
-            .query_one(
-                "INSERT INTO devices (user_id, bundle_id, voip_token, environment)
-                 VALUES ($1, $2, $3, COALESCE($4, 'unknown'))
-                 ON CONFLICT (bundle_id, voip_token) DO UPDATE SET
-                     user_id = EXCLUDED.user_id,
-                     previous_user_id = CASE WHEN devices.user_id <> EXCLUDED.user_id
-                         THEN devices.user_id ELSE devices.previous_user_id END,
-                     moved_at = CASE WHEN devices.user_id <> EXCLUDED.user_id
-                         THEN now() ELSE devices.moved_at END,
-                     environment = COALESCE($4, devices.environment),
-                     updated_at = now(),
-                     invalidated_at = NULL,
-                     invalid_reason = NULL
-                 RETURNING id, CASE WHEN moved_at = now() THEN previous_user_id END",
-                &[&user_id, &bundle_id, &token, &env],
-            )
-            .await?;
-        Ok(Registration {
-            id: row.get(0),
-            moved_from: row.get(1),
-        })
-    }
-
-    /// A user's live (not invalidated) devices for one app, oldest first.
-    pub async fn live_devices(
-        &self,
-        user_id: &str,
-        bundle_id: &str,
-    ) -> Result<Vec<Device>, StoreError> {
-        if let Some(ext) = &self.external {
-            return ext.live_devices(&self.pool, user_id, bundle_id).await;
-        }
-        batcher(
-            "live_devices",
-            &self.batches.live_devices,
-            &self.batches,
-            live_devices_of,
-        )
-        .call((user_id.to_string(), bundle_id.to_string()))
-        .await
-    }
-
-    /// Records a success and the environment that accepted the token, so the next
-    /// call goes straight there. (The pipeline records them with each push's
-    /// outcome; this is for tools and tests.)
-    pub async fn record_success(
-        &self,
-        device_id: i64,
-        environment: Environment,
-    ) -> Result<(), StoreError> {
-        if let (Some(ext), true) = (&self.external, device_id < 0) {
-            return ext.record_success(&self.pool, device_id, environment).await;
-        }
-        let client = self.pool.get().await?;
-        client
-            .execute(
-                "UPDATE devices SET last_success_at = now(), environment = $2 WHERE id = $1",
-                &[&device_id, &environment.as_str()],
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// Marks a token invalid. With `unless_registered_after_ms` (APNs' 410
-    /// timestamp), a token re-registered after that moment stays live. Returns
-    /// whether the token was invalidated.
-    pub async fn invalidate(
-        &self,
-        device_id: i64,
-        reason: &str,
-        unless_registered_after_ms: Option<i64>,
-    ) -> Result<bool, StoreError> {
-        if let (Some(ext), true) = (&self.external, device_id < 0) {
-            return ext.invalidate(&self.pool, device_id, reason).await;
-        }
-        let client = self.pool.get().await?;
-        let n = client
-            .execute(
-                "UPDATE devices SET invalidated_at = now(), invalid_reason = $2
-                 WHERE id = $1 AND invalidated_at IS NULL
-                   AND ($3::bigint IS NULL OR updated_at <= to_timestamp($3::bigint / 1000.0))",
-                &[&device_id, &reason, &unless_registered_after_ms],
-            )
-            .await?;
-        Ok(n == 1)
-    }
-}
-
-/// The live devices of many (user, bundle) pairs in one statement.
-async fn live_devices_of(
-    pool: Pool,
-    keys: Vec<(String, String)>,
-) -> Result<Vec<Vec<Device>>, StoreError> {
-    let mut users: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
-    let mut bundles: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
-    for v in [&mut users, &mut bundles] {
-        v.sort_unstable();
-        v.dedup();
-    }
-    let client = pool.get().await?;
-    // `= ANY` on both columns keeps to the (user_id, bundle_id) index; pairs
-    // nobody asked for (another user's app) are dropped below.
-    let stmt = client
-        .prepare_cached(
-            "SELECT id, voip_token, environment, (extract(epoch FROM updated_at) * 1000)::bigint,
-                    last_success_at IS NOT NULL, user_id, bundle_id
-             FROM devices
-             WHERE user_id = ANY($1) AND bundle_id = ANY($2) AND invalidated_at IS NULL
-             ORDER BY id",
-        )
-        .await?;
-    let rows = client.query(&stmt, &[&users, &bundles]).await?;
-    let mut found: std::collections::HashMap<(&str, &str), Vec<Device>> =
-        std::collections::HashMap::new();
-    for r in &rows {
-        found.entry((r.get(5), r.get(6))).or_default().push(Device {
-            id: r.get(0),
-            token: r.get(1),
-            environment: Environment::parse(r.get::<_, &str>(2)),
-            updated_at_ms: r.get(3),
-            proven: r.get(4),
-        });
-    }
-    Ok(keys
-        .iter()
-        .map(|(u, b)| {
-            found
-                .get(&(u.as_str(), b.as_str()))
-                .cloned()
-                .unwrap_or_default()
-        })
-        .collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_are_normalised_and_checked() {
-        assert_eq!(normalize_token(" ABCDEF01 ").unwrap(), "abcdef01");
-        assert!(normalize_token("").is_err());
-        assert!(normalize_token("abc").is_err());
-        assert!(normalize_token("zz").is_err());
-        assert!(normalize_token(&"a".repeat(202)).is_err());
-        assert!(normalize_token(&"a".repeat(200)).is_ok());
     }
 }

@@ -4,8 +4,10 @@
 
 mod api;
 mod apns;
+mod apns_connections;
 mod batching;
 mod bounds;
+mod call_status;
 mod cancel_user;
 mod cli;
 mod common;

@@ -1,0 +1,314 @@
+//! The services under the worker fail: RabbitMQ closing connections or blocking
+//! publishes, Postgres restarting, the APNs path black-holed.
+
+use super::*;
+
+#[tokio::test]
+async fn broker_closing_every_connection_loses_and_duplicates_nothing() {
+    let env = TestEnv::with(|c| c.worker.concurrency = 4).await;
+    let mut results = DurableResults::declare(&env.cfg).await;
+    let calls = load(&env, "close", 200, 25).await;
+    publish_all(&env, &calls).await;
+    results.wait_at_least(50, Duration::from_secs(30)).await;
+    let out = Command::new("rabbitmqctl")
+        .args(["close_all_connections", "fault test"])
+        .output()
+        .expect("rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let closed = Instant::now();
+    let worker_health = env.worker().health.clone();
+    let sessions_before = worker_health.sessions.load(Ordering::Relaxed);
+    eventually("the consumer to reconnect", Duration::from_secs(30), || {
+        let h = worker_health.clone();
+        async move {
+            (h.sessions.load(Ordering::Relaxed) >= sessions_before + 2
+                && h.consuming.load(Ordering::Relaxed))
+            .then_some(())
+        }
+    })
+    .await;
+    let reconnected = closed.elapsed();
+    results
+        .wait_all(&call_ids(&calls), Duration::from_secs(60))
+        .await;
+    let duplicates = duplicate_pushes(&env);
+    println!(
+        "fault-report: rabbitmqctl close_all_connections: events {}, results {}, duplicate pushes {duplicates}, duplicate results {}, consuming again {reconnected:.1?} after, all results {:.1?} after",
+        calls.len(),
+        results.seen.len(),
+        results.duplicate_results(),
+        closed.elapsed()
+    );
+    assert_eq!(duplicates, 0);
+    results.delete().await;
+    env.cleanup().await;
+}
+
+fn postgres_cluster() -> String {
+    std::fs::read_dir("/etc/postgresql")
+        .expect("a Debian PostgreSQL cluster")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .next()
+        .expect("a cluster version")
+}
+
+#[tokio::test]
+async fn postgres_restart_mid_load_loses_nothing() {
+    let env = TestEnv::with(|c| c.worker.concurrency = 4).await;
+    let mut results = DurableResults::declare(&env.cfg).await;
+    let calls = load(&env, "pg", 200, 25).await;
+    publish_all(&env, &calls).await;
+    results.wait_at_least(50, Duration::from_secs(30)).await;
+    let restarted = Instant::now();
+    let out = Command::new("pg_ctlcluster")
+        .args([
+            "--skip-systemctl-redirect",
+            &postgres_cluster(),
+            "main",
+            "restart",
+        ])
+        .output()
+        .expect("pg_ctlcluster");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    results
+        .wait_all(&call_ids(&calls), Duration::from_secs(90))
+        .await;
+    let duplicates = duplicate_pushes(&env);
+    println!(
+        "fault-report: Postgres restart: events {}, results {}, duplicate pushes {duplicates}, duplicate results {}, all results {:.1?} after the restart began",
+        calls.len(),
+        results.seen.len(),
+        results.duplicate_results(),
+        restarted.elapsed()
+    );
+    assert!(duplicates <= 4, "{duplicates} phones rung twice");
+    let (status, _) = env.http_get("/readyz").await;
+    assert_eq!(status, 200, "ready again after Postgres returned");
+    results.delete().await;
+    env.cleanup().await;
+}
+
+/// A TCP relay that can black-hole the connections it carries: bytes are read
+/// and dropped, nothing is closed, as when a network path silently dies.
+struct Relay {
+    addr: std::net::SocketAddr,
+    blackholed_below: Arc<AtomicU64>,
+    accepted: Arc<AtomicU64>,
+    stop: CancellationToken,
+}
+
+impl Relay {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay = Relay {
+            addr: listener.local_addr().unwrap(),
+            blackholed_below: Arc::new(AtomicU64::new(0)),
+            accepted: Arc::new(AtomicU64::new(0)),
+            stop: CancellationToken::new(),
+        };
+        let (below, accepted, stop) = (
+            relay.blackholed_below.clone(),
+            relay.accepted.clone(),
+            relay.stop.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let (down, _) = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = listener.accept() => r.unwrap(),
+                };
+                let number = accepted.fetch_add(1, Ordering::SeqCst);
+                let Ok(up) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                let dead = Arc::new(AtomicBool::new(false));
+                for (mut from, mut to) in [(dr, uw), (ur, dw)].map(|(a, b)| {
+                    (
+                        Box::new(a) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                        Box::new(b) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                    )
+                }) {
+                    let below = below.clone();
+                    let stop = stop.clone();
+                    let dead = dead.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = tokio::select! {
+                                _ = stop.cancelled() => return,
+                                r = from.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
+                            };
+                            if number < below.load(Ordering::SeqCst) || dead.load(Ordering::SeqCst)
+                            {
+                                dead.store(true, Ordering::SeqCst);
+                                continue; // black hole: read and drop
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        relay
+    }
+
+    fn blackhole_existing(&self) {
+        self.blackholed_below
+            .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn blackholed_apns_path_is_replaced_within_the_ring() {
+    let mut env = TestEnv::without_worker(|_| {}).await;
+    let relay = Relay::start(env.sim.production_addr).await;
+    env.cfg.apns.production_url = format!("https://{}", relay.addr);
+    env.cfg.apns.connections_per_environment = 1;
+    env.cfg.apns.request_timeout_ms = 2_000;
+    env.cfg.apns.ping_interval_secs = 1;
+    env.cfg.apns.ping_timeout_secs = 1;
+    env.start_worker().await;
+    env.device("bh", Some(Environment::Production), Environment::Production)
+        .await;
+    // Two calls: the first proves the token (on a probation connection), the
+    // second opens the connection proven tokens use: the one the fault hits.
+    for warm in ["bh-0", "bh-00"] {
+        env.publish(json!({"callId": warm, "toUserId": "bh"})).await;
+        assert_eq!(env.results_for(warm, 1).await[0].status, Status::Delivered);
+    }
+
+    relay.blackhole_existing();
+    let struck = Instant::now();
+    let calls: Vec<String> = (1..=5).map(|i| format!("bh-{i}")).collect();
+    for c in &calls {
+        env.publish(json!({"callId": c, "toUserId":"bh", "ringTimeoutSecs": 20}))
+            .await;
+    }
+    let mut slowest = 0;
+    for c in &calls {
+        let r = &env.results_for(c, 1).await[0];
+        assert_eq!(r.status, Status::Delivered, "{r:?}");
+        slowest = slowest.max(r.latency_ms.unwrap());
+    }
+    let recovered = struck.elapsed();
+    println!(
+        "fault-report: black-holed APNs path: events {}, delivered {}, connections through the relay {}, slowest push {slowest} ms, all delivered {recovered:.1?} after the black hole",
+        calls.len(),
+        calls.len(),
+        relay.accepted.load(Ordering::SeqCst)
+    );
+    assert!(
+        relay.accepted.load(Ordering::SeqCst) >= 2,
+        "a new connection replaced the dead one"
+    );
+    assert!(slowest < 20_000, "within the ring");
+    relay.stop.cancel();
+    env.cleanup().await;
+}
+
+/// Puts RabbitMQ's memory watermark back however the test ends: a broker left in
+/// alarm would block every publisher on the machine.
+struct WatermarkGuard(String);
+
+impl WatermarkGuard {
+    /// Remembers the current watermark (0.4 when it cannot be read).
+    fn new() -> Self {
+        let env = Command::new("rabbitmqctl").arg("environment").output().ok();
+        let current = env
+            .and_then(|o| {
+                let text = String::from_utf8_lossy(&o.stdout).into_owned();
+                let at = text.find("{vm_memory_high_watermark,")?;
+                let rest = &text[at + "{vm_memory_high_watermark,".len()..];
+                Some(rest[..rest.find('}')?].trim().to_string())
+            })
+            .filter(|v| v.parse::<f64>().is_ok())
+            .unwrap_or_else(|| "0.4".into());
+        Self(current)
+    }
+}
+
+impl Drop for WatermarkGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", &self.0])
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn broker_blocking_publishes_holds_events_until_it_lifts() {
+    let env = TestEnv::with(|c| c.worker.concurrency = 2).await;
+    let mut results = DurableResults::declare(&env.cfg).await;
+    // Slow pushes, so events are still in flight when the alarm goes off.
+    let calls = load(&env, "blk", 20, 400).await;
+    publish_all(&env, &calls).await;
+    results.wait_at_least(2, Duration::from_secs(30)).await;
+
+    let guard = WatermarkGuard::new();
+    let out = Command::new("rabbitmqctl")
+        .args(["set_vm_memory_high_watermark", "0.0000001"])
+        .output()
+        .expect("rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let alarm = Instant::now();
+    // The worker's next result publish is blocked: it says so, and leaves rotation.
+    let (status, body) = eventually(
+        "readyz to report the block",
+        Duration::from_secs(30),
+        || {
+            let env = &env;
+            async move {
+                let (status, body) = env.http_get("/readyz").await;
+                (status == 503 && body.contains("blocking publishes")).then_some((status, body))
+            }
+        },
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    let (_, metrics) = env.http_get("/metrics").await;
+    assert_eq!(
+        crate::common::metric(&metrics, "voip_push_amqp_publish_blocked"),
+        1.0
+    );
+    let blocked_for = alarm.elapsed();
+
+    drop(guard);
+    let lifted = Instant::now();
+    results
+        .wait_all(&call_ids(&calls), Duration::from_secs(60))
+        .await;
+    eventually("readyz to recover", Duration::from_secs(20), || {
+        let env = &env;
+        async move { (env.http_get("/readyz").await.0 == 200).then_some(()) }
+    })
+    .await;
+    let duplicates = duplicate_pushes(&env);
+    println!(
+        "fault-report: broker memory alarm (publishes blocked): events {}, results {}, duplicate pushes {duplicates}, duplicate results {}, block seen {blocked_for:.1?} after the alarm, all results {:.1?} after it lifted",
+        calls.len(),
+        results.seen.len(),
+        results.duplicate_results(),
+        lifted.elapsed()
+    );
+    assert_eq!(duplicates, 0);
+    assert_eq!(results.duplicate_results(), 0);
+    results.delete().await;
+    env.cleanup().await;
+}
