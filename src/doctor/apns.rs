@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::config::{AppSource, KeyCheck};
 use super::{Check, Section, Status};
+use crate::apns::outcome::{classify, Action};
 use crate::apns::token::unix_now;
 use crate::apns::{ApnsClient, ApnsResponse, ClientSettings, PushRequest, SendError};
 use crate::config::Config;
@@ -45,6 +46,9 @@ pub struct ProbeContext<'a> {
 }
 
 /// APNs' answer to the probe → (status, detail, fix). Pure, tested row by row.
+/// The verdict comes from the worker's own outcome table (`apns::outcome`):
+/// what the worker would retry is a warning, what it would fail on is a
+/// failure; this function only adds the explanation and the fix.
 pub fn verdict(
     resp_status: u16,
     reason: Option<&str>,
@@ -58,8 +62,11 @@ pub fn verdict(
         None => resp_status.to_string(),
     };
     let fail = |detail: String, fix: String| (Status::Fail, detail, Some(fix));
-    match (resp_status, reason.unwrap_or("")) {
-        (400, "BadDeviceToken") | (400, "DeviceTokenNotForTopic") | (410, _) => (
+    let action = classify(resp_status, reason);
+    match (action, resp_status, reason.unwrap_or("")) {
+        // A made-up token refused as a token: the key and the topic were accepted.
+        (Action::TryOtherEnvironment, 400, _)
+        | (Action::InvalidateToken | Action::Unregistered, _, _) => (
             Status::Pass,
             format!(
                 "key and topic {} accepted ({answer} for a made-up token)",
@@ -67,12 +74,21 @@ pub fn verdict(
             ),
             None,
         ),
-        (200, _) => (
+        (Action::Delivered, _, _) => (
             Status::Pass,
             format!("key and topic {} accepted (200)", ctx.topic),
             None,
         ),
-        (403, "InvalidProviderToken") => fail(
+        (Action::Retry | Action::Reconnect, _, _) => (
+            Status::Warn,
+            format!("{answer}: APNs {env} is busy; the key could not be checked"),
+            Some(
+                "run the doctor again in a minute; if it persists see \
+                 https://developer.apple.com/system-status/"
+                    .into(),
+            ),
+        ),
+        (_, 403, "InvalidProviderToken") => fail(
             format!(
                 "{answer}: APNs does not know key {} of team {}",
                 ctx.key_id, ctx.team_id
@@ -91,7 +107,7 @@ pub fn verdict(
                 key("key_file")
             ),
         ),
-        (400, "TopicDisallowed") => fail(
+        (_, 400, "TopicDisallowed") => fail(
             format!(
                 "{answer}: team {} may not push to {}",
                 ctx.team_id, ctx.topic
@@ -107,7 +123,7 @@ pub fn verdict(
                 key("key_file")
             ),
         ),
-        (400, "BadTopic") | (400, "MissingTopic") => fail(
+        (_, 400, "BadTopic" | "MissingTopic") => fail(
             format!("{answer}: APNs refused the topic {}", ctx.topic),
             format!(
                 "VoIP pushes must go to the topic <bundle id>.voip of an app with the \
@@ -118,7 +134,7 @@ pub fn verdict(
                 key("bundle_id")
             ),
         ),
-        (403, "BadEnvironmentKeyIdInToken") | (403, "BadCertificateEnvironment") => fail(
+        (Action::TryOtherEnvironment, _, _) => fail(
             format!("{answer}: key {} is restricted to {other}", ctx.key_id),
             format!(
                 "in the developer portal (Keys, {}) allow the key for Sandbox & \
@@ -131,7 +147,7 @@ pub fn verdict(
                 }
             ),
         ),
-        (403, "ExpiredProviderToken") => fail(
+        (Action::RefreshProviderToken, _, _) => fail(
             format!("{answer}: a token signed just now is refused as over an hour old"),
             format!(
                 "this machine's clock is wrong (it says UNIX time {}): synchronise it \
@@ -140,7 +156,7 @@ pub fn verdict(
                 unix_now()
             ),
         ),
-        (403, "Forbidden") => fail(
+        (_, 403, "Forbidden") => fail(
             format!("{answer}: APNs refuses key {}", ctx.key_id),
             format!(
                 "check in the developer portal that key {} is active and enabled for \
@@ -148,15 +164,6 @@ pub fn verdict(
                 ctx.key_id,
                 key("key_id"),
                 key("key_file")
-            ),
-        ),
-        (429, _) | (500..=599, _) => (
-            Status::Warn,
-            format!("{answer}: APNs {env} is busy; the key could not be checked"),
-            Some(
-                "run the doctor again in a minute; if it persists see \
-                 https://developer.apple.com/system-status/"
-                    .into(),
             ),
         ),
         _ => fail(
@@ -379,61 +386,4 @@ fn connect_check(env: Environment) -> Check {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ctx(source: &AppSource) -> ProbeContext<'_> {
-        ProbeContext {
-            environment: Environment::Production,
-            topic: "com.example.chat.voip",
-            team_id: "TEAM000001",
-            key_id: "KEY0000001",
-            key_file: "AuthKey_KEY0000001.p8",
-            source,
-        }
-    }
-
-    #[test]
-    fn each_answer_maps_to_its_fix() {
-        let s = AppSource::Shorthand;
-        let c = ctx(&s);
-        let rows: &[(u16, &str, Status, &str)] = &[
-            (400, "BadDeviceToken", Status::Pass, ""),
-            (200, "", Status::Pass, ""),
-            (
-                403,
-                "InvalidProviderToken",
-                Status::Fail,
-                "VPW__APNS__KEY_ID",
-            ),
-            (400, "TopicDisallowed", Status::Fail, "VPW__APNS__BUNDLE_ID"),
-            (400, "BadTopic", Status::Fail, "<bundle id>.voip"),
-            (
-                403,
-                "BadEnvironmentKeyIdInToken",
-                Status::Fail,
-                "Sandbox & Production",
-            ),
-            (403, "ExpiredProviderToken", Status::Fail, "NTP"),
-            (403, "Forbidden", Status::Fail, "revoked"),
-            (503, "ServiceUnavailable", Status::Warn, "again"),
-            (404, "BadPath", Status::Fail, "VPW__APNS__PRODUCTION_URL"),
-        ];
-        for (code, reason, want, in_fix) in rows {
-            let reason = (!reason.is_empty()).then_some(*reason);
-            let (status, _, fix) = verdict(*code, reason, &c);
-            assert_eq!(status, *want, "{code} {reason:?}");
-            assert!(
-                fix.as_deref().unwrap_or("").contains(in_fix),
-                "{code} {reason:?}: {fix:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn a_listed_app_is_named_by_its_entry() {
-        let s = AppSource::List(2);
-        let (_, _, fix) = verdict(403, Some("InvalidProviderToken"), &ctx(&s));
-        assert!(fix.unwrap().contains("key_id of [[apns.apps]] #2"));
-    }
-}
+mod tests;
