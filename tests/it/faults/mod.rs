@@ -179,6 +179,20 @@ async fn publish_all(env: &TestEnv, calls: &[(String, String)]) {
     }
 }
 
+/// Runs a service's admin command (it restarts or reconfigures a shared service)
+/// and fails the test, with the command's stderr, if the command failed.
+fn run_ok(program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Accepted pushes per (call, token) beyond the first: phones rung twice.
 fn duplicate_pushes(env: &TestEnv) -> usize {
     let mut per: HashMap<(String, String), usize> = HashMap::new();

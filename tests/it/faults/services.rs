@@ -10,15 +10,7 @@ async fn broker_closing_every_connection_loses_and_duplicates_nothing() {
     let calls = load(&env, "close", 200, 25).await;
     publish_all(&env, &calls).await;
     results.wait_at_least(50, Duration::from_secs(30)).await;
-    let out = Command::new("rabbitmqctl")
-        .args(["close_all_connections", "fault test"])
-        .output()
-        .expect("rabbitmqctl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok("rabbitmqctl", &["close_all_connections", "fault test"]);
     let closed = Instant::now();
     let worker_health = env.worker().health.clone();
     let sessions_before = worker_health.sessions.load(Ordering::Relaxed);
@@ -65,19 +57,14 @@ async fn postgres_restart_mid_load_loses_nothing() {
     publish_all(&env, &calls).await;
     results.wait_at_least(50, Duration::from_secs(30)).await;
     let restarted = Instant::now();
-    let out = Command::new("pg_ctlcluster")
-        .args([
+    run_ok(
+        "pg_ctlcluster",
+        &[
             "--skip-systemctl-redirect",
             &postgres_cluster(),
             "main",
             "restart",
-        ])
-        .output()
-        .expect("pg_ctlcluster");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
     results
         .wait_all(&call_ids(&calls), Duration::from_secs(90))
@@ -258,14 +245,9 @@ async fn broker_blocking_publishes_holds_events_until_it_lifts() {
     results.wait_at_least(2, Duration::from_secs(30)).await;
 
     let guard = WatermarkGuard::new();
-    let out = Command::new("rabbitmqctl")
-        .args(["set_vm_memory_high_watermark", "0.0000001"])
-        .output()
-        .expect("rabbitmqctl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        "rabbitmqctl",
+        &["set_vm_memory_high_watermark", "0.0000001"],
     );
     let alarm = Instant::now();
     // The worker's next result publish is blocked: it says so, and leaves rotation.
