@@ -233,14 +233,14 @@ impl Pipeline {
 
         let results = if let Some(not_pushed) = not_pushed {
             let settled = call_state(&not_pushed);
-            let out: Vec<Outgoing> = not_pushed.iter().cloned().map(Outgoing::new).collect();
+            let out: Vec<Outgoing> = not_pushed.into_iter().map(Outgoing::new).collect();
             if let Err(reason) = self
                 .publish_and_mark(&key, &out, Some((&event.call_id, settled)))
                 .await
             {
                 return Disposition::Retry(reason);
             }
-            not_pushed
+            out.into_iter().map(|o| o.result).collect()
         } else {
             let window = (sent_at_ms, expires_at_ms);
             let call = Call::new(app, event, (&event_id, &key), &base, msg, window);

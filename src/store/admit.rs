@@ -7,8 +7,10 @@
 //! claims nothing) or waits for the statement's commit and then finds the claims
 //! it made (see `Store::cancel_call`, which waits for them to be answered).
 
+use std::sync::LazyLock;
+
 use super::calls::CallState;
-use super::claims::{Claim, TAKE_OVER};
+use super::claims::{claim_taken, Claim, TAKE_OVER};
 use super::{Device, Store, StoreError};
 use crate::event::Environment;
 
@@ -32,7 +34,8 @@ pub struct Ring {
 /// What the statement found for one event.
 #[derive(Clone, Debug, Default)]
 pub struct Admitted {
-    /// The call's state; `Ringing` when the user has no device.
+    /// The call's state; `None` when the user has no device (nothing to report
+    /// it on).
     pub state: Option<CallState>,
     /// Each live device and what its claim attempt found (`Busy` when nothing
     /// was claimed).
@@ -116,6 +119,10 @@ fn statement(given: bool) -> String {
     format!("WITH {EVENTS}{}{}", dev.replace("{STATE}", STATE), tail())
 }
 
+/// Both forms, put together once (not for every batch).
+static WITH_OUR_DEVICES: LazyLock<String> = LazyLock::new(|| statement(false));
+static WITH_GIVEN_DEVICES: LazyLock<String> = LazyLock::new(|| statement(true));
+
 /// Admits a batch of rings in one statement.
 pub(super) async fn admit_rings(
     pool: deadpool_postgres::Pool,
@@ -149,7 +156,12 @@ pub(super) async fn admit_rings(
     }
     let lease = super::claims::LEASE.as_secs_f64();
     let client = pool.get().await?;
-    let stmt = client.prepare_cached(&statement(given)).await?;
+    let sql = if given {
+        &*WITH_GIVEN_DEVICES
+    } else {
+        &*WITH_OUR_DEVICES
+    };
+    let stmt = client.prepare_cached(sql).await?;
     let rows = if given {
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
             &keys, &calls, &bundles, &users, &deadlines, &owners, &claim, &lease, &at, &ids,
@@ -180,10 +192,7 @@ pub(super) async fn admit_rings(
             },
         };
         let claim = match (row.get::<_, bool>(7), row.get::<_, bool>(9)) {
-            (true, _) => match row.get::<_, Option<serde_json::Value>>(8) {
-                None => Claim::Push,
-                Some(r) => Claim::Republish(r),
-            },
+            (true, _) => claim_taken(row.get(8)),
             (false, true) => Claim::Done,
             (false, false) => Claim::Busy,
         };

@@ -107,16 +107,29 @@ async fn finish_events(
     Ok(vec![(); reqs.len()])
 }
 
+/// True when the worker named by the column `$worker_id` is dead: its liveness
+/// lock (class [`super::liveness::LOCK_CLASS`]) is free.
+macro_rules! owner_gone {
+    ($worker_id:literal) => {
+        concat!(
+            "pg_try_advisory_xact_lock_shared(1987082033, hashtext(COALESCE(",
+            $worker_id,
+            ", '')))"
+        )
+    };
+}
+
 /// When a claim not yet published may be taken: by its own owner (the same
-/// message, tried again), or when its owner is dead — its liveness lock (class
-/// [`super::liveness::LOCK_CLASS`]) is free. A live owner keeps its claims for
-/// as long as it works on them, however long its retries take.
+/// message, tried again), or when its owner is dead. A live owner keeps its
+/// claims for as long as it works on them, however long its retries take.
 macro_rules! take_over {
     () => {
-        "delivery_claims.published_at IS NULL
-         AND (delivery_claims.owner = EXCLUDED.owner
-              OR pg_try_advisory_xact_lock_shared(1987082033,
-                                                  hashtext(COALESCE(delivery_claims.worker_id, ''))))"
+        concat!(
+            "delivery_claims.published_at IS NULL
+             AND (delivery_claims.owner = EXCLUDED.owner OR ",
+            owner_gone!("delivery_claims.worker_id"),
+            ")"
+        )
     };
 }
 pub(super) const TAKE_OVER: &str = take_over!();
@@ -149,7 +162,8 @@ fn claim_not_taken(row: Option<tokio_postgres::Row>) -> Claim {
     }
 }
 
-fn claim_taken(result: Option<serde_json::Value>) -> Claim {
+/// What a claim taken (a row returned, with any stored result) means.
+pub(super) fn claim_taken(result: Option<serde_json::Value>) -> Claim {
     match result {
         None => Claim::Push,
         Some(r) => Claim::Republish(r),
@@ -191,13 +205,12 @@ impl Store {
     pub async fn rings_in_flight(&self, call_id: &str) -> Result<i64, StoreError> {
         let client = self.pool.get().await?;
         let stmt = client
-            .prepare_cached(
+            .prepare_cached(concat!(
                 "SELECT count(*) FROM delivery_claims
                  WHERE call_id = $1 AND event_type = 'call.incoming' AND result IS NULL
-                   AND published_at IS NULL
-                   AND NOT pg_try_advisory_xact_lock_shared(1987082033,
-                                                            hashtext(COALESCE(worker_id, '')))",
-            )
+                   AND published_at IS NULL AND NOT ",
+                owner_gone!("worker_id")
+            ))
             .await?;
         Ok(client.query_one(&stmt, &[&call_id]).await?.get(0))
     }
@@ -247,5 +260,6 @@ mod tests {
         let class = super::super::liveness::LOCK_CLASS.to_string();
         assert!(TAKE_OVER.contains(&class));
         assert!(CLAIM.contains(&class));
+        assert!(owner_gone!("worker_id").contains(&class));
     }
 }

@@ -17,20 +17,26 @@ pub fn pushes_of<'a>(requests: &'a [RecordedRequest], call: &str) -> Vec<&'a Rec
         .collect()
 }
 
-/// `cancelled_at` of a call in ms since epoch, from Postgres.
-async fn cancelled_at_ms(env: &TestEnv, call: &str) -> Option<i64> {
+/// `cancelled_at` of a call in ms since epoch, from Postgres, once it is
+/// recorded: after the rings in flight are answered, so a ring's `cancelled`
+/// result may come first.
+async fn cancelled_at_ms(env: &TestEnv, call: &str) -> i64 {
     let (client, conn) = tokio_postgres::connect(&env.db.url, tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(conn);
-    client
-        .query_opt(
-            "SELECT (extract(epoch FROM cancelled_at) * 1000)::bigint FROM calls WHERE call_id = $1",
-            &[&call],
-        )
-        .await
-        .unwrap()
-        .and_then(|r| r.get(0))
+    let client = &client;
+    eventually("the cancel to be recorded", Duration::from_secs(10), || async move {
+        client
+            .query_opt(
+                "SELECT (extract(epoch FROM cancelled_at) * 1000)::bigint FROM calls WHERE call_id = $1",
+                &[&call],
+            )
+            .await
+            .unwrap()
+            .and_then(|r| r.get::<_, Option<i64>>(0))
+    })
+    .await
 }
 
 #[tokio::test]
@@ -90,11 +96,7 @@ async fn cancel_that_arrives_before_its_initiate_wins() {
         json!({"type":"call.cancel","callId":"early-1","toUserId":"u2","reason":"caller_hangup"}),
     )
     .await;
-    eventually("the cancel to be recorded", Duration::from_secs(10), || {
-        let env = &env;
-        async move { cancelled_at_ms(env, "early-1").await }
-    })
-    .await;
+    cancelled_at_ms(&env, "early-1").await;
     env.publish(json!({"callId":"early-1","toUserId":"u2"}))
         .await;
     let r = &env.results_for("early-1", 1).await[0];
@@ -129,13 +131,7 @@ async fn cancel_during_retries_stops_the_next_attempt() {
     .await;
     let r = &env.results_for("retry-c", 1).await[0];
     assert_eq!(r.status, Status::Cancelled);
-    // Recorded once the ring in flight has its outcome (the ring's result may
-    // come first).
-    let cancelled = eventually("the cancel to be recorded", Duration::from_secs(10), || {
-        let env = &env;
-        async move { cancelled_at_ms(env, "retry-c").await }
-    })
-    .await;
+    let cancelled = cancelled_at_ms(&env, "retry-c").await;
     let requests = env.sim.requests();
     assert!(
         requests.iter().all(|q| q.at_ms <= cancelled),
@@ -322,11 +318,7 @@ async fn two_workers_racing_initiates_and_cancels_never_ring_after_the_cancel() 
     )
     .await;
     for (call, token) in &tokens {
-        let cancelled = eventually("the cancel to be recorded", Duration::from_secs(10), || {
-            let env = &env;
-            async move { cancelled_at_ms(env, call).await }
-        })
-        .await;
+        let cancelled = cancelled_at_ms(&env, call).await;
         for ring in requests
             .iter()
             .filter(|r| &r.token == token && r.payload["type"] == "call.incoming")
