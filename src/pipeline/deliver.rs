@@ -1,5 +1,6 @@
 //! One device of one event: push it (a ring looks at its call before every
-//! attempt after the first), learn from APNs' answer, record the outcome.
+//! attempt after the first), learn from APNs' answer, and hand back the result
+//! with the outcome to record once it is published.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -45,8 +46,15 @@ impl AttemptHooks for Hooks<'_> {
     }
 }
 
+/// A device's result to publish, and the outcome to record with it once the
+/// broker has confirmed it (`None`: recorded before, re-published).
+pub(super) struct ToPublish {
+    pub out: Outgoing,
+    pub outcome: Option<Outcome>,
+}
+
 /// A push's result with what is recorded alongside it.
-pub(super) struct Pushed {
+struct Pushed {
     result: PushResult,
     attempts: Vec<AttemptRecord>,
     /// The environment that accepted the token.
@@ -62,17 +70,25 @@ impl Pipeline {
         call: &Call<'_>,
         device: &Device,
         claim: Claim,
-    ) -> Option<Outgoing> {
+    ) -> Option<ToPublish> {
         match claim {
             Claim::Push => {
                 let timer = self.metrics.stage("deliver");
                 let pushed = self.push_device(call, device).await;
                 drop(timer);
-                let _timer = self.metrics.stage("record");
                 let out = Outgoing::new(pushed.result);
-                self.record(call, device, &out, pushed.attempts, pushed.success)
-                    .await;
-                Some(out)
+                let outcome = Outcome {
+                    device_id: device.id,
+                    call_id: call.event.call_id.clone(),
+                    event_type: call.kind.as_str(),
+                    result: JsonText(out.body.clone()),
+                    attempts: pushed.attempts,
+                    success: pushed.success,
+                };
+                Some(ToPublish {
+                    out,
+                    outcome: Some(outcome),
+                })
             }
             Claim::Republish(stored) => {
                 info!(
@@ -83,7 +99,8 @@ impl Pipeline {
                     .retries
                     .with_label_values(&["redelivered"])
                     .inc();
-                serde_json::from_value(stored).ok().map(Outgoing::new)
+                let out = serde_json::from_value(stored).ok().map(Outgoing::new)?;
+                Some(ToPublish { out, outcome: None })
             }
             Claim::Done => {
                 info!(
@@ -102,35 +119,6 @@ impl Pipeline {
                 );
                 None
             }
-        }
-    }
-
-    /// Records a push's outcome with its attempts. The push already happened, so
-    /// this is retried through a short database outage: until it is recorded, a
-    /// retry of the event would push the device again.
-    async fn record(
-        &self,
-        call: &Call<'_>,
-        device: &Device,
-        out: &Outgoing,
-        attempts: Vec<AttemptRecord>,
-        success: Option<Environment>,
-    ) {
-        let outcome = Outcome {
-            event_key: call.key.to_string(),
-            device_id: device.id,
-            call_id: call.event.call_id.clone(),
-            event_type: call.kind.as_str(),
-            result: JsonText(out.body.clone()),
-            attempts,
-            success,
-        };
-        let recorded = super::retry::patiently("record the push's outcome", || {
-            self.store.record_outcome(outcome.clone())
-        })
-        .await;
-        if let Err(e) = recorded {
-            warn!(device_id = device.id, error = %e, "could not record the push's outcome");
         }
     }
 

@@ -14,7 +14,8 @@ mod retry;
 use ids::{base_result, call_state, claim_key, event_id};
 use publish::Outgoing;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -30,7 +31,7 @@ use crate::event::{
 use crate::metrics::Metrics;
 use crate::store::admit::Ring;
 use crate::store::calls::CallState;
-use crate::store::claims::Claim;
+use crate::store::claims::{Claim, Finished};
 use crate::store::{Device, Store};
 
 /// A message as taken from the queue.
@@ -232,12 +233,14 @@ impl Pipeline {
         };
 
         let results = if let Some(not_pushed) = not_pushed {
-            let settled = call_state(&not_pushed);
+            let finished = Finished {
+                event_key: key.clone(),
+                published_only: not_pushed.iter().filter_map(|r| r.device_id).collect(),
+                settle: Some((event.call_id.clone(), call_state(&not_pushed))),
+                ..Finished::default()
+            };
             let out: Vec<Outgoing> = not_pushed.into_iter().map(Outgoing::new).collect();
-            if let Err(reason) = self
-                .publish_and_mark(&key, &out, Some((&event.call_id, settled)))
-                .await
-            {
+            if let Err(reason) = self.publish_and_finish(&out, finished).await {
                 return Disposition::Retry(reason);
             }
             out.into_iter().map(|o| o.result).collect()
@@ -248,12 +251,6 @@ impl Pipeline {
                 Ok(r) => r,
                 Err(reason) => return Disposition::Retry(reason),
             };
-            // A copy of the event that published nothing leaves the call to the
-            // copy that did.
-            if !results.is_empty() {
-                self.settle_call(&key, &event.call_id, call_state(&results))
-                    .await;
-            }
             if busy {
                 return Disposition::Wait {
                     until: call.deadline,
@@ -277,29 +274,61 @@ impl Pipeline {
     /// as soon as it is known; a device another copy of the event owns yields no
     /// result here. Publishing per device matters: two copies of one event that
     /// split its devices each leave the other's devices to it, and each device's
-    /// result goes out as soon as it is known. Also says whether a live
-    /// worker holds some of the claims. `Err`: a result could not be published.
+    /// result goes out as soon as it is known. The last device to finish settles
+    /// a ring's call, in the same statement as its own outcome, from the results
+    /// this copy published (a copy that published nothing leaves the call to the
+    /// copy that did). Also says whether a live worker holds some of the claims.
+    /// `Err`: a result could not be published.
     async fn push_all(
         &self,
         call: &Call<'_>,
         claims: Vec<(Device, Claim)>,
     ) -> Result<(Vec<PushResult>, bool), String> {
         let busy = claims.iter().any(|(_, c)| *c == Claim::Busy);
-        let done = join_all(claims.into_iter().map(|(d, claim)| async move {
-            let Some(out) = self.claimed_push(call, &d, claim).await else {
-                return Ok::<_, String>(None);
-            };
-            self.publish_and_mark(call.key, std::slice::from_ref(&out), None)
-                .await?;
-            Ok(Some(out.result))
-        }))
-        .await;
-        let mut results = Vec::with_capacity(done.len());
+        let unfinished = AtomicUsize::new(claims.len());
+        let published = Mutex::new(Vec::with_capacity(claims.len()));
+        let settles = call.kind == EventType::Incoming;
+        let device = |(d, claim): (Device, Claim)| {
+            let (unfinished, published) = (&unfinished, &published);
+            // Boxed: the push's future is large, and `join_all` would move it.
+            Box::pin(async move {
+                let pushed = self.claimed_push(call, &d, claim).await;
+                let mut finished = Finished {
+                    event_key: call.key.to_string(),
+                    ..Finished::default()
+                };
+                let out = pushed.map(|p| {
+                    match p.outcome {
+                        Some(o) => finished.outcomes.push(o),
+                        None => finished.published_only.push(d.id),
+                    }
+                    p.out
+                });
+                if let Some(out) = &out {
+                    self.publish_counted(std::slice::from_ref(out)).await?;
+                    lock(published).push(out.result.clone());
+                }
+                if unfinished.fetch_sub(1, Ordering::AcqRel) == 1 && settles {
+                    let results = lock(published);
+                    if !results.is_empty() {
+                        finished.settle = Some((call.event.call_id.clone(), call_state(&results)));
+                    }
+                }
+                if out.is_some() || finished.settle.is_some() {
+                    self.finish(finished).await;
+                }
+                Ok::<_, String>(())
+            })
+        };
+        let done = join_all(claims.into_iter().map(device)).await;
         for r in done {
-            if let Some(result) = r? {
-                results.push(result);
-            }
+            r?;
         }
+        let results = published.into_inner().unwrap_or_else(|p| p.into_inner());
         Ok((results, busy))
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -1,5 +1,5 @@
-//! Results out: publishing with confirms, marking claims published, and refusing
-//! malformed events.
+//! Results out: publishing with confirms, then recording outcomes and marking
+//! claims published; refusing malformed events.
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +9,7 @@ use tracing::warn;
 use super::{Disposition, Incoming, Pipeline};
 use crate::event::{now_rfc3339, EventType, InvalidEvent, PushResult, Status};
 use crate::retry_policy::RetryPolicy;
-use crate::store::calls::CallState;
+use crate::store::claims::Finished;
 
 /// Publishing results is retried this long (the publisher reconnects in between)
 /// before the event is tried again from the start.
@@ -35,14 +35,19 @@ impl Outgoing {
 }
 
 impl Pipeline {
-    /// Counts and publishes the results of one event, then marks them published
-    /// (and settles the call, for a ring).
-    pub(super) async fn publish_and_mark(
+    /// Publishes the results of one event, then finishes it (see `finish`).
+    pub(super) async fn publish_and_finish(
         &self,
-        event_id: &str,
         results: &[Outgoing],
-        settle: Option<(&str, CallState)>,
+        finished: Finished,
     ) -> Result<(), String> {
+        self.publish_counted(results).await?;
+        self.finish(finished).await;
+        Ok(())
+    }
+
+    /// Counts and publishes results, waiting for the broker's confirms.
+    pub(super) async fn publish_counted(&self, results: &[Outgoing]) -> Result<(), String> {
         for Outgoing { result: r, .. } in results {
             let env = r.environment.map(|e| e.as_str()).unwrap_or("none");
             self.metrics
@@ -50,36 +55,30 @@ impl Pipeline {
                 .with_label_values(&[r.status.as_str(), env])
                 .inc();
         }
-        let timer = self.metrics.stage("publish");
+        let _timer = self.metrics.stage("publish");
         self.publish_results(results)
             .await
-            .map_err(|e| format!("publish results: {e}"))?;
-        drop(timer);
-        let published: Vec<i64> = results.iter().filter_map(|r| r.result.device_id).collect();
-        let timer = self.metrics.stage("settle");
-        self.finish(event_id, &published, settle).await;
-        drop(timer);
-        Ok(())
+            .map_err(|e| format!("publish results: {e}"))
     }
 
-    /// Settles a ring's call from the results this copy of the event published.
-    pub(super) async fn settle_call(&self, event_id: &str, call_id: &str, state: CallState) {
-        let _timer = self.metrics.stage("settle");
-        self.finish(event_id, &[], Some((call_id, state))).await;
-    }
-
-    /// Marks the claims published, retried through a short database outage: the
-    /// claims stay this live worker's meanwhile, so a duplicate of the event
-    /// waiting on them cannot take them over and publish the results again.
-    async fn finish(&self, event_id: &str, published: &[i64], settle: Option<(&str, CallState)>) {
-        let finished = super::retry::patiently("mark results as published", || {
-            self.store.finish_event(event_id, published, settle)
+    /// After the broker confirmed an event's results: records the outcomes of
+    /// its pushes, marks the claims published and settles the call (see
+    /// `Store::finish_event`). Recording after the confirm costs one update of
+    /// each claim instead of two; a crash in between (milliseconds) is part of
+    /// the crash window: the next copy of the event pushes again. Retried
+    /// through a short database outage: the claims stay this live worker's
+    /// meanwhile, so a duplicate of the event waiting on them cannot take them
+    /// over.
+    pub(super) async fn finish(&self, finished: Finished) {
+        let _timer = self.metrics.stage("record");
+        let done = super::retry::patiently("record the outcomes", || {
+            self.store.finish_event(finished.clone())
         })
         .await;
-        if let Err(e) = finished {
-            // A duplicate of the event may now re-publish the stored results (never
-            // push again); the call's state stays `ringing` in the trace.
-            warn!(error = %e, "could not mark results as published");
+        if let Err(e) = done {
+            // A duplicate of the event may now push again; the call's state
+            // stays `ringing` in the trace.
+            warn!(error = %e, "could not record the outcomes of published results");
         }
     }
 

@@ -6,15 +6,15 @@
 //! stored result (the worker died after the push), takes it over (its owner is
 //! dead: its liveness lock is free, see `liveness`), or leaves it to the live
 //! owner, whose own copy of the message publishes the result. The one window left is a crash
-//! between sending a push and recording its outcome: the row does not say it was
-//! pushed, and the next claimant pushes again.
+//! between sending a push and recording its outcome (with its published result,
+//! see `outcomes`): the row does not say it was pushed, and the next claimant
+//! pushes again.
 
 use std::time::Duration;
 
-use super::calls::CallState;
 use super::{Store, StoreError};
 
-pub use super::outcomes::{JsonText, Outcome};
+pub use super::outcomes::{Finished, JsonText, Outcome};
 
 /// Written into each claim's `lease_until` for workers of earlier versions
 /// (which take over a claim whose lease lapsed) during a rolling upgrade; this
@@ -33,78 +33,6 @@ pub enum Claim {
     Done,
     /// A live worker holds it and publishes its result; nothing to do here.
     Busy,
-}
-
-/// An event whose results the broker confirmed (see [`Store::finish_event`]).
-#[derive(Clone, Debug)]
-pub struct Finished {
-    event_key: String,
-    device_ids: Vec<i64>,
-    settle: Option<(String, CallState)>,
-}
-
-/// Marks many events' claims published and settles their calls. A call stays
-/// cancelled; a delivery reported by one copy of an event (which pushed some of
-/// its devices) wins over another copy's failure.
-async fn finish_events(
-    pool: deadpool_postgres::Pool,
-    reqs: Vec<Finished>,
-) -> Result<Vec<()>, StoreError> {
-    let (mut events, mut devices) = (Vec::new(), Vec::new());
-    for r in &reqs {
-        for d in &r.device_ids {
-            events.push(r.event_key.as_str());
-            devices.push(*d);
-        }
-    }
-    // Sorted, so two batches lock shared calls in the same order.
-    let mut settle: Vec<(&str, &str)> = reqs
-        .iter()
-        .filter_map(|r| r.settle.as_ref().map(|(c, s)| (c.as_str(), s.as_str())))
-        .collect();
-    settle.sort_unstable();
-    let (calls, states): (Vec<&str>, Vec<&str>) = settle.into_iter().unzip();
-    let client = pool.get().await?;
-    // Two statements, each its own transaction (pipelined: one round trip). In
-    // one, the claims' row locks were held while waiting for a call's row, which
-    // a duplicate's claim transaction may hold while it waits for those claims:
-    // a deadlock, and a failed batch.
-    let publish = client
-        .prepare_cached(
-            "UPDATE delivery_claims c SET published_at = now()
-             FROM unnest($1::text[], $2::bigint[]) AS k(e, d)
-             WHERE c.event_key = ANY($1) AND c.event_key = k.e AND c.device_id = k.d
-               AND c.published_at IS NULL",
-        )
-        .await?;
-    let settle = client
-        .prepare_cached(
-            "UPDATE calls c SET state = k.s, settled_at = clock_timestamp()
-             FROM unnest($1::text[], $2::text[]) AS k(id, s)
-             WHERE c.call_id = ANY($1) AND c.call_id = k.id
-               AND (c.state = 'ringing' OR (k.s = 'delivered' AND c.state IN ('failed', 'expired')))",
-        )
-        .await?;
-    let claim_keys: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&events, &devices];
-    let call_states: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&calls, &states];
-    // A batch may hold only one kind (a device's claims, or a call to settle).
-    let (published, settled) = tokio::join!(
-        async {
-            if events.is_empty() {
-                return Ok(0);
-            }
-            client.execute(&publish, &claim_keys).await
-        },
-        async {
-            if calls.is_empty() {
-                return Ok(0);
-            }
-            client.execute(&settle, &call_states).await
-        }
-    );
-    published?;
-    settled?;
-    Ok(vec![(); reqs.len()])
 }
 
 /// True when the worker named by the column `$worker_id` is dead: its liveness
@@ -213,30 +141,6 @@ impl Store {
             ))
             .await?;
         Ok(client.query_one(&stmt, &[&call_id]).await?.get(0))
-    }
-
-    /// After an event's results were confirmed by the broker: marks its claims
-    /// published and, for a ring, settles its call (a cancelled call keeps its
-    /// state).
-    pub async fn finish_event(
-        &self,
-        event_key: &str,
-        device_ids: &[i64],
-        settle: Option<(&str, CallState)>,
-    ) -> Result<(), StoreError> {
-        let req = Finished {
-            event_key: event_key.to_string(),
-            device_ids: device_ids.to_vec(),
-            settle: settle.map(|(c, s)| (c.to_string(), s)),
-        };
-        super::batcher(
-            "finish_event",
-            &self.batches.finish_event,
-            &self.batches,
-            finish_events,
-        )
-        .call(req)
-        .await
     }
 
     /// Deletes claims older than `age`; returns how many.

@@ -123,8 +123,7 @@ struct Batches {
     pool: Pool,
     admit_ring: OnceLock<batch::Batcher<admit::Ring, admit::Admitted>>,
     live_devices: OnceLock<batch::Batcher<(String, String), Vec<Device>>>,
-    record_outcome: OnceLock<batch::Batcher<outcomes::Outcome, ()>>,
-    finish_event: OnceLock<batch::Batcher<claims::Finished, ()>>,
+    finish_event: OnceLock<batch::Batcher<outcomes::Finished, ()>>,
     is_cancelled: OnceLock<batch::Batcher<String, bool>>,
 }
 
@@ -132,8 +131,9 @@ struct Batches {
 /// at once.
 const BATCH_MAX: usize = 64;
 const BATCHES_IN_FLIGHT: usize = 1;
-/// Connections of the batches' pool: one for each of the three statements of
-/// every ring (admit, record, publish-and-settle); the rarer kinds share them.
+/// Connections of the batches' pool: one for each of the two statements of
+/// every ring (admit, finish) and one the rarer kinds share (a retry's look at
+/// its call, device lookups).
 const BATCH_CONNECTIONS: usize = 3;
 
 /// The batcher in `slot`, started with `run` on first use.
@@ -217,7 +217,6 @@ impl Store {
                 pool: build_pool(without_seqscan(pg), tls, BATCH_CONNECTIONS, timeout)?,
                 admit_ring: OnceLock::new(),
                 live_devices: OnceLock::new(),
-                record_outcome: OnceLock::new(),
                 finish_event: OnceLock::new(),
                 is_cancelled: OnceLock::new(),
             }),

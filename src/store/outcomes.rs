@@ -1,10 +1,11 @@
-//! A push's outcome, recorded once it is known: the claim's result, every APNs
-//! attempt, and the device's success, for many pushes in one statement.
+//! A push's outcome, recorded once its result is confirmed by the broker: the
+//! claim's result and `published_at`, every APNs attempt, the device's success,
+//! and the call settled, for many events in one round trip.
 
 use bytes::{BufMut, BytesMut};
 use tokio_postgres::types::{accepts, to_sql_checked, IsNull, ToSql, Type};
 
-use super::calls::AttemptRecord;
+use super::calls::{AttemptRecord, CallState};
 use super::{Store, StoreError};
 use crate::event::Environment;
 
@@ -41,10 +42,10 @@ impl ToSql for JsonText {
     to_sql_checked!();
 }
 
-/// A push's outcome to record (see [`Store::record_outcome`]).
+/// A push's outcome, recorded with its claim once the broker confirmed its
+/// result (see [`Store::finish_event`]).
 #[derive(Clone, Debug)]
 pub struct Outcome {
-    pub event_key: String,
     pub device_id: i64,
     pub call_id: String,
     pub event_type: &'static str,
@@ -56,37 +57,74 @@ pub struct Outcome {
     pub success: Option<Environment>,
 }
 
-/// Records many pushes' outcomes in one statement: each claim's result, every
-/// attempt, and the devices that accepted a push (their learned environment).
+/// What an event's confirmed results leave behind (see [`Store::finish_event`]).
+#[derive(Clone, Debug, Default)]
+pub struct Finished {
+    /// The claim key of the event.
+    pub event_key: String,
+    /// Pushes this worker made: their claims take the outcome and are marked
+    /// published in the same update.
+    pub outcomes: Vec<Outcome>,
+    /// Results published without a push of this worker's (re-published from
+    /// their claims, or not pushed at all): marked published only.
+    pub published_only: Vec<i64>,
+    /// For a ring: the call's state from the results of this copy of the event.
+    pub settle: Option<(String, CallState)>,
+}
+
+/// Finishes many events in one round trip: each claim's result and
+/// `published_at` in one update, every attempt, the devices that accepted a
+/// push (their learned environment); then, in a statement of its own, the
+/// calls settled. A call stays cancelled; a delivery reported by one copy of an
+/// event (which pushed some of its devices) wins over another copy's failure.
+///
 /// A device's success is rewritten only when it says something new (first
 /// success, another environment) or is an hour old: most pushes go to proven
 /// devices, and rewriting their row each time was one update per push.
-async fn record_outcomes(
+async fn finish_events(
     pool: deadpool_postgres::Pool,
-    reqs: Vec<Outcome>,
+    reqs: Vec<Finished>,
 ) -> Result<Vec<()>, StoreError> {
-    let events: Vec<&str> = reqs.iter().map(|r| r.event_key.as_str()).collect();
-    let devices: Vec<i64> = reqs.iter().map(|r| r.device_id).collect();
-    let results: Vec<&JsonText> = reqs.iter().map(|r| &r.result).collect();
-    let (success_ids, success_envs): (Vec<i64>, Vec<&str>) = reqs
-        .iter()
-        .filter(|r| r.device_id > 0)
-        .filter_map(|r| r.success.map(|e| (r.device_id, e.as_str())))
-        .unzip();
+    let (mut events, mut devices, mut results) = (Vec::new(), Vec::new(), Vec::new());
+    let mut successes: Vec<(i64, &str)> = Vec::new();
     let mut a = AttemptColumns::default();
     for r in &reqs {
-        for attempt in &r.attempts {
-            a.push(&r.call_id, r.device_id, r.event_type, attempt);
+        for o in &r.outcomes {
+            events.push(r.event_key.as_str());
+            devices.push(o.device_id);
+            results.push(Some(&o.result));
+            if let (true, Some(env)) = (o.device_id > 0, o.success) {
+                successes.push((o.device_id, env.as_str()));
+            }
+            for attempt in &o.attempts {
+                a.push(&o.call_id, o.device_id, o.event_type, attempt);
+            }
+        }
+        for d in &r.published_only {
+            events.push(r.event_key.as_str());
+            devices.push(*d);
+            results.push(None);
         }
     }
+    // Sorted, so two batches (of two replicas) lock shared rows in one order.
+    successes.sort_unstable();
+    successes.dedup_by_key(|s| s.0);
+    let (success_ids, success_envs): (Vec<i64>, Vec<&str>) = successes.into_iter().unzip();
+    let mut settle: Vec<(&str, &str)> = reqs
+        .iter()
+        .filter_map(|r| r.settle.as_ref().map(|(c, s)| (c.as_str(), s.as_str())))
+        .collect();
+    settle.sort_unstable();
+    let (calls, states): (Vec<&str>, Vec<&str>) = settle.into_iter().unzip();
     let client = pool.get().await?;
     // `= ANY` keeps the plans on the primary keys whatever the batch size.
-    let stmt = client
+    let record = client
         .prepare_cached(
             "WITH claim AS (
-                 UPDATE delivery_claims c SET result = k.r
+                 UPDATE delivery_claims c SET result = COALESCE(k.r, c.result), published_at = now()
                  FROM unnest($1::text[], $2::bigint[], $3::jsonb[]) AS k(e, d, r)
                  WHERE c.event_key = ANY($1) AND c.event_key = k.e AND c.device_id = k.d
+                   AND c.published_at IS NULL
              ), success AS (
                  UPDATE devices d SET last_success_at = now(), environment = k.env
                  FROM unnest($4::bigint[], $5::text[]) AS k(id, env)
@@ -101,6 +139,14 @@ async fn record_outcomes(
              FROM unnest($6::text[], $7::bigint[], $8::text[], $9::bigint[], $10::text[],
                          $11::smallint[], $12::text[], $13::text[], $14::int[])
                  AS k(c, d, t, at, e, s, r, i, l)",
+        )
+        .await?;
+    let settle = client
+        .prepare_cached(
+            "UPDATE calls c SET state = k.s, settled_at = clock_timestamp()
+             FROM unnest($1::text[], $2::text[]) AS k(id, s)
+             WHERE c.call_id = ANY($1) AND c.call_id = k.id
+               AND (c.state = 'ringing' OR (k.s = 'delivered' AND c.state IN ('failed', 'expired')))",
         )
         .await?;
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 14] = [
@@ -119,7 +165,27 @@ async fn record_outcomes(
         &a.apns_ids,
         &a.latencies,
     ];
-    client.execute(&stmt, &params).await?;
+    let call_states: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&calls, &states];
+    // Two statements, each its own transaction (pipelined: one round trip). In
+    // one, the claims' row locks were held while waiting for a call's row, which
+    // a duplicate's admitting statement may hold while it waits for those
+    // claims: a deadlock, and a failed batch.
+    let (recorded, settled) = tokio::join!(
+        async {
+            if events.is_empty() {
+                return Ok(0);
+            }
+            client.execute(&record, &params).await
+        },
+        async {
+            if calls.is_empty() {
+                return Ok(0);
+            }
+            client.execute(&settle, &call_states).await
+        }
+    );
+    recorded?;
+    settled?;
     Ok(vec![(); reqs.len()])
 }
 
@@ -159,22 +225,24 @@ impl<'a> AttemptColumns<'a> {
 }
 
 impl Store {
-    /// Records a push's outcome (its claim's result, its attempts, the device's
-    /// success), batched with concurrent pushes.
-    pub async fn record_outcome(&self, outcome: Outcome) -> Result<(), StoreError> {
-        if let (Some(ext), Some(env)) = (&self.external, outcome.success) {
-            if outcome.device_id < 0 {
-                ext.record_success(&self.pool, outcome.device_id, env)
-                    .await?;
+    /// After an event's results were confirmed by the broker: records the
+    /// outcomes of its pushes and marks their claims published, and, for a ring,
+    /// settles its call; batched with concurrent events.
+    pub async fn finish_event(&self, finished: Finished) -> Result<(), StoreError> {
+        if let Some(ext) = &self.external {
+            for o in finished.outcomes.iter().filter(|o| o.device_id < 0) {
+                if let Some(env) = o.success {
+                    ext.record_success(&self.pool, o.device_id, env).await?;
+                }
             }
         }
         super::batcher(
-            "record_outcome",
-            &self.batches.record_outcome,
+            "finish_event",
+            &self.batches.finish_event,
             &self.batches,
-            record_outcomes,
+            finish_events,
         )
-        .call(outcome)
+        .call(finished)
         .await
     }
 }

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use voip_push_worker::event::{now_ms, Environment};
 use voip_push_worker::store::admit::Ring;
 use voip_push_worker::store::calls::{AttemptRecord, CallState};
-use voip_push_worker::store::claims::{Claim, Outcome};
+use voip_push_worker::store::claims::{Claim, Finished, Outcome};
 use voip_push_worker::store::liveness::Liveness;
 
 use crate::common::{TestEnv, BUNDLE};
@@ -122,39 +122,34 @@ async fn concurrent_events_each_get_their_own_call_devices_claims_and_settlement
     }
 
     // Record every outcome (with an attempt) and settle every event at once.
-    join_all(claimed.iter().map(|(u, event, device)| async move {
-        let attempt = AttemptRecord {
-            environment: Environment::Production,
-            apns_status: Some(200),
-            reason: None,
-            apns_id: None,
-            latency_ms: 3,
-            at_ms: now_ms(),
-        };
-        store
-            .record_outcome(Outcome {
-                event_key: event.clone(),
+    join_all((1..USERS).map(|u| {
+        let outcomes: Vec<Outcome> = claimed
+            .iter()
+            .filter(|c| c.0 == u)
+            .map(|(u, _, device)| Outcome {
                 device_id: *device,
                 call_id: format!("bcall-{u}"),
                 event_type: "call.incoming",
                 result: json!({"status": "delivered", "user": u, "deviceId": device}).into(),
-                attempts: vec![attempt],
+                attempts: vec![AttemptRecord {
+                    environment: Environment::Production,
+                    apns_status: Some(200),
+                    reason: None,
+                    apns_id: None,
+                    latency_ms: 3,
+                    at_ms: now_ms(),
+                }],
                 success: Some(Environment::Production),
             })
-            .await
-            .unwrap();
-    }))
-    .await;
-    join_all((1..USERS).map(|u| {
-        let devices: Vec<i64> = claimed.iter().filter(|c| c.0 == u).map(|c| c.2).collect();
+            .collect();
         async move {
-            let call = format!("bcall-{u}");
             store
-                .finish_event(
-                    &format!("bevent-{u}"),
-                    &devices,
-                    Some((&call, CallState::Delivered)),
-                )
+                .finish_event(Finished {
+                    event_key: format!("bevent-{u}"),
+                    outcomes,
+                    published_only: Vec::new(),
+                    settle: Some((format!("bcall-{u}"), CallState::Delivered)),
+                })
                 .await
                 .unwrap();
         }

@@ -359,7 +359,6 @@ async fn a_copy_of_the_event_holding_one_device_does_not_hold_up_the_others_resu
 
     // The other copy finishes; this one stops waiting and settles the message.
     let theirs = voip_push_worker::store::claims::Outcome {
-        event_key: key.into(),
         device_id: held_id,
         call_id: "split-1".into(),
         event_type: "call.incoming",
@@ -367,8 +366,12 @@ async fn a_copy_of_the_event_holding_one_device_does_not_hold_up_the_others_resu
         attempts: Vec::new(),
         success: None,
     };
-    env.store.record_outcome(theirs).await.unwrap();
-    env.store.finish_event(key, &[held_id], None).await.unwrap();
+    let finished = voip_push_worker::store::claims::Finished {
+        event_key: key.into(),
+        outcomes: vec![theirs],
+        ..Default::default()
+    };
+    env.store.finish_event(finished).await.unwrap();
     crate::common::wait_idle(&[env.worker()]).await;
     let pushed: Vec<String> = env.sim.requests().into_iter().map(|r| r.token).collect();
     assert_eq!(
