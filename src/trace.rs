@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use crate::cli::CommandError;
 use crate::config::Config;
-use crate::store::calls::CallTrace;
+use crate::store::history::CallTrace;
 use crate::store::Store;
 
 #[derive(clap::Args)]

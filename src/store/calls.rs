@@ -1,4 +1,4 @@
-//! Calls as state, and the record of every APNs attempt.
+//! Calls as state: opened, cancelled, settled, purged.
 //!
 //! The guarantee that a cancelled call never rings after its cancel was recorded
 //! rests on the call's row and the rings' claims, with no lock held across a
@@ -8,8 +8,8 @@
 //! ring retrying looks at the mark before each further attempt. The cancel then
 //! waits, holding no connection, until every admitted ring of the call has its
 //! outcome recorded (or its owner is dead), and only then records `cancelled_at`.
-//! So every ring either went out before `cancelled_at` (and is in
-//! `delivery_attempts` when the cancel looks for rung devices) or never does.
+//! So every ring either went out before `cancelled_at` (and its claim holds its
+//! result when the cancel looks for rung devices) or never does.
 
 use std::time::Duration;
 
@@ -94,54 +94,6 @@ async fn cancelled_calls(
         .iter()
         .map(|id| cancelled.contains(id.as_str()))
         .collect())
-}
-
-/// A call with every delivery and attempt (CONTRACT §10).
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CallTrace {
-    pub call_id: String,
-    pub to_user_id: String,
-    pub bundle_id: String,
-    pub state: CallState,
-    pub created_at: String,
-    pub ring_deadline: Option<String>,
-    pub settled_at: Option<String>,
-    pub cancelled_at: Option<String>,
-    pub cancel_reason: Option<String>,
-    pub answered_device_id: Option<String>,
-    pub deliveries: Vec<DeliveryTrace>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DeliveryTrace {
-    pub device_id: i64,
-    pub event_type: String,
-    pub token_suffix: Option<String>,
-    /// The result's status; `ringing` while the delivery is under way.
-    pub status: String,
-    pub environment: Option<String>,
-    pub fallback_used: bool,
-    pub attempts: Vec<AttemptTrace>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AttemptTrace {
-    pub at: String,
-    pub environment: String,
-    pub apns_status: Option<u16>,
-    pub reason: Option<String>,
-    pub apns_id: Option<String>,
-    pub latency_ms: i64,
-}
-
-/// Timestamps as RFC 3339 text, straight from Postgres.
-const TS: &str = r#"to_char(%s AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"#;
-
-fn ts(column: &str) -> String {
-    TS.replace("%s", column)
 }
 
 /// What recording a cancel found.
@@ -252,10 +204,12 @@ impl Store {
         let client = self.pool.get().await?;
         let rows = client
             .query(
-                "SELECT DISTINCT ON (a.device_id) a.device_id, d.voip_token, a.environment
-                 FROM delivery_attempts a JOIN devices d ON d.id = a.device_id
-                 WHERE a.call_id = $1 AND a.event_type = 'call.incoming' AND a.apns_status = 200
-                 ORDER BY a.device_id, a.id DESC",
+                "SELECT DISTINCT ON (c.device_id) c.device_id, d.voip_token,
+                        c.result->>'environment'
+                 FROM delivery_claims c JOIN devices d ON d.id = c.device_id
+                 WHERE c.call_id = $1 AND c.event_type = 'call.incoming'
+                   AND c.result->>'status' = 'delivered'
+                 ORDER BY c.device_id, c.created_at DESC",
                 &[&call_id],
             )
             .await?;
@@ -264,7 +218,7 @@ impl Store {
             .map(|r| RungDevice {
                 device_id: r.get(0),
                 token: r.get(1),
-                environment: Environment::parse(r.get::<_, &str>(2)),
+                environment: r.get::<_, Option<&str>>(2).and_then(Environment::parse),
             })
             .collect())
     }
@@ -288,94 +242,6 @@ impl Store {
             .query_opt("SELECT state FROM calls WHERE call_id = $1", &[&call_id])
             .await?;
         Ok(row.map(|r| CallState::parse(r.get(0))))
-    }
-
-    /// Everything recorded about one call.
-    pub async fn trace_call(&self, call_id: &str) -> Result<Option<CallTrace>, StoreError> {
-        let client = self.pool.get().await?;
-        let sql = format!(
-            "SELECT to_user_id, bundle_id, state, {}, {}, {}, {}, cancel_reason, answered_device_id
-             FROM calls WHERE call_id = $1",
-            ts("created_at"),
-            ts("ring_deadline"),
-            ts("settled_at"),
-            ts("cancelled_at")
-        );
-        let Some(call) = client.query_opt(&sql, &[&call_id]).await? else {
-            return Ok(None);
-        };
-        let claims = client
-            .query(
-                "SELECT device_id, result FROM delivery_claims WHERE call_id = $1 ORDER BY created_at, device_id",
-                &[&call_id],
-            )
-            .await?;
-        let sql = format!(
-            "SELECT device_id, event_type, {}, environment, apns_status, reason, apns_id, latency_ms
-             FROM delivery_attempts WHERE call_id = $1 ORDER BY id",
-            ts("at")
-        );
-        let attempts = client.query(&sql, &[&call_id]).await?;
-
-        let mut deliveries: Vec<DeliveryTrace> = Vec::new();
-        for c in &claims {
-            let device_id: i64 = c.get(0);
-            let result: Option<serde_json::Value> = c.get(1);
-            let r = result.unwrap_or_default();
-            let text = |k: &str| r.get(k).and_then(|v| v.as_str()).map(str::to_string);
-            deliveries.push(DeliveryTrace {
-                device_id,
-                event_type: text("eventType").unwrap_or_else(|| "call.incoming".into()),
-                token_suffix: text("tokenSuffix"),
-                status: text("status").unwrap_or_else(|| "ringing".into()),
-                environment: text("environment"),
-                fallback_used: r
-                    .get("fallbackUsed")
-                    .and_then(|v| v.as_bool())
-                    .unwrap_or(false),
-                attempts: Vec::new(),
-            });
-        }
-        for a in &attempts {
-            let device_id: i64 = a.get(0);
-            let event_type: String = a.get(1);
-            let attempt = AttemptTrace {
-                at: a.get(2),
-                environment: a.get(3),
-                apns_status: a.get::<_, Option<i16>>(4).map(|s| s as u16),
-                reason: a.get(5),
-                apns_id: a.get(6),
-                latency_ms: a.get::<_, i32>(7) as i64,
-            };
-            match deliveries
-                .iter_mut()
-                .find(|d| d.device_id == device_id && d.event_type == event_type)
-            {
-                Some(d) => d.attempts.push(attempt),
-                None => deliveries.push(DeliveryTrace {
-                    device_id,
-                    event_type,
-                    token_suffix: None,
-                    status: "ringing".into(),
-                    environment: Some(attempt.environment.clone()),
-                    fallback_used: false,
-                    attempts: vec![attempt],
-                }),
-            }
-        }
-        Ok(Some(CallTrace {
-            call_id: call_id.to_string(),
-            to_user_id: call.get(0),
-            bundle_id: call.get(1),
-            state: CallState::parse(call.get(2)),
-            created_at: call.get(3),
-            ring_deadline: call.get(4),
-            settled_at: call.get(5),
-            cancelled_at: call.get(6),
-            cancel_reason: call.get(7),
-            answered_device_id: call.get(8),
-            deliveries,
-        }))
     }
 
     /// Deletes calls and attempts older than `age`.

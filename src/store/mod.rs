@@ -7,6 +7,7 @@ pub mod calls;
 pub mod claims;
 mod devices;
 pub mod external;
+pub mod history;
 pub mod liveness;
 pub mod migrate;
 

@@ -1,11 +1,12 @@
 //! A push's outcome, recorded once its result is confirmed by the broker: the
-//! claim's result and `published_at`, every APNs attempt, the device's success,
+//! claim's result, its APNs attempts and `published_at`, the device's success,
 //! and the call settled, for many events in one round trip.
 
 use bytes::{BufMut, BytesMut};
 use tokio_postgres::types::{accepts, to_sql_checked, IsNull, ToSql, Type};
 
 use super::calls::{AttemptRecord, CallState};
+use super::history::AttemptTrace;
 use super::{Store, StoreError};
 use crate::event::Environment;
 
@@ -73,7 +74,7 @@ pub struct Finished {
 }
 
 /// Finishes many events in one round trip: each claim's result and
-/// `published_at` in one update, every attempt, the devices that accepted a
+/// `published_at` (and the delivery's attempts) in one update, the devices that accepted a
 /// push (their learned environment); then, in a statement of its own, the
 /// calls settled. A call stays cancelled; a delivery reported by one copy of an
 /// event (which pushed some of its devices) wins over another copy's failure.
@@ -85,25 +86,22 @@ async fn finish_events(
     pool: deadpool_postgres::Pool,
     reqs: Vec<Finished>,
 ) -> Result<Vec<()>, StoreError> {
-    let (mut events, mut devices, mut results) = (Vec::new(), Vec::new(), Vec::new());
+    let mut claims = ClaimColumns::default();
     let mut successes: Vec<(i64, &str)> = Vec::new();
-    let mut a = AttemptColumns::default();
     for r in &reqs {
         for o in &r.outcomes {
-            events.push(r.event_key.as_str());
-            devices.push(o.device_id);
-            results.push(Some(&o.result));
+            claims.push(
+                &r.event_key,
+                o.device_id,
+                Some(&o.result),
+                Some(attempts_json(o)),
+            );
             if let (true, Some(env)) = (o.device_id > 0, o.success) {
                 successes.push((o.device_id, env.as_str()));
             }
-            for attempt in &o.attempts {
-                a.push(&o.call_id, o.device_id, o.event_type, attempt);
-            }
         }
         for d in &r.published_only {
-            events.push(r.event_key.as_str());
-            devices.push(*d);
-            results.push(None);
+            claims.push(&r.event_key, *d, None, None);
         }
     }
     // Sorted, so two batches (of two replicas) lock shared rows in one order.
@@ -117,28 +115,23 @@ async fn finish_events(
     settle.sort_unstable();
     let (calls, states): (Vec<&str>, Vec<&str>) = settle.into_iter().unzip();
     let client = pool.get().await?;
-    // `= ANY` keeps the plans on the primary keys whatever the batch size.
+    // `= ANY` keeps the plans on the primary keys whatever the batch size. The
+    // attempts stay in the claim (no row of their own, no index entries).
     let record = client
         .prepare_cached(
-            "WITH claim AS (
-                 UPDATE delivery_claims c SET result = COALESCE(k.r, c.result), published_at = now()
-                 FROM unnest($1::text[], $2::bigint[], $3::jsonb[]) AS k(e, d, r)
-                 WHERE c.event_key = ANY($1) AND c.event_key = k.e AND c.device_id = k.d
-                   AND c.published_at IS NULL
-             ), success AS (
+            "WITH success AS (
                  UPDATE devices d SET last_success_at = now(), environment = k.env
-                 FROM unnest($4::bigint[], $5::text[]) AS k(id, env)
-                 WHERE d.id = ANY($4) AND d.id = k.id
+                 FROM unnest($5::bigint[], $6::text[]) AS k(id, env)
+                 WHERE d.id = ANY($5) AND d.id = k.id
                    AND (d.last_success_at IS NULL OR d.environment IS DISTINCT FROM k.env
                         OR d.last_success_at < now() - interval '1 hour')
              )
-             INSERT INTO delivery_attempts
-                 (call_id, device_id, event_type, at, environment, apns_status, reason, apns_id,
-                  latency_ms)
-             SELECT c, d, t, to_timestamp(at / 1000.0), e, s, r, i, l
-             FROM unnest($6::text[], $7::bigint[], $8::text[], $9::bigint[], $10::text[],
-                         $11::smallint[], $12::text[], $13::text[], $14::int[])
-                 AS k(c, d, t, at, e, s, r, i, l)",
+             UPDATE delivery_claims c
+             SET result = COALESCE(k.r, c.result), attempts = COALESCE(k.a, c.attempts),
+                 published_at = now()
+             FROM unnest($1::text[], $2::bigint[], $3::jsonb[], $4::jsonb[]) AS k(e, d, r, a)
+             WHERE c.event_key = ANY($1) AND c.event_key = k.e AND c.device_id = k.d
+               AND c.published_at IS NULL",
         )
         .await?;
     let settle = client
@@ -149,21 +142,13 @@ async fn finish_events(
                AND (c.state = 'ringing' OR (k.s = 'delivered' AND c.state IN ('failed', 'expired')))",
         )
         .await?;
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 14] = [
-        &events,
-        &devices,
-        &results,
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+        &claims.events,
+        &claims.devices,
+        &claims.results,
+        &claims.attempts,
         &success_ids,
         &success_envs,
-        &a.call_ids,
-        &a.device_ids,
-        &a.event_types,
-        &a.at_ms,
-        &a.environments,
-        &a.statuses,
-        &a.reasons,
-        &a.apns_ids,
-        &a.latencies,
     ];
     let call_states: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&calls, &states];
     // Two statements, each its own transaction (pipelined: one round trip). In
@@ -172,7 +157,7 @@ async fn finish_events(
     // claims: a deadlock, and a failed batch.
     let (recorded, settled) = tokio::join!(
         async {
-            if events.is_empty() {
+            if claims.events.is_empty() {
                 return Ok(0);
             }
             client.execute(&record, &params).await
@@ -189,38 +174,37 @@ async fn finish_events(
     Ok(vec![(); reqs.len()])
 }
 
-/// `delivery_attempts` rows as columns, for `unnest`.
-#[derive(Default)]
-struct AttemptColumns<'a> {
-    call_ids: Vec<&'a str>,
-    device_ids: Vec<i64>,
-    event_types: Vec<&'a str>,
-    at_ms: Vec<i64>,
-    environments: Vec<&'static str>,
-    statuses: Vec<Option<i16>>,
-    reasons: Vec<Option<&'a str>>,
-    apns_ids: Vec<Option<&'a str>>,
-    latencies: Vec<i32>,
+/// A delivery's attempts as its claim keeps them (what `trace` shows).
+fn attempts_json(o: &Outcome) -> JsonText {
+    let attempts: Vec<AttemptTrace> = o.attempts.iter().map(AttemptTrace::from_record).collect();
+    JsonText(
+        serde_json::to_vec(&attempts)
+            .expect("attempts serialise")
+            .into(),
+    )
 }
 
-impl<'a> AttemptColumns<'a> {
+/// The claims to finish, as columns for `unnest`.
+#[derive(Default)]
+struct ClaimColumns<'a> {
+    events: Vec<&'a str>,
+    devices: Vec<i64>,
+    results: Vec<Option<&'a JsonText>>,
+    attempts: Vec<Option<JsonText>>,
+}
+
+impl<'a> ClaimColumns<'a> {
     fn push(
         &mut self,
-        call_id: &'a str,
-        device_id: i64,
-        event_type: &'a str,
-        a: &'a AttemptRecord,
+        event: &'a str,
+        device: i64,
+        result: Option<&'a JsonText>,
+        attempts: Option<JsonText>,
     ) {
-        self.call_ids.push(call_id);
-        self.device_ids.push(device_id);
-        self.event_types.push(event_type);
-        self.at_ms.push(a.at_ms);
-        self.environments.push(a.environment.as_str());
-        self.statuses.push(a.apns_status.map(|s| s as i16));
-        self.reasons.push(a.reason.as_deref());
-        self.apns_ids.push(a.apns_id.as_deref());
-        self.latencies
-            .push(a.latency_ms.min(i32::MAX as u64) as i32);
+        self.events.push(event);
+        self.devices.push(device);
+        self.results.push(result);
+        self.attempts.push(attempts);
     }
 }
 
