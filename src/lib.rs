@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::amqp::consumer::{Consumer, ConsumerHealth};
-use crate::amqp::Publisher;
+use crate::amqp::{Publisher, ResultsExchange};
 use crate::apns::Apns;
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
@@ -132,7 +132,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
         cfg: cfg.clone(),
         store,
         apns,
-        publisher: publisher.clone(),
+        results: Arc::new(ResultsExchange {
+            publisher: publisher.clone(),
+            exchange: cfg.amqp.results_exchange.clone(),
+        }),
         metrics: metrics.clone(),
     });
     // The worker's id, locked in a session of its own for as long as its claims

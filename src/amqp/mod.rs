@@ -13,7 +13,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
-pub use publisher::Publisher;
+pub use publisher::{Publisher, ResultsExchange};
 
 use crate::config::{redact_url, AmqpConfig};
 use crate::retry_policy::RetryPolicy;

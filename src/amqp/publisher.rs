@@ -166,3 +166,26 @@ impl Publisher {
         }
     }
 }
+
+/// The results exchange: where the pipeline's results go, with the broker's
+/// confirms; routing key `push.<status>`.
+pub struct ResultsExchange {
+    pub publisher: Arc<Publisher>,
+    pub exchange: String,
+}
+
+impl crate::pipeline::ResultPublisher for ResultsExchange {
+    fn publish_result<'a>(
+        &'a self,
+        status: &'static str,
+        body: &'a [u8],
+    ) -> futures_util::future::BoxFuture<'a, Result<bool, String>> {
+        Box::pin(async move {
+            let key = format!("push.{status}");
+            self.publisher
+                .publish_json(&self.exchange, &key, body, None)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}

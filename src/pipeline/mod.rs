@@ -13,6 +13,7 @@ mod retry;
 
 use ids::{base_result, call_state, claim_key, event_id};
 use publish::Outgoing;
+pub use publish::ResultPublisher;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,7 +22,6 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::amqp::Publisher;
 use crate::apns::{Apns, App};
 use crate::config::Config;
 use crate::event::{
@@ -75,7 +75,8 @@ pub struct Pipeline {
     pub cfg: Arc<Config>,
     pub store: Store,
     pub apns: Arc<Apns>,
-    pub publisher: Arc<Publisher>,
+    /// Where results go (the pipeline knows no broker).
+    pub results: Arc<dyn ResultPublisher>,
     pub metrics: Metrics,
 }
 

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use futures_util::future::join_all;
+use futures_util::future::{join_all, BoxFuture};
 use tracing::warn;
 
 use super::{Disposition, Incoming, Pipeline};
@@ -17,6 +17,18 @@ const RESULT_PUBLISH_PATIENCE: Duration = Duration::from_secs(30);
 /// Pauses between tries of the results not yet confirmed.
 const RESULT_PUBLISH_RETRY: RetryPolicy =
     RetryPolicy::doubling(Duration::from_millis(100), Duration::from_secs(5));
+
+/// Where results go: the results exchange (`amqp::ResultsExchange`), or
+/// anything else that confirms what it takes.
+pub trait ResultPublisher: Send + Sync {
+    /// Publishes one result (its status, its JSON) and waits until it is
+    /// confirmed: `Ok(false)` when it was confirmed but no queue took it.
+    fn publish_result<'a>(
+        &'a self,
+        status: &'static str,
+        body: &'a [u8],
+    ) -> BoxFuture<'a, Result<bool, String>>;
+}
 
 /// A result and its JSON, serialised once: the same bytes go to the broker and
 /// into the claim.
@@ -124,17 +136,14 @@ impl Pipeline {
     /// Publishes every result and waits for the broker's confirms, retrying (with
     /// reconnects) for a while before giving up.
     async fn publish_results(&self, results: &[Outgoing]) -> Result<(), String> {
-        let exchange = &self.cfg.amqp.results_exchange;
         let started = Instant::now();
         let mut delays = RESULT_PUBLISH_RETRY.delays();
         let mut delay = delays.next_delay();
         let mut pending: Vec<&Outgoing> = results.iter().collect();
         while !pending.is_empty() {
-            let outcomes = join_all(pending.iter().map(|o| async move {
-                let key = format!("push.{}", o.result.status.as_str());
-                self.publisher
-                    .publish_json(exchange, &key, &o.body, None)
-                    .await
+            let outcomes = join_all(pending.iter().map(|o| {
+                self.results
+                    .publish_result(o.result.status.as_str(), &o.body)
             }))
             .await;
             let mut failed = Vec::new();

@@ -218,6 +218,26 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
+/// The postmaster of the bench's Postgres server, once known: only its
+/// processes count as Postgres (another cluster on the machine, or another
+/// database user's tests, are not the worker's cost).
+pub static POSTMASTER: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// The parent of a process (field 4 of /proc/PID/stat).
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(1)?.parse().ok()
+}
+
+/// Whether a `postgres` process belongs to the bench's server.
+fn ours(pid: u32) -> bool {
+    match POSTMASTER.get() {
+        Some(&postmaster) => pid == postmaster || parent_pid(pid) == Some(postmaster),
+        None => true,
+    }
+}
+
 /// User + system CPU ticks of a process (fields 14 and 15 of /proc/PID/stat,
 /// counted after the parenthesised command name, which may contain spaces).
 fn cpu_ticks(pid: u32) -> Option<u64> {
@@ -290,8 +310,8 @@ fn machine_ticks() -> (u64, u64) {
 }
 
 impl CpuSnapshot {
-    /// Now: the machine, RabbitMQ (`beam.smp`), every Postgres process, this
-    /// bench, and the given workers.
+    /// Now: the machine, RabbitMQ (`beam.smp`), the processes of the bench's
+    /// Postgres server, this bench, and the given workers.
     pub fn take(workers: &[u32]) -> Self {
         let mut by_pid = HashMap::new();
         let me = std::process::id();
@@ -305,7 +325,7 @@ impl CpuSnapshot {
                     _ if pid == me => Component::Bench,
                     _ if workers.contains(&pid) => Component::Worker,
                     "beam.smp" => Component::Broker,
-                    "postgres" => Component::Postgres,
+                    "postgres" if ours(pid) => Component::Postgres,
                     _ => continue,
                 };
                 if let Some(t) = cpu_ticks(pid) {

@@ -165,6 +165,13 @@ impl Bench {
             .await
             .map_err(|e| format!("postgres: {e}"))?;
         let task = tokio::spawn(conn);
+        // Its backend's parent is the server's postmaster (a local server).
+        if let Ok(row) = client.query_one("SELECT pg_backend_pid()", &[]).await {
+            let backend = row.get::<_, i32>(0) as u32;
+            if let Some(postmaster) = crate::procs::parent_pid(backend) {
+                let _ = crate::procs::POSTMASTER.set(postmaster);
+            }
+        }
         let user_ids: Vec<String> = self.devices.iter().map(|d| user_id(d.user)).collect();
         let tokens: Vec<&str> = self.devices.iter().map(|d| d.token.as_str()).collect();
         let envs: Vec<&str> = self
