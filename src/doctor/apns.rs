@@ -80,7 +80,7 @@ pub fn verdict(
                 "{answer}: APNs says a made-up token is not for {}",
                 ctx.topic
             ),
-            misconfigured_fix(ctx.topic, ctx.team_id, key),
+            super::worker::misconfigured_fix(ctx.topic, ctx.team_id, key),
         ),
         (Action::Delivered, _, _) => (
             Status::Pass,
@@ -183,23 +183,6 @@ pub fn verdict(
             ),
         ),
     }
-}
-
-/// The fix for an app whose every token APNs refuses (`DeviceTokenNotForTopic`,
-/// `TopicDisallowed`): the worker's `app_misconfigured`, and the probe's
-/// `DeviceTokenNotForTopic`. `key` names a setting of the app.
-pub fn misconfigured_fix(topic: &str, team_id: &str, key: impl Fn(&str) -> String) -> String {
-    format!(
-        "APNs refuses the tokens for topic {topic}: set {} to the bundle id of the app \
-         whose PushKit tokens are registered (without .voip: the worker sends <bundle id>.voip; \
-         the app needs the Voice over IP background mode), and sign with a key of the team \
-         that owns it (team {team_id} now: {}, {}, {}). No token was invalidated; the worker \
-         recovers at the first push APNs accepts",
-        key("bundle_id"),
-        key("team_id"),
-        key("key_id"),
-        key("key_file")
-    )
 }
 
 /// The fix for a connection that could not be made.

@@ -13,6 +13,23 @@ use crate::config::Config;
 /// The metric the worker raises, by app.
 const GAUGE: &str = "voip_push_apns_app_misconfigured";
 
+/// The fix for an app whose every token APNs refuses (`DeviceTokenNotForTopic`,
+/// `TopicDisallowed`): the worker's `app_misconfigured`, and the probe's
+/// `DeviceTokenNotForTopic`. `key` names a setting of the app.
+pub fn misconfigured_fix(topic: &str, team_id: &str, key: impl Fn(&str) -> String) -> String {
+    format!(
+        "APNs refuses the tokens for topic {topic}: set {} to the bundle id of the app \
+         whose PushKit tokens are registered (without .voip: the worker sends <bundle id>.voip; \
+         the app needs the Voice over IP background mode), and sign with a key of the team \
+         that owns it (team {team_id} now: {}, {}, {}). No token was invalidated; the worker \
+         recovers at the first push APNs accepts",
+        key("bundle_id"),
+        key("team_id"),
+        key("key_id"),
+        key("key_file")
+    )
+}
+
 /// The apps `/metrics` shows held as misconfigured.
 pub fn misconfigured_apps(metrics: &str) -> Vec<String> {
     metrics
@@ -49,7 +66,7 @@ pub async fn apps_check(cfg: &Config, authority: &str, timeout: Duration) -> Che
             };
             format!(
                 "{bundle}: {}",
-                super::apns::misconfigured_fix(&format!("{bundle}.voip"), team, |f| source.key(f))
+                misconfigured_fix(&format!("{bundle}.voip"), team, |f| source.key(f))
             )
         })
         .collect();

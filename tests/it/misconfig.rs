@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use serde_json::json;
+use voip_push_worker::doctor;
 use voip_push_worker::event::{Environment, PushResult, Status};
 
 use crate::common::{eventually, metric, random_token, TestEnv, BUNDLE};
@@ -53,6 +54,16 @@ async fn ring(env: &mut TestEnv, prefix: &str, users: &[String]) -> Vec<PushResu
         out.extend(env.results_for(&format!("{prefix}-{u}"), 1).await);
     }
     out
+}
+
+/// The doctor's `worker.apps` check against the running worker.
+async fn worker_apps_check(env: &TestEnv) -> doctor::Check {
+    let opts = doctor::Options {
+        worker_url: Some(format!("http://{}", env.worker().http_addr)),
+        ..Default::default()
+    };
+    let report = doctor::run(&env.cfg, &opts).await;
+    report.find("worker.apps")[0].clone()
 }
 
 fn count(results: &[PushResult], status: Status) -> usize {
@@ -103,6 +114,15 @@ async fn a_wrong_bundle_id_invalidates_no_token_and_recovers_after_a_success() {
         31.0
     );
 
+    // The doctor names the fix from the worker's state.
+    let apps = worker_apps_check(&env).await;
+    assert_eq!(apps.status, doctor::Status::Fail, "{apps:#?}");
+    let fix = apps.fix.clone().unwrap_or_default();
+    assert!(
+        fix.contains(BUNDLE) && fix.contains("bundle_id of [[apns.apps]] #1"),
+        "{fix}"
+    );
+
     // Still misconfigured: the next rings fail the same way, and still no
     // token is touched.
     let again = ring(&mut env, "wb2", &users[..3]).await;
@@ -115,6 +135,7 @@ async fn a_wrong_bundle_id_invalidates_no_token_and_recovers_after_a_success() {
         0.0,
     )
     .await;
+    assert_eq!(worker_apps_check(&env).await.status, doctor::Status::Pass);
     // What was refused through the misconfiguration is not applied afterwards.
     assert_eq!(invalidated(&env).await, []);
     // Deliveries proceed: the tokens APNs takes now ring (as once the app's
