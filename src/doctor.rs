@@ -14,6 +14,7 @@ pub mod devices;
 pub mod postgres;
 pub mod render;
 pub mod services;
+pub mod worker;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -213,7 +214,15 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
         services::rabbitmq(&cfg.amqp, opts.step_timeout),
         async {
             match &opts.worker_url {
-                Some(url) => vec![services::readyz(url, opts.step_timeout).await],
+                Some(url) => {
+                    let authority = url.strip_prefix("http://").unwrap_or(url);
+                    let authority = authority.trim_end_matches('/');
+                    let (ready, apps) = tokio::join!(
+                        services::readyz(url, opts.step_timeout),
+                        worker::apps_check(cfg, authority, opts.step_timeout),
+                    );
+                    vec![ready, apps]
+                }
                 None => Vec::new(),
             }
         },

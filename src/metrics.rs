@@ -3,8 +3,8 @@
 //! call ids ever become a label.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Buckets for APNs round trips and end-to-end latency: a ring should be on the
@@ -21,6 +21,7 @@ pub const EVENT_OUTCOMES: &[&str] = &[
     "failed",
     "token_invalidated",
     "cancelled",
+    "app_misconfigured",
     "invalid",
     "retried",
     "cancel",
@@ -52,6 +53,7 @@ pub const DELIVERY_STATUSES: &[&str] = &[
     "no_device",
     "invalid_event",
     "cancelled",
+    "app_misconfigured",
 ];
 
 /// `voip_push_retries_total{reason}`: Apple's retryable reasons and our
@@ -127,6 +129,11 @@ pub struct Metrics {
     pub long_polls_refused: IntCounter,
     /// Device tokens registered by another user than the one holding them.
     pub device_moves: IntCounter,
+    /// 1 while an app is held as misconfigured (`apns::guard`), by bundle id
+    /// (configured apps only); token-level refusals held as suspect, by app and
+    /// Apple's reason.
+    pub apns_app_misconfigured: IntGaugeVec,
+    pub apns_suspect_refusals: IntCounterVec,
 }
 
 /// Counts something in a gauge for as long as it is held.
@@ -316,6 +323,25 @@ impl Metrics {
             "device_moves_total",
             "Device tokens registered by a user other than the one they belonged to (moved).",
         );
+        let apns_app_misconfigured = IntGaugeVec::new(
+            Opts::new(
+                "voip_push_apns_app_misconfigured",
+                "1 while APNs refuses many distinct devices of the app and accepts none: a wrong \
+                 bundle id or key; its refused deliveries end app_misconfigured, no token is \
+                 invalidated.",
+            ),
+            &["app"],
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(apns_app_misconfigured.clone()))
+            .expect("register");
+        let apns_suspect_refusals = counter(
+            "apns_suspect_refusals_total",
+            "Token-level APNs refusals held as suspect (nothing written) because the app has \
+             not proven its configuration in that environment yet, by app and reason.",
+            &["app", "reason"],
+        );
         let m = Self {
             registry,
             events,
@@ -343,6 +369,8 @@ impl Metrics {
             long_polls_waiting,
             long_polls_refused,
             device_moves,
+            apns_app_misconfigured,
+            apns_suspect_refusals,
         };
         m.zero_known_series();
         m

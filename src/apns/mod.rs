@@ -2,6 +2,7 @@
 //! attempt loop for one device (environment fallback, retries within the ring).
 
 pub mod client;
+pub mod guard;
 pub mod outcome;
 pub mod token;
 
@@ -31,6 +32,8 @@ pub struct App {
     /// (`UnrelatedKeyIdInToken` otherwise), so each key has connections of its own,
     /// shared by the apps it signs for.
     pub client: Arc<ApnsClient>,
+    /// Whether this app's token-level refusals may invalidate tokens yet.
+    pub guard: guard::AppGuard,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +73,8 @@ pub struct DeliveryOutcome {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinalAction {
     Delivered,
-    /// Both environments said `BadDeviceToken`, or `DeviceTokenNotForTopic`.
+    /// Both environments said `BadDeviceToken`, or `DeviceTokenNotForTopic`:
+    /// invalidate, if the guard (`guard`) finds the app proven.
     Invalidate,
     /// 410 — the caller compares Apple's timestamp with the registration.
     Unregistered,
@@ -106,6 +110,11 @@ impl Apns {
         let mut by_key: HashMap<(String, String), KeyParts> = HashMap::new();
         let mut apps = Vec::new();
         for app in cfg.apps() {
+            for reason in ["BadDeviceToken", "DeviceTokenNotForTopic"] {
+                metrics
+                    .apns_suspect_refusals
+                    .with_label_values(&[&app.bundle_id, reason]);
+            }
             let id = (app.team_id.clone(), app.key_id.clone());
             let (tokens, client) = match by_key.get(&id) {
                 Some(parts) => parts.clone(),
@@ -122,11 +131,17 @@ impl Apns {
                     parts
                 }
             };
+            let guard = guard::AppGuard::new(cfg.apns.misconfigured_after_devices).exported_in(
+                metrics
+                    .apns_app_misconfigured
+                    .with_label_values(&[&app.bundle_id]),
+            );
             apps.push(App {
                 topic: app.voip_topic(),
                 config: app,
                 tokens,
                 client,
+                guard,
             });
         }
         Ok(Self {
@@ -298,7 +313,9 @@ impl Apns {
                                     reason_label
                                 }
                                 Action::Retry => reason_label,
-                                Action::RefreshProviderToken | Action::Fatal => {
+                                Action::RefreshProviderToken
+                                | Action::Fatal
+                                | Action::Misconfigured => {
                                     warn!(token = %suffix, environment = env.as_str(),
                                         status = out.last.as_ref().map(|r| r.status), reason = reason_label,
                                         "APNs refused the push for a reason retrying cannot fix; check the configuration");

@@ -89,7 +89,11 @@ pub enum Action {
     /// Transient (throttled device, Apple overloaded): retry after a backoff,
     /// within the ring deadline.
     Retry,
-    /// Our bug or a misconfiguration: fail now, no retry, alert.
+    /// The app's key or topic is refused (a configuration error, whatever the
+    /// token): fail now, no retry, alert; it counts towards the app being held
+    /// as misconfigured (`apns::guard`).
+    Misconfigured,
+    /// Our bug (a malformed request): fail now, no retry, alert.
     Fatal,
 }
 
@@ -99,6 +103,13 @@ impl Action {
             self,
             Action::RefreshProviderToken | Action::Reconnect | Action::Retry
         )
+    }
+
+    /// A refusal of the token itself, which a wrong bundle id or a key of
+    /// another team also produces for every token: the misconfiguration guard
+    /// (`apns::guard`) decides whether it may invalidate the token.
+    pub fn refuses_token(self) -> bool {
+        matches!(self, Action::TryOtherEnvironment | Action::InvalidateToken)
     }
 }
 
@@ -119,7 +130,11 @@ pub fn classify(status: u16, reason: Option<&str>) -> Action {
         (429, _) => Action::Retry,
         (503, "Shutdown") => Action::Reconnect,
         (500 | 502 | 503 | 504, _) => Action::Retry,
-        // Remaining 400s, 403s, 404, 405, 413 are our bug or misconfiguration.
+        (400, "BadTopic" | "MissingTopic" | "TopicDisallowed") => Action::Misconfigured,
+        (403, "InvalidProviderToken" | "MissingProviderToken" | "BadCertificate" | "Forbidden") => {
+            Action::Misconfigured
+        }
+        // Remaining 400s, 403s, 404, 405, 413 are our bug.
         _ => Action::Fatal,
     }
 }
@@ -138,19 +153,19 @@ mod tests {
             (400, "BadExpirationDate", Action::Fatal),
             (400, "BadMessageId", Action::Fatal),
             (400, "BadPriority", Action::Fatal),
-            (400, "BadTopic", Action::Fatal),
+            (400, "BadTopic", Action::Misconfigured),
             (400, "DuplicateHeaders", Action::Fatal),
             (400, "InvalidPushType", Action::Fatal),
             (400, "MissingDeviceToken", Action::Fatal),
-            (400, "MissingTopic", Action::Fatal),
+            (400, "MissingTopic", Action::Misconfigured),
             (400, "PayloadEmpty", Action::Fatal),
-            (400, "TopicDisallowed", Action::Fatal),
+            (400, "TopicDisallowed", Action::Misconfigured),
             (400, "IdleTimeout", Action::Reconnect),
             (403, "ExpiredProviderToken", Action::RefreshProviderToken),
-            (403, "InvalidProviderToken", Action::Fatal),
-            (403, "MissingProviderToken", Action::Fatal),
-            (403, "BadCertificate", Action::Fatal),
-            (403, "Forbidden", Action::Fatal),
+            (403, "InvalidProviderToken", Action::Misconfigured),
+            (403, "MissingProviderToken", Action::Misconfigured),
+            (403, "BadCertificate", Action::Misconfigured),
+            (403, "Forbidden", Action::Misconfigured),
             (403, "UnrelatedKeyIdInToken", Action::Reconnect),
             (
                 403,
@@ -186,6 +201,24 @@ mod tests {
         assert_eq!(classify(429, None), Action::Retry);
         assert_eq!(classify(400, Some("SomethingNew")), Action::Fatal);
         assert_eq!(classify(418, None), Action::Fatal);
+    }
+
+    #[test]
+    fn only_token_refusals_reach_the_guard() {
+        let token_level: Vec<_> = KNOWN_REASONS
+            .iter()
+            .flat_map(|r| [400, 403, 410].map(|s| (s, *r)))
+            .filter(|(s, r)| classify(*s, Some(r)).refuses_token())
+            .collect();
+        assert_eq!(
+            token_level,
+            [
+                (400, "BadDeviceToken"),
+                (400, "DeviceTokenNotForTopic"),
+                (403, "BadCertificateEnvironment"),
+                (403, "BadEnvironmentKeyIdInToken"),
+            ]
+        );
     }
 
     #[test]

@@ -86,8 +86,10 @@ pub fn check_request<'a>(parts: &'a Parts, body: &[u8]) -> Result<(&'a str, &'a 
     if topic.is_empty() {
         return Err((400, "MissingTopic"));
     }
+    // APNs answers a VoIP push to the app's plain topic as it answers a token of
+    // another app: the token is not for that topic.
     if push_type == "voip" && !topic.ends_with(".voip") {
-        return Err((400, "BadTopic"));
+        return Err((400, "DeviceTokenNotForTopic"));
     }
     if let Some(p) = header("apns-priority") {
         if !matches!(p, "10" | "5" | "1") {

@@ -79,6 +79,12 @@ pub struct ApnsConfig {
     /// silently is dropped within interval + timeout, not at the next TCP timeout.
     pub ping_interval_secs: u64,
     pub ping_timeout_secs: u64,
+    /// Distinct devices whose tokens (or whose app's key or topic) APNs refused
+    /// with no success in between that mark an app misconfigured: its refused
+    /// deliveries end `app_misconfigured` and the alert fires until a success.
+    /// 10: a handful of dead tokens in a row is normal for a user with old
+    /// phones; ten distinct devices and not one success is a configuration.
+    pub misconfigured_after_devices: usize,
 }
 
 impl Default for ApnsConfig {
@@ -97,6 +103,7 @@ impl Default for ApnsConfig {
             connections_per_environment: 2,
             ping_interval_secs: 15,
             ping_timeout_secs: 5,
+            misconfigured_after_devices: 10,
         }
     }
 }
@@ -175,6 +182,9 @@ impl Config {
         }
         if self.apns.connections_per_environment == 0 {
             return invalid("apns.connections_per_environment must be at least 1".into());
+        }
+        if self.apns.misconfigured_after_devices == 0 {
+            return invalid("apns.misconfigured_after_devices must be at least 1".into());
         }
         if self.postgres.pool_size == 0 {
             return invalid("postgres.pool_size must be at least 1".into());

@@ -65,14 +65,22 @@ pub fn verdict(
     let action = classify(resp_status, reason);
     match (action, resp_status, reason.unwrap_or("")) {
         // A made-up token refused as a token: the key and the topic were accepted.
-        (Action::TryOtherEnvironment, 400, _)
-        | (Action::InvalidateToken | Action::Unregistered, _, _) => (
+        (Action::TryOtherEnvironment, 400, _) | (Action::Unregistered, _, _) => (
             Status::Pass,
             format!(
                 "key and topic {} accepted ({answer} for a made-up token)",
                 ctx.topic
             ),
             None,
+        ),
+        // No token is of this topic when even a made-up one is "not for" it: the
+        // topic is not a VoIP topic APNs serves for this key.
+        (Action::InvalidateToken, _, _) => fail(
+            format!(
+                "{answer}: APNs says a made-up token is not for {}",
+                ctx.topic
+            ),
+            super::worker::misconfigured_fix(ctx.topic, ctx.team_id, key),
         ),
         (Action::Delivered, _, _) => (
             Status::Pass,

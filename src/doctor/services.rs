@@ -277,6 +277,25 @@ fn short(e: &str) -> String {
     }
 }
 
+/// GET `path` of a worker at `authority` (HOST:PORT): the whole answer, head
+/// and body, up to `limit` bytes.
+pub(super) async fn http_get(
+    authority: &str,
+    path: &str,
+    limit: u64,
+    timeout: Duration,
+) -> Result<String, String> {
+    within(timeout, &format!("GET {path}"), async {
+        let mut s = tokio::net::TcpStream::connect(authority).await?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await?;
+        let mut buf = Vec::new();
+        s.take(limit).read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf).into_owned())
+    })
+    .await
+}
+
 /// `worker.readyz`: GET `/readyz` of a running worker.
 pub async fn readyz(url: &str, timeout: Duration) -> Check {
     let c = Check::new("worker.readyz", Section::Worker, "worker /readyz");
@@ -290,16 +309,8 @@ pub async fn readyz(url: &str, timeout: Duration) -> Check {
             "pass --url http://HOST:PORT, the worker's VPW__HTTP__LISTEN address",
         );
     }
-    let result = within(timeout, "GET /readyz", async {
-        let mut s = tokio::net::TcpStream::connect(authority).await?;
-        let req = format!("GET /readyz HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await?;
-        let mut buf = Vec::new();
-        // /readyz answers a line; 16 KiB is more than any answer of ours.
-        s.take(16 * 1024).read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf).into_owned())
-    })
-    .await;
+    // /readyz answers a line; 16 KiB is more than any answer of ours.
+    let result = http_get(authority, "/readyz", 16 * 1024, timeout).await;
     let text = match result {
         Ok(t) => t,
         Err(e) => {

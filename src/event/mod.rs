@@ -202,6 +202,9 @@ pub enum Status {
     NoDevice,
     InvalidEvent,
     Cancelled,
+    /// APNs refused many distinct devices of the app and accepted none: its
+    /// configuration (bundle id, key) is wrong; no token was invalidated.
+    AppMisconfigured,
 }
 
 impl Status {
@@ -214,6 +217,7 @@ impl Status {
             Status::NoDevice => "no_device",
             Status::InvalidEvent => "invalid_event",
             Status::Cancelled => "cancelled",
+            Status::AppMisconfigured => "app_misconfigured",
         }
     }
 }

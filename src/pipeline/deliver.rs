@@ -10,7 +10,9 @@ use tracing::{info, warn};
 
 use super::publish::Outgoing;
 use super::{Call, Pipeline, APNS_ID_NAMESPACE, MAX_VOIP_PAYLOAD};
-use crate::apns::{AttemptHooks, AttemptRecord, DeliveryOutcome, DevicePush, FinalAction};
+use crate::apns::{
+    classify, Action, App, AttemptHooks, AttemptRecord, DeliveryOutcome, DevicePush, FinalAction,
+};
 use crate::event::{now_ms, now_rfc3339, token_suffix, Environment, EventType, PushResult, Status};
 use crate::store::claims::{Claim, JsonText, Outcome};
 use crate::store::{Device, Store, StoreError};
@@ -174,7 +176,7 @@ impl Pipeline {
             .apns
             .deliver(call.app, &push, &hooks, &self.metrics)
             .await;
-        let status = self.learn(device, &out).await;
+        let status = self.learn(call.app, device, &out).await;
         if status == Status::Delivered && call.kind == EventType::Incoming {
             let e2e = (now_ms() - call.sent_at_ms).max(0) as f64 / 1000.0;
             self.metrics.end_to_end.observe(e2e);
@@ -214,7 +216,7 @@ impl Pipeline {
     /// (A success is recorded with the outcome.) A database error here is logged,
     /// not retried: the push already happened, and re-running the event would
     /// ring the phone again.
-    async fn learn(&self, device: &Device, out: &DeliveryOutcome) -> Status {
+    async fn learn(&self, app: &App, device: &Device, out: &DeliveryOutcome) -> Status {
         let reason = out
             .last
             .as_ref()
@@ -222,12 +224,11 @@ impl Pipeline {
             .unwrap_or_else(|| "unknown".into());
         let result: Result<Status, StoreError> = async {
             Ok(match out.action {
-                FinalAction::Delivered => Status::Delivered,
-                FinalAction::Invalidate => {
-                    self.store.invalidate(device.id, &reason, None).await?;
-                    self.count_invalidation(&reason);
-                    Status::TokenInvalidated
+                FinalAction::Delivered => {
+                    self.proven(app, device, out.environment);
+                    Status::Delivered
                 }
+                FinalAction::Invalidate => self.token_refused(app, device, out, &reason).await?,
                 FinalAction::Unregistered => {
                     let at = out.last.as_ref().and_then(|r| r.timestamp_ms);
                     if self
@@ -245,7 +246,12 @@ impl Pipeline {
                         Status::Failed
                     }
                 }
-                FinalAction::Failed => Status::Failed,
+                FinalAction::Failed => match out.last.as_ref() {
+                    Some(r) if classify(r.status, r.reason.as_deref()) == Action::Misconfigured => {
+                        self.app_refused(app, device)
+                    }
+                    _ => Status::Failed,
+                },
                 FinalAction::Expired => Status::Expired,
                 FinalAction::Cancelled => Status::Cancelled,
             })
@@ -261,7 +267,7 @@ impl Pipeline {
         })
     }
 
-    fn count_invalidation(&self, reason: &str) {
+    pub(super) fn count_invalidation(&self, reason: &str) {
         self.metrics
             .tokens_invalidated
             .with_label_values(&[crate::apns::outcome::reason_label(Some(reason))])

@@ -10,6 +10,7 @@ mod deliver;
 mod ids;
 mod publish;
 mod retry;
+mod suspect;
 
 use ids::{base_result, call_state, claim_key, event_id};
 use publish::Outgoing;

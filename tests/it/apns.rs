@@ -104,11 +104,12 @@ async fn simulator_enforces_apples_rules() {
         (400, Some("BadDeviceToken".into()))
     );
 
+    // A VoIP push to the plain bundle id: APNs says the token is not for it.
     let mut r = good.clone();
     r.topic = BUNDLE.into();
     assert_eq!(
         answer(&rig, Environment::Sandbox, &r).await,
-        (400, Some("BadTopic".into()))
+        (400, Some("DeviceTokenNotForTopic".into()))
     );
     let mut r = good.clone();
     r.topic = "com.other.app.voip".into();
@@ -325,9 +326,21 @@ async fn sandbox_token_registered_as_production_falls_back_and_is_learned() {
     env.cleanup().await;
 }
 
+/// Requests the simulator received for `token`.
+fn requests_to(env: &TestEnv, token: &str) -> usize {
+    env.sim
+        .requests()
+        .iter()
+        .filter(|q| q.token == token)
+        .count()
+}
+
 #[tokio::test]
 async fn token_refused_by_both_environments_is_invalidated_and_never_pushed_again() {
     let mut env = TestEnv::new().await;
+    // Once the app's configuration is proven in both (the misconfiguration guard).
+    env.prove_app(&[Environment::Production, Environment::Sandbox])
+        .await;
     // Registered with us, unknown to APNs in either environment.
     let token = random_token();
     env.store
@@ -344,7 +357,7 @@ async fn token_refused_by_both_environments_is_invalidated_and_never_pushed_agai
         .await
         .unwrap()
         .is_empty());
-    assert_eq!(env.sim.requests().len(), 2);
+    assert_eq!(requests_to(&env, &token), 2);
 
     env.publish(json!({"callId":"inv-2","toUserId":30})).await;
     assert_eq!(
@@ -352,7 +365,7 @@ async fn token_refused_by_both_environments_is_invalidated_and_never_pushed_agai
         Status::NoDevice
     );
     assert_eq!(
-        env.sim.requests().len(),
+        requests_to(&env, &token),
         2,
         "an invalidated token is never pushed to"
     );

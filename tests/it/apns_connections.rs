@@ -81,7 +81,14 @@ async fn goaway_moves_pushes_to_a_new_connection() {
 
 #[tokio::test]
 async fn a_storm_of_dead_tokens_does_not_hold_up_a_proven_device() {
-    let mut env = TestEnv::with(|cfg| cfg.apns.connections_per_environment = 1).await;
+    let mut env = TestEnv::with(|cfg| {
+        cfg.apns.connections_per_environment = 1;
+        // Twelve refusals in a row would otherwise take the app's proof back.
+        cfg.apns.misconfigured_after_devices = 20;
+    })
+    .await;
+    // Refusals in both environments invalidate only once both are proven.
+    env.prove_app(&[Environment::Sandbox]).await;
     let victim = env.device("victim", None, Environment::Production).await;
     env.publish(json!({"callId":"warm-up","toUserId":"victim"}))
         .await;

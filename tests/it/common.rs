@@ -273,6 +273,26 @@ impl TestEnv {
         token
     }
 
+    /// Proves the first app's configuration in each of `envs` with a delivered
+    /// push to a device of its own user: only then may APNs' refusal of a
+    /// token invalidate it (the misconfiguration guard, `apns::guard`).
+    pub async fn prove_app(&mut self, envs: &[Environment]) {
+        let user = unique("prover-");
+        for env in envs {
+            self.device(&user, Some(*env), *env).await;
+        }
+        let call = unique("prove-");
+        self.publish(serde_json::json!({"callId": call, "toUserId": user}))
+            .await;
+        let results = self.results_for(&call, envs.len()).await;
+        assert!(
+            results
+                .iter()
+                .all(|r| r.status == voip_push_worker::event::Status::Delivered),
+            "{results:#?}"
+        );
+    }
+
     /// Publishes raw bytes to the call exchange as a producer would.
     pub async fn publish_raw(&self, body: &[u8]) {
         self.publish_with(

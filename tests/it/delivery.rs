@@ -96,6 +96,8 @@ async fn gone_410_invalidates_only_tokens_registered_before_apples_timestamp() {
 #[tokio::test]
 async fn device_token_not_for_topic_is_invalidated_and_success_is_recorded() {
     let mut env = TestEnv::new().await;
+    // Applied at once once a success proved the app's configuration.
+    env.prove_app(&[Environment::Production]).await;
     let alert_token = random_token();
     // An alert token of the app, sent as if it were the VoIP token.
     env.sim

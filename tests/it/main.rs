@@ -17,6 +17,7 @@ mod doctor;
 mod faults;
 mod hostile;
 mod lifecycle;
+mod misconfig;
 mod ops;
 mod pipeline;
 mod routing;

@@ -41,7 +41,12 @@ fn each_answer_maps_to_its_fix() {
         (403, "UnrelatedKeyIdInToken", Status::Warn, "again"),
         (501, "", Status::Fail, "VPW__APNS__PRODUCTION_URL"),
         (410, "Unregistered", Status::Pass, ""),
-        (400, "DeviceTokenNotForTopic", Status::Pass, ""),
+        (
+            400,
+            "DeviceTokenNotForTopic",
+            Status::Fail,
+            "VPW__APNS__BUNDLE_ID",
+        ),
         (404, "BadPath", Status::Fail, "VPW__APNS__PRODUCTION_URL"),
     ];
     for (code, reason, want, in_fix) in rows {
@@ -83,7 +88,10 @@ fn verdicts_agree_with_the_workers_outcome_table_for_every_answer() {
             let action = classify(code, reason);
             let want = match action {
                 Action::Retry | Action::Reconnect => Status::Warn,
-                Action::Fatal | Action::RefreshProviderToken => Status::Fail,
+                Action::Fatal
+                | Action::Misconfigured
+                | Action::RefreshProviderToken
+                | Action::InvalidateToken => Status::Fail,
                 Action::TryOtherEnvironment if code == 403 => Status::Fail,
                 _ => Status::Pass,
             };

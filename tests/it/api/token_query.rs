@@ -28,9 +28,13 @@ async fn token_query_rings_a_user_from_their_own_users_table() {
     let token = random_token();
     env.sim.register_token(Environment::Sandbox, &token, BUNDLE);
     let stale = random_token(); // known to neither APNs environment
+    let production = random_token();
+    env.sim
+        .register_token(Environment::Production, &production, BUNDLE);
     db.execute(
-        "INSERT INTO users VALUES (10, 'User 10', $1), (12, 'User 12', $2), (13, 'User 13', NULL)",
-        &[&token.to_ascii_uppercase(), &stale],
+        "INSERT INTO users VALUES (10, 'User 10', $1), (12, 'User 12', $2), (13, 'User 13', NULL),
+                                  (14, 'User 14', $3)",
+        &[&token.to_ascii_uppercase(), &stale, &production],
     )
     .await
     .unwrap();
@@ -62,7 +66,13 @@ async fn token_query_rings_a_user_from_their_own_users_table() {
     assert_eq!(r.status, Status::Delivered);
     assert!(!r.fallback_used, "{r:?}");
 
-    // A token APNs refuses in both environments is cleared by invalidate_query.
+    // A token APNs refuses in both environments is cleared by invalidate_query,
+    // once a success in each proved the configuration (tq-10 in the sandbox).
+    env.publish(json!({"callId":"tq-14","toUserId":14})).await;
+    assert_eq!(
+        env.results_for("tq-14", 1).await[0].status,
+        Status::Delivered
+    );
     env.publish(json!({"callId":"tq-12","toUserId":12})).await;
     let r = &env.results_for("tq-12", 1).await[0];
     assert_eq!(r.status, Status::TokenInvalidated, "{r:?}");
@@ -110,13 +120,34 @@ async fn token_query_without_invalidate_query_records_invalidation_in_our_table(
     )
     .await
     .unwrap();
+    // Devices APNs accepts in each environment prove the configuration first:
+    // only then may a refusal in both invalidate `stale`.
+    for env_ in [Environment::Sandbox, Environment::Production] {
+        let t = random_token();
+        env.sim.register_token(env_, &t, BUNDLE);
+        db.execute(
+            "INSERT INTO user_details VALUES ('u21', $1, $2)",
+            &[&BUNDLE, &t],
+        )
+        .await
+        .unwrap();
+    }
+    env.publish(json!({"callId":"ud-0","toUserId":"u21"})).await;
+    let proved = env.results_for("ud-0", 2).await;
+    assert!(
+        proved.iter().all(|r| r.status == Status::Delivered),
+        "{proved:?}"
+    );
 
     env.publish(json!({"callId":"ud-1","toUserId":"u20"})).await;
     let r = &env.results_for("ud-1", 1).await[0];
     assert_eq!(r.status, Status::TokenInvalidated, "{r:?}");
     let requests = env.sim.requests();
     assert!(
-        requests.iter().all(|q| q.token == stale),
+        requests
+            .iter()
+            .filter(|q| q.headers["apns-collapse-id"] == "ud-1")
+            .all(|q| q.token == stale),
         "only this app's token"
     );
     // Recorded in our table, and honoured on the next call.
