@@ -3,8 +3,8 @@
 //! call ids ever become a label.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Buckets for APNs round trips and end-to-end latency: a ring should be on the
@@ -127,6 +127,9 @@ pub struct Metrics {
     pub long_polls_refused: IntCounter,
     /// Device tokens registered by another user than the one holding them.
     pub device_moves: IntCounter,
+    /// When each certificate app's certificate expires (UNIX seconds), by bundle
+    /// id (configured apps only: a closed set).
+    pub apns_certificate_expiry: IntGaugeVec,
 }
 
 /// Counts something in a gauge for as long as it is held.
@@ -316,6 +319,17 @@ impl Metrics {
             "device_moves_total",
             "Device tokens registered by a user other than the one they belonged to (moved).",
         );
+        let apns_certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                "voip_push_apns_certificate_expiry_timestamp_seconds",
+                "When the APNs certificate of a certificate app expires (UNIX time); alert 30 days ahead.",
+            ),
+            &["app"],
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(apns_certificate_expiry.clone()))
+            .expect("register");
         let m = Self {
             registry,
             events,
@@ -343,6 +357,7 @@ impl Metrics {
             long_polls_waiting,
             long_polls_refused,
             device_moves,
+            apns_certificate_expiry,
         };
         m.zero_known_series();
         m
