@@ -108,7 +108,11 @@ pub fn load(ca: &ConfiguredApp) -> (Option<Arc<ClientIdentity>>, Check) {
             // Still probed: APNs' own answer is shown beside this verdict.
             c.fail(e.to_string(), fix)
         }
-        Ok(()) => c.pass(format!("{} for {}", info.subject(), app.bundle_id)),
+        Ok(()) => c.pass(format!(
+            "{}: a VoIP certificate of {}",
+            info.subject(),
+            app.bundle_id
+        )),
     };
     (Some(Arc::new(id)), check)
 }
@@ -166,6 +170,12 @@ pub fn verdict(
     let subject = id.info.subject();
     let fail = |detail: String, fix: String| Some((Status::Fail, detail, Some(fix)));
     match (status, reason?) {
+        // APNs checks the certificate and topic before the made-up device token.
+        (400, "BadDeviceToken") => Some((
+            Status::Pass,
+            format!("certificate and topic {topic} accepted ({answer} for a made-up token)"),
+            None,
+        )),
         (400, "TopicDisallowed") => fail(
             format!("{answer}: the certificate ({subject}) may not push to {topic}"),
             "use the VoIP Services certificate of this bundle id, or set the bundle id \

@@ -59,6 +59,7 @@ async fn doctor_checks_certificate_apps_and_their_expiry() {
     for c in report.find("apns.accept") {
         assert_eq!(c.status, Status::Pass, "{text}");
         assert_eq!(c.data["reason"], "BadDeviceToken", "{text}");
+        assert!(c.detail.starts_with("certificate and topic"), "{text}");
     }
     assert_eq!(report.find("apns.accept").len(), 2, "{text}");
 
