@@ -319,19 +319,22 @@ pub fn app_parts(
 type Parts = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
 
 fn from_pem(data: &[u8]) -> Result<Parts, String> {
-    let chain = CertificateDer::pem_slice_iter(data)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("bad PEM certificate: {e}"))?;
-    if chain.is_empty() {
-        return Err("no \"BEGIN CERTIFICATE\" block".into());
-    }
     let text = String::from_utf8_lossy(data);
-    if text.contains("ENCRYPTED") {
+    // PKCS#8 `ENCRYPTED PRIVATE KEY`, or OpenSSL's traditional encrypted PEM.
+    if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        || text.contains("Proc-Type: 4,ENCRYPTED")
+    {
         return Err(
             "the private key is encrypted: decrypt it once with `openssl pkey -in \
                     key.pem -out key-plain.pem` (or use the .p12 with cert_password_file)"
                 .into(),
         );
+    }
+    let chain = CertificateDer::pem_slice_iter(data)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("bad PEM certificate: {e}"))?;
+    if chain.is_empty() {
+        return Err("no \"BEGIN CERTIFICATE\" block".into());
     }
     let key = PrivateKeyDer::from_pem_slice(data).map_err(|_| {
         "no private key (\"BEGIN PRIVATE KEY\" or \"BEGIN RSA PRIVATE KEY\"): put the key \

@@ -173,6 +173,17 @@ fn unusable_files_say_what_to_do() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("encrypted"), "{err}");
+    let traditional = files.write(
+        "rsa.pem",
+        format!(
+            "{}-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00\n\nAAAA\n-----END RSA PRIVATE KEY-----\n",
+            cert.cert_pem
+        ),
+    );
+    let err = ClientIdentity::load(&traditional, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("openssl pkey"), "{err}");
     let garbage = files.write("x.p12", b"\x30\x03\x02\x01\x03");
     let err = ClientIdentity::load(&garbage, None)
         .unwrap_err()
