@@ -9,11 +9,13 @@
 //! well under a second and a black-holed service costs one timeout, not a hang.
 
 pub mod apns;
+pub mod certs;
 pub mod config;
 pub mod devices;
 pub mod postgres;
 pub mod render;
 pub mod services;
+pub mod trust;
 pub mod worker;
 
 use std::path::Path;
@@ -208,6 +210,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
     let mut checks = config::check(cfg);
     let keys = config::keys(cfg);
     checks.extend(keys.iter().map(|k| k.check.clone()));
+    checks.extend(certs::expiries(&keys));
     let (apns, postgres, rabbitmq, worker) = tokio::join!(
         apns::check(cfg, &keys, opts.step_timeout),
         postgres::postgres(cfg, opts.step_timeout),

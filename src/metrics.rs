@@ -134,6 +134,9 @@ pub struct Metrics {
     /// Apple's reason.
     pub apns_app_misconfigured: IntGaugeVec,
     pub apns_suspect_refusals: IntCounterVec,
+    /// When each certificate app's certificate expires (UNIX seconds), by bundle
+    /// id (configured apps only: a closed set).
+    pub apns_certificate_expiry: IntGaugeVec,
 }
 
 /// Counts something in a gauge for as long as it is held.
@@ -342,6 +345,17 @@ impl Metrics {
              not proven its configuration in that environment yet, by app and reason.",
             &["app", "reason"],
         );
+        let apns_certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                "voip_push_apns_certificate_expiry_timestamp_seconds",
+                "When the APNs certificate of a certificate app expires (UNIX time); alert 30 days ahead.",
+            ),
+            &["app"],
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(apns_certificate_expiry.clone()))
+            .expect("register");
         let m = Self {
             registry,
             events,
@@ -371,6 +385,7 @@ impl Metrics {
             device_moves,
             apns_app_misconfigured,
             apns_suspect_refusals,
+            apns_certificate_expiry,
         };
         m.zero_known_series();
         m

@@ -88,6 +88,8 @@ pub struct ApnsResponse {
     /// On 410: when APNs learned the token was no longer valid (ms since epoch).
     pub timestamp_ms: Option<i64>,
     pub latency: Duration,
+    /// The `date` header: APNs' clock, which `doctor` compares with ours.
+    pub date: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -144,6 +146,17 @@ pub struct ApnsClient {
     metrics: Metrics,
 }
 
+/// What APNs connections trust: the public roots (Mozilla's list, compiled in)
+/// plus `extra_pem` (`apns.ca_file`).
+pub fn trusted_roots(extra_pem: Option<&[u8]>) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(pem) = extra_pem {
+        crate::tls::add_pem_roots(&mut roots, pem)?;
+    }
+    Ok(roots)
+}
+
 /// Splits `https://host[:port][/]` into host and port.
 fn parse_base_url(url: &str) -> Result<(String, String, u16), String> {
     let rest = url
@@ -177,16 +190,28 @@ fn parse_base_url(url: &str) -> Result<(String, String, u16), String> {
 
 impl ApnsClient {
     pub fn new(settings: ClientSettings, metrics: Metrics) -> Result<Self, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(pem) = &settings.extra_roots_pem {
-            crate::tls::add_pem_roots(&mut roots, pem)?;
-        }
-        let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        Self::with_identity(settings, metrics, None)
+    }
+
+    /// A client whose connections authenticate with `identity`, a VoIP Services
+    /// certificate, in the TLS handshake (one certificate per client, so per
+    /// connection pool); `None`: provider tokens only.
+    pub fn with_identity(
+        settings: ClientSettings,
+        metrics: Metrics,
+        identity: Option<&super::cert::ClientIdentity>,
+    ) -> Result<Self, String> {
+        let roots = trusted_roots(settings.extra_roots_pem.as_deref())?;
+        let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let mut tls = match identity {
+            Some(id) => tls
+                .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+                .map_err(|e| format!("certificate {}: {e}", id.path.display()))?,
+            None => tls.with_no_client_auth(),
+        };
         tls.alpn_protocols = vec![b"h2".to_vec()];
 
         let endpoint = |environment, url: &str| -> Result<Endpoint, String> {
@@ -349,17 +374,20 @@ impl ApnsClient {
             let result = async {
                 let response = sender.send_request(request).await?;
                 let status = response.status().as_u16();
-                let apns_id = response
-                    .headers()
-                    .get("apns-id")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string);
+                let header = |name: &str| {
+                    response
+                        .headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                };
+                let (apns_id, date) = (header("apns-id"), header("date"));
                 let body = Limited::new(response.into_body(), MAX_RESPONSE_BODY)
                     .collect()
                     .await
                     .map(|b| b.to_bytes())
                     .unwrap_or_default();
-                Ok::<_, hyper::Error>((status, apns_id, body))
+                Ok::<_, hyper::Error>((status, apns_id, date, body))
             }
             .await;
             match result {
@@ -392,7 +420,7 @@ impl ApnsClient {
             .with_label_values(&[environment])
             .observe(latency.as_secs_f64());
         match outcome {
-            Ok((status, apns_id, body)) => {
+            Ok((status, apns_id, date, body)) => {
                 let (reason, timestamp_ms) = parse_error_body(&body);
                 self.metrics
                     .apns_requests
@@ -408,6 +436,7 @@ impl ApnsClient {
                     apns_id,
                     timestamp_ms,
                     latency,
+                    date,
                 })
             }
             Err(e) => {
@@ -426,8 +455,12 @@ impl ApnsClient {
 /// not a valid header value (event parsing keeps such ids out; this is the last
 /// line).
 pub fn build_request(base: &str, req: &PushRequest) -> Result<Request<Full<Bytes>>, SendError> {
-    Request::post(format!("{base}/3/device/{}", req.token))
-        .header("authorization", format!("bearer {}", req.provider_token))
+    let mut builder = Request::post(format!("{base}/3/device/{}", req.token));
+    // Empty for a certificate app: the TLS handshake authenticated it.
+    if !req.provider_token.is_empty() {
+        builder = builder.header("authorization", format!("bearer {}", req.provider_token));
+    }
+    builder
         .header("apns-push-type", "voip")
         .header("apns-topic", &req.topic)
         .header("apns-priority", req.priority.to_string())

@@ -1,6 +1,7 @@
 //! APNs delivery: the HTTP/2 client, provider tokens, the response table, and the
 //! attempt loop for one device (environment fallback, retries within the ring).
 
+pub mod cert;
 pub mod client;
 pub mod guard;
 pub mod outcome;
@@ -40,6 +41,8 @@ pub struct App {
 pub enum SetupError {
     #[error(transparent)]
     Key(#[from] token::KeyError),
+    #[error(transparent)]
+    Cert(#[from] cert::CertError),
     #[error("APNs client: {0}")]
     Client(String),
     #[error("cannot read APNs CA file {path}: {source}")]
@@ -116,19 +119,24 @@ impl Apns {
                     .with_label_values(&[&app.bundle_id, reason]);
             }
             let id = (app.team_id.clone(), app.key_id.clone());
-            let (tokens, client) = match by_key.get(&id) {
-                Some(parts) => parts.clone(),
-                None => {
-                    let key = SigningKey::from_p8_file(&app.key_file, &app.team_id, &app.key_id)?;
-                    let parts = (
-                        Arc::new(ProviderToken::new(key, metrics.clone())),
-                        Arc::new(
-                            ApnsClient::new(settings.clone(), metrics.clone())
-                                .map_err(SetupError::Client)?,
-                        ),
-                    );
-                    by_key.insert(id, parts.clone());
-                    parts
+            let (tokens, client) = if app.uses_certificate() {
+                cert::app_parts(&app, &settings, &metrics)?
+            } else {
+                match by_key.get(&id) {
+                    Some(parts) => parts.clone(),
+                    None => {
+                        let key =
+                            SigningKey::from_p8_file(&app.key_file, &app.team_id, &app.key_id)?;
+                        let parts = (
+                            Arc::new(ProviderToken::new(key, metrics.clone())),
+                            Arc::new(
+                                ApnsClient::new(settings.clone(), metrics.clone())
+                                    .map_err(SetupError::Client)?,
+                            ),
+                        );
+                        by_key.insert(id, parts.clone());
+                        parts
+                    }
                 }
             };
             let guard = guard::AppGuard::new(cfg.apns.misconfigured_after_devices).exported_in(

@@ -146,9 +146,11 @@ pub fn unix_now() -> u64 {
         .as_secs()
 }
 
-/// The shared, cached provider token of one key.
+/// The shared, cached provider token of one key. A certificate app has none:
+/// it authenticates in the TLS handshake, and its token is empty (the request
+/// then carries no `authorization` header).
 pub struct ProviderToken {
-    key: SigningKey,
+    key: Option<SigningKey>,
     cached: Mutex<Option<(Arc<str>, u64)>>,
     metrics: Metrics,
 }
@@ -156,18 +158,30 @@ pub struct ProviderToken {
 impl ProviderToken {
     pub fn new(key: SigningKey, metrics: Metrics) -> Self {
         Self {
-            key,
+            key: Some(key),
             cached: Mutex::new(None),
             metrics,
         }
     }
 
-    pub fn key(&self) -> &SigningKey {
-        &self.key
+    /// The "token" of a certificate app: always empty, never minted.
+    pub fn none(metrics: Metrics) -> Self {
+        Self {
+            key: None,
+            cached: Mutex::new(None),
+            metrics,
+        }
+    }
+
+    pub fn key(&self) -> Option<&SigningKey> {
+        self.key.as_ref()
     }
 
     /// The current token, minted only when none exists or it reached [`REFRESH_AFTER`].
     pub fn current(&self) -> Arc<str> {
+        let Some(key) = &self.key else {
+            return Arc::from("");
+        };
         let now = unix_now();
         let mut cached = self.cached.lock().expect("token cache lock");
         if let Some((token, iat)) = cached.as_ref() {
@@ -175,7 +189,7 @@ impl ProviderToken {
                 return token.clone();
             }
         }
-        let token: Arc<str> = self.key.sign(now).into();
+        let token: Arc<str> = key.sign(now).into();
         self.metrics.provider_tokens_signed.inc();
         *cached = Some((token.clone(), now));
         token
@@ -238,6 +252,16 @@ mod tests {
         tokens.refresh_if_current(&a); // a late report about the old token changes nothing
         assert_eq!(tokens.current(), b);
         assert_eq!(metrics.provider_tokens_signed.get(), 2);
+    }
+
+    #[test]
+    fn a_certificate_app_has_an_empty_token_and_signs_nothing() {
+        let metrics = Metrics::new();
+        let tokens = ProviderToken::none(metrics.clone());
+        assert_eq!(&*tokens.current(), "");
+        tokens.refresh_if_current("");
+        assert_eq!(&*tokens.current(), "");
+        assert_eq!(metrics.provider_tokens_signed.get(), 0);
     }
 
     #[test]

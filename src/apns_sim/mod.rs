@@ -3,6 +3,7 @@
 //! of every request, and a plain-HTTP control API. Used in-process by tests and
 //! `demo`, and standalone by `voip-push-worker apns-sim`.
 
+pub mod certs;
 mod control;
 pub mod faults;
 mod server;
@@ -36,8 +37,10 @@ pub struct SimApp {
 
 impl SimApp {
     /// The apps of a worker configuration, with the public halves of their keys.
+    /// Certificate apps need no entry: the simulator's CA vouches for them.
     pub fn from_config(apps: &[AppConfig]) -> Result<Vec<SimApp>, KeyError> {
         apps.iter()
+            .filter(|a| !a.uses_certificate())
             .map(|a| {
                 let key = SigningKey::from_p8_file(&a.key_file, &a.team_id, &a.key_id)?;
                 Ok(SimApp {
@@ -68,6 +71,10 @@ pub struct RecordedRequest {
     pub at_ms: i64,
     /// Which connection carried it (numbered as accepted, both environments).
     pub connection: u64,
+    /// The subject (`UID=…, CN=…`) of the client certificate its connection
+    /// presented, if any.
+    #[serde(default)]
+    pub client_certificate: Option<String>,
 }
 
 /// A scripted answer for one token, used instead of the normal verdict once the
@@ -134,8 +141,10 @@ pub struct ApnsSim {
     pub production_addr: SocketAddr,
     pub sandbox_addr: SocketAddr,
     pub control_addr: Option<SocketAddr>,
-    /// The CA that signed the simulator's certificate, for `VPW__APNS__CA_FILE`.
+    /// The CA that signed the simulator's certificate, for `VPW__APNS__CA_FILE`;
+    /// it also issues the client certificates the simulator accepts.
     pub ca_pem: String,
+    issuer: Arc<rcgen::Issuer<'static, rcgen::KeyPair>>,
     state: Arc<SimState>,
     shutdown: CancellationToken,
 }
@@ -198,6 +207,7 @@ impl ApnsSim {
             sandbox_addr,
             control_addr,
             ca_pem: tls.ca_pem,
+            issuer: tls.issuer,
             state,
             shutdown,
         })
@@ -209,6 +219,12 @@ impl ApnsSim {
 
     pub fn sandbox_url(&self) -> String {
         format!("https://{}", self.sandbox_addr)
+    }
+
+    /// A client certificate from the simulator's CA, which it accepts as APNs
+    /// accepts Apple's (see [`certs::CertSpec::voip`]).
+    pub fn issue_client_cert(&self, spec: &certs::CertSpec) -> Result<certs::IssuedCert, String> {
+        certs::issue(&self.issuer, spec)
     }
 
     /// Makes `token` a valid device token of `bundle_id` in `env` (only there).

@@ -15,7 +15,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::{faults, validate, RecordedRequest, Scripted, SimState};
+use super::{certs, faults, validate, RecordedRequest, Scripted, SimState};
+use crate::apns::cert::CertInfo;
 use crate::event::{now_ms, token_suffix, Environment};
 
 /// APNs refuses a new provider token on a connection within 20 minutes of the
@@ -34,6 +35,9 @@ struct ConnState {
     /// after a rejected one until the next success (as APNs is observed to do).
     restricted: bool,
     gate: Arc<tokio::sync::Mutex<()>>,
+    /// The client certificate of the handshake: the connection's app, instead of
+    /// provider tokens.
+    client_cert: Option<CertInfo>,
 }
 
 pub(super) async fn serve_apns(
@@ -62,9 +66,16 @@ pub(super) async fn serve_apns(
                 debug!(%peer, "TLS handshake failed");
                 return;
             };
+            let client_cert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| CertInfo::from_der(leaf).ok());
             let conn_state = Arc::new(Mutex::new(ConnState {
                 number,
                 restricted: true,
+                client_cert,
                 ..ConnState::default()
             }));
             let service = hyper::service::service_fn(move |req| {
@@ -109,7 +120,7 @@ async fn handle(
     // with Apple's 413 rather than cut off.
     let body = match Limited::new(body, 64 * 1024).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(_) => return answer(env, 413, Some("PayloadTooLarge"), None, None),
+        Err(_) => return dated(state, answer(env, 413, Some("PayloadTooLarge"), None, None)),
     };
     let token = parts
         .uri
@@ -117,9 +128,13 @@ async fn handle(
         .strip_prefix("/3/device/")
         .unwrap_or_default()
         .to_ascii_lowercase();
-    let (gate, number) = {
+    let (gate, number, client_certificate) = {
         let c = conn.lock().expect("conn lock");
-        (c.restricted.then(|| c.gate.clone()), c.number)
+        (
+            c.restricted.then(|| c.gate.clone()),
+            c.number,
+            c.client_cert.as_ref().map(CertInfo::subject),
+        )
     };
     // While restricted, requests on this connection are answered one at a time.
     let _one_stream = match gate {
@@ -176,6 +191,7 @@ async fn handle(
             apns_id: Some(apns_id.clone()),
             at_ms: now_ms(),
             connection: number,
+            client_certificate,
         });
     if delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
@@ -185,7 +201,21 @@ async fn handle(
         400 | 410 => conn.lock().expect("conn lock").restricted = true,
         _ => {}
     }
-    answer(env, status, reason.as_deref(), timestamp_ms, Some(apns_id))
+    dated(
+        state,
+        answer(env, status, reason.as_deref(), timestamp_ms, Some(apns_id)),
+    )
+}
+
+/// Stamps `date` from the simulator's clock (shifted by
+/// [`super::ApnsSim::set_clock_offset`]), so a skewed clock can be staged.
+fn dated(state: &SimState, mut response: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    if let Ok(v) =
+        hyper::header::HeaderValue::from_str(&crate::event::http_date(state.now() as i64))
+    {
+        response.headers_mut().insert(hyper::header::DATE, v);
+    }
+    response
 }
 
 /// The verdict for one request: `Err` for a refusal by the rules, `Ok(Some)` for a
@@ -199,6 +229,44 @@ fn decide(
     conn: &Mutex<ConnState>,
 ) -> Result<Option<Scripted>, validate::Refusal> {
     let (_, topic) = validate::check_request(parts, body)?;
+    let client_cert = conn.lock().expect("conn lock").client_cert.clone();
+    let bundle = match client_cert {
+        Some(cert) => certs::check_topic(topic, &cert, env)?,
+        None => token_bundle(parts, topic, state, conn)?,
+    };
+    if !token.bytes().all(|b| b.is_ascii_hexdigit()) || token.len() % 2 != 0 {
+        return Err((400, "BadDeviceToken"));
+    }
+    if let Some(s) = state
+        .scripts
+        .lock()
+        .expect("sim lock")
+        .get_mut(token)
+        .and_then(VecDeque::pop_front)
+    {
+        return Ok(Some(s));
+    }
+    match state
+        .tokens
+        .lock()
+        .expect("sim lock")
+        .get(&(env, token.to_string()))
+    {
+        None => Err((400, "BadDeviceToken")),
+        Some(b) if *b != bundle => Err((400, "DeviceTokenNotForTopic")),
+        Some(_) => Ok(None),
+    }
+}
+
+/// The app of a connection without a client certificate: its provider token's
+/// team and key (binding the connection to the key of its first push, and
+/// limiting token changes, as APNs does), and the topic's bundle of that team.
+fn token_bundle(
+    parts: &hyper::http::request::Parts,
+    topic: &str,
+    state: &SimState,
+    conn: &Mutex<ConnState>,
+) -> Result<String, validate::Refusal> {
     let identity = validate::check_provider_token(parts, &state.apps, state.now())?;
     {
         let mut conn = conn.lock().expect("conn lock");
@@ -222,29 +290,7 @@ fn decide(
             _ => conn.token = Some((jwt.to_string(), now)),
         }
     }
-    let bundle = validate::check_topic(topic, &identity, &state.apps)?;
-    if !token.bytes().all(|b| b.is_ascii_hexdigit()) || token.len() % 2 != 0 {
-        return Err((400, "BadDeviceToken"));
-    }
-    if let Some(s) = state
-        .scripts
-        .lock()
-        .expect("sim lock")
-        .get_mut(token)
-        .and_then(VecDeque::pop_front)
-    {
-        return Ok(Some(s));
-    }
-    match state
-        .tokens
-        .lock()
-        .expect("sim lock")
-        .get(&(env, token.to_string()))
-    {
-        None => Err((400, "BadDeviceToken")),
-        Some(b) if *b != bundle => Err((400, "DeviceTokenNotForTopic")),
-        Some(_) => Ok(None),
-    }
+    validate::check_topic(topic, &identity, &state.apps)
 }
 
 fn answer(

@@ -38,7 +38,8 @@ pub struct Config {
     pub devices: DevicesConfig,
 }
 
-/// One app that can receive calls: its bundle id and the team key that signs for it.
+/// One app that can receive calls: its bundle id and how it authenticates — the
+/// team key that signs provider tokens, or a VoIP Services certificate.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(default)]
 pub struct AppConfig {
@@ -47,12 +48,23 @@ pub struct AppConfig {
     pub key_id: String,
     /// Path of the `.p8` (PKCS#8 P-256) signing key. Its contents never enter logs.
     pub key_file: PathBuf,
+    /// Instead of a key: the VoIP Services certificate with its private key, PEM
+    /// or PKCS#12 (`.p12`), for TLS client authentication.
+    pub cert_file: Option<PathBuf>,
+    /// The PKCS#12 file's password (the file's contents without a trailing
+    /// newline); none: the empty password. Never logged.
+    pub cert_password_file: Option<PathBuf>,
 }
 
 impl AppConfig {
     /// The APNs topic for VoIP pushes of this app.
     pub fn voip_topic(&self) -> String {
         format!("{}.voip", self.bundle_id)
+    }
+
+    /// Authenticates with a certificate rather than provider tokens.
+    pub fn uses_certificate(&self) -> bool {
+        self.cert_file.is_some()
     }
 }
 
@@ -66,6 +78,8 @@ pub struct ApnsConfig {
     pub team_id: String,
     pub key_id: String,
     pub key_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub cert_password_file: Option<PathBuf>,
     pub bundle_id: String,
     pub apps: Vec<AppConfig>,
     pub default_environment: Environment,
@@ -96,6 +110,8 @@ impl Default for ApnsConfig {
             team_id: String::new(),
             key_id: String::new(),
             key_file: None,
+            cert_file: None,
+            cert_password_file: None,
             bundle_id: String::new(),
             apps: Vec::new(),
             default_environment: Environment::Production,
@@ -156,6 +172,8 @@ impl Config {
                     team_id: self.apns.team_id.clone(),
                     key_id: self.apns.key_id.clone(),
                     key_file: self.apns.key_file.clone().unwrap_or_default(),
+                    cert_file: self.apns.cert_file.clone(),
+                    cert_password_file: self.apns.cert_password_file.clone(),
                 },
             );
         }
@@ -228,14 +246,7 @@ impl Config {
                     app.bundle_id
                 ));
             }
-            for (name, value) in [("team_id", &app.team_id), ("key_id", &app.key_id)] {
-                if value.is_empty() {
-                    return invalid(format!("app {:?} has no {name}", app.bundle_id));
-                }
-            }
-            if app.key_file.as_os_str().is_empty() {
-                return invalid(format!("app {:?} has no key_file", app.bundle_id));
-            }
+            app_auth(&app).map_err(ConfigError::Invalid)?;
         }
         Ok(())
     }
@@ -246,11 +257,38 @@ impl Config {
         self.validate()?;
         if self.apps().is_empty() {
             return Err(ConfigError::Invalid(
-                "no APNs app configured: set VPW__APNS__BUNDLE_ID, VPW__APNS__TEAM_ID, VPW__APNS__KEY_ID and VPW__APNS__KEY_FILE, or [[apns.apps]] in the config file".into(),
+                "no APNs app configured: set VPW__APNS__BUNDLE_ID, VPW__APNS__TEAM_ID, VPW__APNS__KEY_ID and VPW__APNS__KEY_FILE (or VPW__APNS__CERT_FILE), or [[apns.apps]] in the config file".into(),
             ));
         }
         Ok(())
     }
+}
+
+/// An app has a key (team id, key id, key file) or a certificate, not both.
+fn app_auth(app: &AppConfig) -> Result<(), String> {
+    let bundle = &app.bundle_id;
+    if app.uses_certificate() {
+        if !app.key_file.as_os_str().is_empty() {
+            return Err(format!(
+                "app {bundle:?} sets both key_file and cert_file: authenticate with a .p8 key or a certificate, not both"
+            ));
+        }
+        return Ok(());
+    }
+    if app.cert_password_file.is_some() {
+        return Err(format!(
+            "app {bundle:?} sets cert_password_file without cert_file"
+        ));
+    }
+    for (name, value) in [("team_id", &app.team_id), ("key_id", &app.key_id)] {
+        if value.is_empty() {
+            return Err(format!("app {bundle:?} has no {name}"));
+        }
+    }
+    if app.key_file.as_os_str().is_empty() {
+        return Err(format!("app {bundle:?} has no key_file (nor a cert_file)"));
+    }
+    Ok(())
 }
 
 impl Config {
@@ -301,6 +339,14 @@ impl Config {
             env.push(("VPW__APNS__TEAM_ID", app.team_id.clone()));
             env.push(("VPW__APNS__KEY_ID", app.key_id.clone()));
             env.push(("VPW__APNS__KEY_FILE", app.key_file.display().to_string()));
+            for (var, file) in [
+                ("VPW__APNS__CERT_FILE", &app.cert_file),
+                ("VPW__APNS__CERT_PASSWORD_FILE", &app.cert_password_file),
+            ] {
+                if let Some(f) = file {
+                    env.push((var, f.display().to_string()));
+                }
+            }
         }
         env
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::config::{AppSource, KeyCheck};
 use super::{Check, Section, Status};
+use crate::apns::cert::ClientIdentity;
 use crate::apns::outcome::{classify, Action};
 use crate::apns::token::unix_now;
 use crate::apns::{ApnsClient, ApnsResponse, ClientSettings, PushRequest, SendError};
@@ -247,25 +248,44 @@ pub async fn check(cfg: &Config, keys: &[KeyCheck], timeout: Duration) -> Vec<Ch
         ping_interval: Duration::from_secs(cfg.apns.ping_interval_secs.max(1)),
         ping_timeout: Duration::from_secs(cfg.apns.ping_timeout_secs.max(1)),
     };
+    let trust = crate::apns::client::trusted_roots(settings.extra_roots_pem.as_deref())
+        .map(|roots| super::trust::trust_store(&roots.roots));
     // APNs binds a connection to the key of its first push, so each key gets its
-    // own client; without any usable key, an unsigned probe still tests TLS + HTTP/2.
-    let signed: Vec<(usize, Arc<str>, String)> = keys
+    // own client, and each certificate app one presenting its certificate (and no
+    // provider token); without any, an unsigned probe still tests TLS + HTTP/2.
+    type ProbeWith = (usize, Arc<str>, String, Option<Arc<ClientIdentity>>);
+    let signed: Vec<ProbeWith> = keys
         .iter()
         .enumerate()
         .filter_map(|(i, k)| {
-            k.key
-                .as_ref()
-                .map(|key| (i, Arc::from(key.sign(unix_now())), k.app.app.voip_topic()))
+            let topic = k.app.app.voip_topic();
+            match (&k.key, &k.identity) {
+                (Some(key), _) => Some((i, Arc::from(key.sign(unix_now())), topic, None)),
+                // An expired certificate is refused in the handshake: cert.expiry says so.
+                (None, Some(id)) if id.check_valid(unix_now() as i64).is_ok() => {
+                    Some((i, Arc::from(""), topic, Some(id.clone())))
+                }
+                (None, _) => None,
+            }
         })
         .collect();
-    let probes: Vec<(usize, Arc<str>, String)> = if signed.is_empty() {
-        vec![(usize::MAX, Arc::from("unsigned"), "doctor.voip".to_string())]
+    let probes: Vec<ProbeWith> = if signed.is_empty() {
+        vec![(
+            usize::MAX,
+            Arc::from("unsigned"),
+            "doctor.voip".to_string(),
+            None,
+        )]
     } else {
         signed
     };
     let mut tasks = Vec::new();
-    for (i, provider_token, topic) in probes {
-        let client = match ApnsClient::new(settings.clone(), Metrics::new()) {
+    for (i, provider_token, topic, identity) in probes {
+        let client = match ApnsClient::with_identity(
+            settings.clone(),
+            Metrics::new(),
+            identity.as_deref(),
+        ) {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 return ENVIRONMENTS
@@ -297,7 +317,7 @@ pub async fn check(cfg: &Config, keys: &[KeyCheck], timeout: Duration) -> Vec<Ch
     }
     let results: Vec<Probe> = futures_util::future::join_all(tasks).await;
 
-    let mut out = Vec::new();
+    let mut out: Vec<Check> = trust.into_iter().collect();
     let mut connected = Vec::new();
     for env in ENVIRONMENTS {
         let url = url_of(cfg, env);
@@ -347,7 +367,12 @@ pub async fn check(cfg: &Config, keys: &[KeyCheck], timeout: Duration) -> Vec<Ch
                     key_file: &key_file,
                     source: &k.app.source,
                 };
-                let (status, detail, fix) = verdict(resp.status, resp.reason.as_deref(), &ctx);
+                let reason = resp.reason.as_deref();
+                let (status, detail, fix) = k
+                    .identity
+                    .as_deref()
+                    .and_then(|id| super::certs::verdict(resp.status, reason, &topic, id))
+                    .unwrap_or_else(|| verdict(resp.status, reason, &ctx));
                 let mut c = c.with_data(serde_json::json!({
                     "topic": topic,
                     "apnsStatus": resp.status,
@@ -362,6 +387,8 @@ pub async fn check(cfg: &Config, keys: &[KeyCheck], timeout: Duration) -> Vec<Ch
             Err(e) => c.fail(e.to_string(), connect_fix(e, *env, url_of(cfg, *env))),
         });
     }
+    let answers = results.iter().filter_map(|(_, _, r)| r.as_ref().ok());
+    out.push(super::trust::clock(answers, unix_now() as i64));
     // Keys that could not be used still get a line per environment, so every app
     // shows up in the APNs section.
     for (i, k) in keys.iter().enumerate() {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
 
 use super::{Check, Section};
+use crate::apns::cert::ClientIdentity;
 use crate::apns::token::{unix_now, KeyError, SigningKey};
 use crate::config::{AppConfig, Config, ConfigError};
 
@@ -94,7 +95,8 @@ pub fn check(cfg: &Config) -> Vec<Check> {
         Err(_) if apps.is_empty() => load.fail(
             "no APNs app configured",
             "set VPW__APNS__BUNDLE_ID, VPW__APNS__TEAM_ID, VPW__APNS__KEY_ID and \
-             VPW__APNS__KEY_FILE (or add [[apns.apps]] entries to the config file)",
+             VPW__APNS__KEY_FILE, or VPW__APNS__BUNDLE_ID and VPW__APNS__CERT_FILE (or \
+             add [[apns.apps]] entries to the config file)",
         ),
         Err(e) => load.fail(
             e.to_string(),
@@ -135,6 +137,9 @@ fn check_app(ca: &ConfiguredApp) -> Check {
                 app.bundle_id
             ),
         );
+    }
+    if app.uses_certificate() {
+        return super::certs::check_app(ca, c);
     }
     if app.team_id.is_empty() {
         return c.fail(
@@ -212,18 +217,30 @@ fn check_app(ca: &ConfiguredApp) -> Check {
     c.pass(summary)
 }
 
-/// An app whose key was tried: the key when it parsed, and the `key.sign` check.
+/// An app whose key (or certificate) was tried: the key when it parsed, the
+/// certificate when it loaded, and the `key.sign` (or `cert.load`) check.
 pub struct KeyCheck {
     pub app: ConfiguredApp,
     pub key: Option<Arc<SigningKey>>,
+    pub identity: Option<Arc<ClientIdentity>>,
     pub check: Check,
 }
 
-/// Parses each app's key as PKCS#8 P-256, signs a provider token and verifies it.
+/// Parses each app's key as PKCS#8 P-256, signs a provider token and verifies
+/// it; loads each certificate app's certificate.
 pub fn keys(cfg: &Config) -> Vec<KeyCheck> {
     apps(cfg)
         .into_iter()
         .map(|ca| {
+            if ca.app.uses_certificate() {
+                let (identity, check) = super::certs::load(&ca);
+                return KeyCheck {
+                    app: ca,
+                    key: None,
+                    identity,
+                    check,
+                };
+            }
             let app = &ca.app;
             let c = Check::new("key.sign", Section::Keys, format!("key {}", app.key_id))
                 .app(&app.bundle_id);
@@ -232,6 +249,7 @@ pub fn keys(cfg: &Config) -> Vec<KeyCheck> {
                 return KeyCheck {
                     app: ca,
                     key: None,
+                    identity: None,
                     check,
                 };
             }
@@ -285,6 +303,7 @@ pub fn keys(cfg: &Config) -> Vec<KeyCheck> {
             KeyCheck {
                 app: ca,
                 key,
+                identity: None,
                 check,
             }
         })

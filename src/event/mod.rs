@@ -259,6 +259,26 @@ pub fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
+/// HTTP's `date` format (IMF-fixdate, RFC 9110): `Tue, 01 Dec 2026 10:00:00 GMT`.
+const HTTP_DATE: &str =
+    "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT";
+
+/// UNIX seconds as an HTTP `date` header value.
+pub fn http_date(unix: i64) -> String {
+    let format = time::format_description::parse_borrowed::<1>(HTTP_DATE).expect("valid format");
+    OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&format).ok())
+        .unwrap_or_default()
+}
+
+/// An HTTP `date` header value as UNIX seconds.
+pub fn parse_http_date(date: &str) -> Option<i64> {
+    let format = time::format_description::parse_borrowed::<1>(HTTP_DATE).ok()?;
+    let t = time::PrimitiveDateTime::parse(date, &format).ok()?;
+    Some(t.assume_utc().unix_timestamp())
+}
+
 pub fn now_ms() -> i64 {
     (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }

@@ -27,19 +27,20 @@ struct Rig {
 
 /// Our client, trusting the simulator's CA, one connection per environment.
 fn sim_client(sim: &ApnsSim) -> ApnsClient {
-    ApnsClient::new(
-        ClientSettings {
-            production_url: sim.production_url(),
-            sandbox_url: sim.sandbox_url(),
-            extra_roots_pem: Some(sim.ca_pem.clone().into_bytes()),
-            connections_per_environment: 1,
-            request_timeout: Duration::from_secs(5),
-            ping_interval: Duration::from_secs(15),
-            ping_timeout: Duration::from_secs(5),
-        },
-        Metrics::new(),
-    )
-    .unwrap()
+    ApnsClient::new(sim_settings(sim), Metrics::new()).unwrap()
+}
+
+/// Client settings for `sim`: trusting its CA, one connection per environment.
+pub fn sim_settings(sim: &ApnsSim) -> ClientSettings {
+    ClientSettings {
+        production_url: sim.production_url(),
+        sandbox_url: sim.sandbox_url(),
+        extra_roots_pem: Some(sim.ca_pem.clone().into_bytes()),
+        connections_per_environment: 1,
+        request_timeout: Duration::from_secs(5),
+        ping_interval: Duration::from_secs(15),
+        ping_timeout: Duration::from_secs(5),
+    }
 }
 
 async fn rig() -> Rig {

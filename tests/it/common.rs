@@ -143,6 +143,7 @@ impl TestKey {
                 team_id: team_id.into(),
                 key_id: key_id.into(),
                 key_file,
+                ..Default::default()
             },
         }
     }

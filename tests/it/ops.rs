@@ -10,9 +10,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
+use voip_push_worker::apns_sim::certs::CertSpec;
 use voip_push_worker::event::{Environment, Status};
 
-use crate::common::TestEnv;
+use crate::common::{TestEnv, BUNDLE2};
 
 /// Labels that Prometheus attaches from the scrape target, not from the worker.
 const TARGET_LABELS: &[&str] = &[
@@ -611,7 +612,11 @@ fn check_ops_files(exported: &Exported) -> Vec<String> {
 
 #[tokio::test]
 async fn alerts_and_dashboard_use_only_what_the_worker_exports() {
-    let mut env = TestEnv::new().await;
+    let mut env = TestEnv::without_worker(|_| {}).await;
+    // The second app authenticates with a certificate: its expiry is exported.
+    let certs = crate::certs::CertDir::new();
+    env.cfg.apns.apps[1] = certs.pem_app(&env.sim, BUNDLE2, &CertSpec::voip(BUNDLE2));
+    env.start_worker().await;
     // A device in production and one the worker has to find in the sandbox: a
     // delivery, a fallback, APNs answers in both environments.
     env.device("ops-1", None, Environment::Production).await;

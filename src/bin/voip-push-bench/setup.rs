@@ -84,6 +84,7 @@ impl Bench {
             team_id: "BENCHTEAM1".into(),
             key_id: "BENCHKEY01".into(),
             key_file,
+            ..Default::default()
         };
         let sim = ApnsSim::start(SimOptions::local(
             SimApp::from_config(std::slice::from_ref(&app)).map_err(|e| e.to_string())?,
