@@ -107,6 +107,10 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     pub provider_tokens_signed: IntCounter,
     pub apns_connections_opened: IntCounterVec,
+    /// HTTP/2 PINGs sent, and connections retired for leaving one unanswered, by
+    /// `kind`: `idle` (keep-alive) or `probe` (a push had no answer).
+    pub apns_pings: IntCounterVec,
+    pub apns_connections_retired: IntCounterVec,
     pub results_published: IntCounterVec,
     /// HTTP API requests by route template and status code, and their duration.
     pub api_requests: IntCounterVec,
@@ -201,6 +205,16 @@ impl Metrics {
             "apns_connections_opened_total",
             "HTTP/2 connections opened to APNs, by environment.",
             &["environment"],
+        );
+        let apns_pings = counter(
+            "apns_pings_total",
+            "HTTP/2 PINGs sent to APNs, by environment and kind (idle, probe).",
+            &["environment", "kind"],
+        );
+        let apns_connections_retired = counter(
+            "apns_connections_retired_total",
+            "APNs connections retired because a PING went unanswered, by environment and kind.",
+            &["environment", "kind"],
         );
         let results_published = counter(
             "results_published_total",
@@ -330,6 +344,8 @@ impl Metrics {
             in_flight,
             provider_tokens_signed,
             apns_connections_opened,
+            apns_pings,
+            apns_connections_retired,
             results_published,
             api_requests,
             api_request_duration,

@@ -2,7 +2,9 @@
 //! attempt loop for one device (environment fallback, retries within the ring).
 
 pub mod client;
+mod connection;
 pub mod outcome;
+pub mod request;
 pub mod token;
 
 use std::collections::HashMap;
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 pub use client::{ApnsClient, ApnsResponse, ClientSettings, Lane, PushRequest, SendError};
+pub use connection::PingSettings;
 pub use outcome::{classify, Action};
 pub use token::{ProviderToken, SigningKey};
 
@@ -97,8 +100,7 @@ impl Apns {
             extra_roots_pem,
             connections_per_environment: cfg.apns.connections_per_environment,
             request_timeout: Duration::from_millis(cfg.apns.request_timeout_ms),
-            ping_interval: Duration::from_secs(cfg.apns.ping_interval_secs),
-            ping_timeout: Duration::from_secs(cfg.apns.ping_timeout_secs),
+            pings: cfg.apns.ping_settings(),
         };
         // One provider token and one set of connections per signing key, shared by
         // every app signed with it.
@@ -232,7 +234,7 @@ impl Apns {
                         apns_status: sent.as_ref().ok().map(|r| r.status),
                         reason: match &sent {
                             Ok(r) => r.reason.clone(),
-                            Err(e) => Some(e.label().to_string()),
+                            Err(e) => Some(e.attempt_reason().to_string()),
                         },
                         apns_id: Some(push.apns_id.to_string()),
                         latency_ms: started.elapsed().as_millis() as u64,

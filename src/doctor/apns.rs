@@ -195,7 +195,7 @@ fn connect_fix(e: &SendError, env: Environment, url: &str) -> String {
             "nothing accepts connections at {url}: check {setting} and that outbound TCP \
              to that host and port (443, or 2197 for Apple) is allowed"
         ),
-        SendError::Timeout { .. } => format!(
+        SendError::Timeout { .. } | SendError::Unanswered { .. } => format!(
             "{url} did not answer in time: a firewall probably drops traffic to it; allow \
              outbound TCP 443 (or 2197) to APNs, or fix {setting}"
         ),
@@ -236,8 +236,7 @@ pub async fn check(cfg: &Config, keys: &[KeyCheck], timeout: Duration) -> Vec<Ch
         extra_roots_pem,
         connections_per_environment: 1,
         request_timeout: timeout,
-        ping_interval: Duration::from_secs(cfg.apns.ping_interval_secs.max(1)),
-        ping_timeout: Duration::from_secs(cfg.apns.ping_timeout_secs.max(1)),
+        pings: cfg.apns.ping_settings(),
     };
     // APNs binds a connection to the key of its first push, so each key gets its
     // own client; without any usable key, an unsigned probe still tests TLS + HTTP/2.

@@ -34,8 +34,7 @@ fn sim_client(sim: &ApnsSim) -> ApnsClient {
             extra_roots_pem: Some(sim.ca_pem.clone().into_bytes()),
             connections_per_environment: 1,
             request_timeout: Duration::from_secs(5),
-            ping_interval: Duration::from_secs(15),
-            ping_timeout: Duration::from_secs(5),
+            pings: voip_push_worker::config::ApnsConfig::default().ping_settings(),
         },
         Metrics::new(),
     )

@@ -231,7 +231,7 @@ fn ring_window_never_overflows_and_distrusts_far_future_starts() {
 
 mod properties {
     use super::*;
-    use crate::apns::client::{build_request, PushRequest};
+    use crate::apns::request::{build_request, PushRequest};
     use proptest::prelude::*;
 
     /// Strings of the kinds producers get wrong: control characters, NUL,
