@@ -16,6 +16,7 @@ use tracing::{info, warn};
 pub use client::{ApnsClient, ApnsResponse, ClientSettings, Lane, PushRequest, SendError};
 pub use connection::PingSettings;
 pub use outcome::{classify, Action};
+pub use request::PushType;
 pub use token::{ProviderToken, SigningKey};
 
 use crate::config::{AppConfig, Config};
@@ -205,8 +206,13 @@ impl Apns {
                 Some(permit) => {
                     let provider_token = app.tokens.current();
                     let request = PushRequest {
+                        push_type: push.push_type,
                         token: token.to_string(),
-                        topic: app.topic.clone(),
+                        // An alert goes to the app itself, a VoIP push to `.voip`.
+                        topic: match push.push_type {
+                            PushType::Voip => app.topic.clone(),
+                            PushType::Alert => app.config.bundle_id.clone(),
+                        },
                         provider_token: provider_token.clone(),
                         apns_id: push.apns_id,
                         expiration: push.expiration_unix,
@@ -335,6 +341,7 @@ impl Apns {
 
 /// One device's push: what every attempt sends.
 pub struct DevicePush<'a> {
+    pub push_type: PushType,
     pub token: &'a str,
     /// Where to try first; `None` = the configured default.
     pub environment: Option<Environment>,

@@ -82,9 +82,37 @@ impl SendError {
     }
 }
 
+/// What kind of notification a push is (`apns-push-type`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PushType {
+    /// A PushKit push: rings through CallKit.
+    #[default]
+    Voip,
+    /// A visible notification.
+    Alert,
+}
+
+impl PushType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PushType::Voip => "voip",
+            PushType::Alert => "alert",
+        }
+    }
+
+    /// APNs' payload limit: VoIP payloads may be larger than the others.
+    pub fn max_payload(self) -> usize {
+        match self {
+            PushType::Voip => crate::pipeline::MAX_VOIP_PAYLOAD,
+            PushType::Alert => 4096,
+        }
+    }
+}
+
 /// One push request, ready to send.
 #[derive(Clone, Debug)]
 pub struct PushRequest {
+    pub push_type: PushType,
     pub token: String,
     pub topic: String,
     pub provider_token: Arc<str>,
@@ -144,7 +172,7 @@ pub(super) fn parse_base_url(url: &str) -> Result<(String, String, u16), String>
 pub fn build_request(base: &str, req: &PushRequest) -> Result<Request<()>, SendError> {
     Request::post(format!("{base}/3/device/{}", req.token))
         .header("authorization", format!("bearer {}", req.provider_token))
-        .header("apns-push-type", "voip")
+        .header("apns-push-type", req.push_type.as_str())
         .header("apns-topic", &req.topic)
         .header("apns-priority", req.priority.to_string())
         .header("apns-expiration", req.expiration.to_string())

@@ -15,7 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::{faults, validate, RecordedRequest, Scripted, SimState};
+use super::{faults, validate, RecordedRequest, Scripted, SimState, TokenKind};
 use crate::event::{now_ms, token_suffix, Environment};
 
 /// APNs refuses a new provider token on a connection within 20 minutes of the
@@ -199,6 +199,11 @@ fn decide(
     conn: &Mutex<ConnState>,
 ) -> Result<Option<Scripted>, validate::Refusal> {
     let (_, topic) = validate::check_request(parts, body)?;
+    let push_type = parts
+        .headers
+        .get("apns-push-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
     let identity = validate::check_provider_token(parts, &state.apps, state.now())?;
     {
         let mut conn = conn.lock().expect("conn lock");
@@ -242,7 +247,10 @@ fn decide(
         .get(&(env, token.to_string()))
     {
         None => Err((400, "BadDeviceToken")),
-        Some(b) if *b != bundle => Err((400, "DeviceTokenNotForTopic")),
+        Some((b, _)) if *b != bundle => Err((400, "DeviceTokenNotForTopic")),
+        Some((_, kind)) if (*kind == TokenKind::Voip) != (push_type == "voip") => {
+            Err((400, "DeviceTokenNotForTopic"))
+        }
         Some(_) => Ok(None),
     }
 }

@@ -16,7 +16,7 @@ use crate::event::Environment;
 
 pub use backends::{DevicesConfig, HttpConfig, StoreConfig, TwilioConfig};
 pub use connections::{AmqpConfig, PostgresConfig};
-pub use worker::WorkerConfig;
+pub use worker::{CancelPush, WorkerConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

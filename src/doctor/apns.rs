@@ -273,6 +273,7 @@ pub async fn check(cfg: &Config, keys: &[KeyCheck], timeout: Duration) -> Vec<Ch
         };
         for env in ENVIRONMENTS {
             let req = PushRequest {
+                push_type: Default::default(),
                 token: PROBE_TOKEN.into(),
                 topic: topic.clone(),
                 provider_token: provider_token.clone(),

@@ -70,6 +70,8 @@ pub struct RungDevice {
     pub device_id: i64,
     pub token: String,
     pub environment: Option<Environment>,
+    /// The app's alert token, when it registered one.
+    pub alert_token: Option<String>,
 }
 
 /// How often a cancel looks at the rings of its call in flight.
@@ -252,7 +254,8 @@ impl Store {
         let client = self.pool.get().await?;
         let rows = client
             .query(
-                "SELECT DISTINCT ON (a.device_id) a.device_id, d.voip_token, a.environment
+                "SELECT DISTINCT ON (a.device_id) a.device_id, d.voip_token, a.environment,
+                        d.alert_token
                  FROM delivery_attempts a JOIN devices d ON d.id = a.device_id
                  WHERE a.call_id = $1 AND a.event_type = 'call.incoming' AND a.apns_status = 200
                  ORDER BY a.device_id, a.id DESC",
@@ -265,6 +268,7 @@ impl Store {
                 device_id: r.get(0),
                 token: r.get(1),
                 environment: Environment::parse(r.get::<_, &str>(2)),
+                alert_token: r.get(3),
             })
             .collect())
     }

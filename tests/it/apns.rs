@@ -16,12 +16,12 @@ use crate::common::{
     delayed, http_get, http_post, metric, random_token, scripted, TestEnv, TestKey, BUNDLE,
 };
 
-struct Rig {
-    sim: ApnsSim,
+pub(crate) struct Rig {
+    pub(crate) sim: ApnsSim,
     client: ApnsClient,
     key: SigningKey,
     /// One provider token for the rig's connections, as APNs expects.
-    jwt: Arc<str>,
+    pub(crate) jwt: Arc<str>,
     _key_files: TestKey,
 }
 
@@ -41,7 +41,7 @@ fn sim_client(sim: &ApnsSim) -> ApnsClient {
     .unwrap()
 }
 
-async fn rig() -> Rig {
+pub(crate) async fn rig() -> Rig {
     let key_files = TestKey::new(BUNDLE, "TEAMAAAAAA", "KEYAAAAAAA");
     let sim = ApnsSim::start(SimOptions::local(
         SimApp::from_config(std::slice::from_ref(&key_files.app)).unwrap(),
@@ -60,8 +60,9 @@ async fn rig() -> Rig {
     }
 }
 
-fn request(token: &str, jwt: &Arc<str>) -> PushRequest {
+pub(crate) fn request(token: &str, jwt: &Arc<str>) -> PushRequest {
     PushRequest {
+        push_type: Default::default(),
         token: token.into(),
         topic: format!("{BUNDLE}.voip"),
         provider_token: jwt.clone(),
@@ -75,7 +76,11 @@ fn request(token: &str, jwt: &Arc<str>) -> PushRequest {
     }
 }
 
-async fn answer(rig: &Rig, env: Environment, req: &PushRequest) -> (u16, Option<String>) {
+pub(crate) async fn answer(
+    rig: &Rig,
+    env: Environment,
+    req: &PushRequest,
+) -> (u16, Option<String>) {
     let r = rig
         .client
         .send(env, req, Duration::from_secs(5))

@@ -338,6 +338,7 @@ mod properties {
         );
         assert!(!payload.contains("\\u0000"), "jsonb refuses NUL: {payload}");
         let req = PushRequest {
+            push_type: Default::default(),
             token: "00".repeat(32),
             topic: "com.example.app.voip".into(),
             provider_token: "eyJ.x.y".into(),
