@@ -78,6 +78,45 @@ async fn stalled_connection_is_found_by_ping_and_the_push_resent_in_seconds() {
     env.cleanup().await;
 }
 
+/// Idle connections are PINGed every `apns.ping_interval_secs`, as Apple asks:
+/// one whose path died is retired before a ring needs it.
+#[tokio::test]
+async fn idle_connection_that_stops_answering_pings_is_retired() {
+    let mut env = TestEnv::with(|cfg| {
+        cfg.apns.ping_interval_secs = 1;
+        cfg.apns.ping_timeout_secs = 1;
+    })
+    .await;
+    env.device(
+        "125",
+        Some(Environment::Production),
+        Environment::Production,
+    )
+    .await;
+    env.publish(json!({"callId": "idle-0", "toUserId": 125}))
+        .await;
+    assert_eq!(
+        env.results_for("idle-0", 1).await[0].status,
+        Status::Delivered
+    );
+
+    env.sim.stall_existing_connections();
+    env.wait_metric(
+        r#"voip_push_apns_connections_retired_total{environment="production",kind="idle"}"#,
+        1.0,
+    )
+    .await;
+    let metrics = env.http_get("/metrics").await.1;
+    assert!(
+        metric(
+            &metrics,
+            r#"voip_push_apns_pings_total{environment="production",kind="idle"}"#
+        ) >= 1.0,
+        "the retiring PING is counted"
+    );
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn goaway_moves_pushes_to_a_new_connection() {
     let mut env = TestEnv::with(|cfg| cfg.apns.connections_per_environment = 1).await;
