@@ -60,6 +60,11 @@ async fn stalled_connection_is_found_by_ping_and_the_push_resent_in_seconds() {
         [(None, Some("unanswered".into())), (Some(200), None)],
         "the lost attempt is recorded as unanswered"
     );
+    assert!(
+        voip_push_worker::trace::render(&trace).contains("unanswered: may have rung"),
+        "{}",
+        voip_push_worker::trace::render(&trace)
+    );
     let delivered: Vec<_> = env
         .sim
         .requests()
