@@ -42,6 +42,10 @@ pub struct DeviceArgs {
     /// sandbox or production; unknown when not given (learned on first push).
     #[arg(long)]
     pub environment: Option<String>,
+    /// The app's alert (User Notifications) token, hex: where missed-call notices
+    /// go (`worker.cancel_push = alert`).
+    #[arg(long)]
+    pub alert_token: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -132,13 +136,23 @@ pub async fn register_device(config: &Config, a: DeviceArgs) -> Result<(), Comma
         })?),
     };
     let store = Store::connect(&config.postgres).map_err(failed)?;
+    let usage_or_failed = |e: crate::store::StoreError| match e {
+        crate::store::StoreError::BadToken(_) => CommandError::Usage(e.to_string()),
+        other => failed(other),
+    };
+    if let Some(alert) = &a.alert_token {
+        crate::store::normalize_token(alert).map_err(usage_or_failed)?;
+    }
     let reg = store
         .register_device(&a.user, &bundle, &a.token, env)
         .await
-        .map_err(|e| match e {
-            crate::store::StoreError::BadToken(_) => CommandError::Usage(e.to_string()),
-            other => failed(other),
-        })?;
+        .map_err(usage_or_failed)?;
+    if let Some(alert) = &a.alert_token {
+        store
+            .set_alert_token(reg.id, alert)
+            .await
+            .map_err(usage_or_failed)?;
+    }
     let moved = reg
         .moved_from
         .map(|from| format!(" (moved from user {from})"))

@@ -109,6 +109,14 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     pub provider_tokens_signed: IntCounter,
     pub apns_connections_opened: IntCounterVec,
+    /// HTTP/2 PINGs sent, and connections retired for leaving one unanswered, by
+    /// `kind`: `idle` (keep-alive) or `probe` (a push had no answer).
+    pub apns_pings: IntCounterVec,
+    pub apns_connections_retired: IntCounterVec,
+    /// Cancel pushes not sent, by `reason`: `off` (the mode) and `answered`
+    /// (answered or declined: no missed call) count cancels, `no_alert_token`
+    /// rung devices.
+    pub cancel_pushes_skipped: IntCounterVec,
     pub results_published: IntCounterVec,
     /// HTTP API requests by route template and status code, and their duration.
     pub api_requests: IntCounterVec,
@@ -211,6 +219,21 @@ impl Metrics {
             "apns_connections_opened_total",
             "HTTP/2 connections opened to APNs, by environment.",
             &["environment"],
+        );
+        let apns_pings = counter(
+            "apns_pings_total",
+            "HTTP/2 PINGs sent to APNs, by environment and kind (idle, probe).",
+            &["environment", "kind"],
+        );
+        let apns_connections_retired = counter(
+            "apns_connections_retired_total",
+            "APNs connections retired because a PING went unanswered, by environment and kind.",
+            &["environment", "kind"],
+        );
+        let cancel_pushes_skipped = counter(
+            "cancel_pushes_skipped_total",
+            "Cancel pushes not sent, by reason: off and answered count cancels, no_alert_token rung devices.",
+            &["reason"],
         );
         let results_published = counter(
             "results_published_total",
@@ -370,6 +393,9 @@ impl Metrics {
             in_flight,
             provider_tokens_signed,
             apns_connections_opened,
+            apns_pings,
+            apns_connections_retired,
+            cancel_pushes_skipped,
             results_published,
             api_requests,
             api_request_duration,

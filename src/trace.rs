@@ -91,9 +91,12 @@ pub fn render(t: &CallTrace) -> String {
             }
         );
         for a in &d.attempts {
-            let answer = match a.apns_status {
-                Some(code) => format!("{code} {}", a.reason.as_deref().unwrap_or("")),
-                None => format!("no answer ({})", a.reason.as_deref().unwrap_or("?")),
+            let answer = match (a.apns_status, a.reason.as_deref()) {
+                (Some(code), reason) => format!("{code} {}", reason.unwrap_or("")),
+                // The push left and its answer was lost: APNs may have taken it,
+                // so the phone may ring again when it is resent.
+                (None, Some("unanswered")) => "unanswered: may have rung".into(),
+                (None, reason) => format!("no answer ({})", reason.unwrap_or("?")),
             };
             let _ = writeln!(
                 s,

@@ -17,7 +17,7 @@ use lapin::ExchangeKind::Fanout;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::devices::{environment, register};
+use super::devices::{alert_token, environment, register, register_alert_token};
 use super::{text_field, ApiError, ApiState};
 use crate::amqp::{connect, consume, declare_exchange, declare_quorum_queue, AmqpError, RECONNECT};
 use crate::event::token_suffix;
@@ -196,7 +196,9 @@ async fn apply(state: &ApiState, routing_key: &str, body: &[u8]) -> Result<(), A
             let bundle_id =
                 state.bundle_id(text_field(&obj, &["bundleId", "bundle_id"])?.as_deref())?;
             let env = environment(&obj)?;
-            register(state, &user_id, &bundle_id, &token, env).await?;
+            let alert = alert_token(&obj)?;
+            let id = register(state, &user_id, &bundle_id, &token, env).await?;
+            register_alert_token(state, id, alert).await?;
         }
         Kind::Unregister => {
             let token = normalize_token(&token)?;

@@ -64,6 +64,35 @@ pub(super) async fn register(
     Ok(reg.id)
 }
 
+/// The optional alert token of a registration (`alertToken`), checked as a VoIP
+/// token is: what a cancel's "Missed call" notice goes to.
+pub(super) fn alert_token(obj: &Map<String, Value>) -> Result<Option<String>, ApiError> {
+    text_field(
+        obj,
+        &[
+            "alertToken",
+            "alert_token",
+            "alertDeviceToken",
+            "alert_device_token",
+        ],
+    )?
+    .map(|t| checked_token(&t))
+    .transpose()
+}
+
+/// Stores `token` beside the device just registered.
+pub(super) async fn register_alert_token(
+    s: &ApiState,
+    device_id: i64,
+    token: Option<String>,
+) -> Result<(), ApiError> {
+    if let Some(token) = token {
+        s.store.set_alert_token(device_id, &token).await?;
+        info!(device_id, token_suffix = %token_suffix(&token), "alert token registered");
+    }
+    Ok(())
+}
+
 fn registered(id: i64) -> ApiResult {
     Ok((
         StatusCode::OK,
@@ -86,7 +115,9 @@ pub async fn put_device(
         .ok_or_else(|| ApiError::bad_request("missing_field", "token is required"))?;
     let bundle_id = s.bundle_id(text_field(&obj, &["bundleId", "bundle_id"])?.as_deref())?;
     let env = environment(&obj)?;
+    let alert = alert_token(&obj)?;
     let id = register(&s, &user_id, &bundle_id, &token, env).await?;
+    register_alert_token(&s, id, alert).await?;
     registered(id)
 }
 
@@ -138,7 +169,9 @@ pub async fn put_my_device(
         .ok_or_else(|| ApiError::bad_request("missing_field", "voipDeviceToken is required"))?;
     let bundle_id = s.bundle_id(text_field(&obj, &["bundleId", "bundle_id"])?.as_deref())?;
     let env = environment(&obj)?;
+    let alert = alert_token(&obj)?;
     let id = register(&s, &user_id, &bundle_id, &token, env).await?;
+    register_alert_token(&s, id, alert).await?;
     registered(id)
 }
 

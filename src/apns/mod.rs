@@ -3,8 +3,10 @@
 
 pub mod cert;
 pub mod client;
+mod connection;
 pub mod guard;
 pub mod outcome;
+pub mod request;
 pub mod token;
 
 use std::collections::HashMap;
@@ -14,7 +16,9 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 pub use client::{ApnsClient, ApnsResponse, ClientSettings, Lane, PushRequest, SendError};
+pub use connection::PingSettings;
 pub use outcome::{classify, Action};
+pub use request::PushType;
 pub use token::{ProviderToken, SigningKey};
 
 use crate::config::{AppConfig, Config};
@@ -104,8 +108,7 @@ impl Apns {
             extra_roots_pem,
             connections_per_environment: cfg.apns.connections_per_environment,
             request_timeout: Duration::from_millis(cfg.apns.request_timeout_ms),
-            ping_interval: Duration::from_secs(cfg.apns.ping_interval_secs),
-            ping_timeout: Duration::from_secs(cfg.apns.ping_timeout_secs),
+            pings: cfg.apns.ping_settings(),
         };
         // One provider token and one set of connections per signing key, shared by
         // every app signed with it.
@@ -226,8 +229,13 @@ impl Apns {
                 Some(permit) => {
                     let provider_token = app.tokens.current();
                     let request = PushRequest {
+                        push_type: push.push_type,
                         token: token.to_string(),
-                        topic: app.topic.clone(),
+                        // An alert goes to the app itself, a VoIP push to `.voip`.
+                        topic: match push.push_type {
+                            PushType::Voip => app.topic.clone(),
+                            PushType::Alert => app.config.bundle_id.clone(),
+                        },
                         provider_token: provider_token.clone(),
                         apns_id: push.apns_id,
                         expiration: push.expiration_unix,
@@ -255,7 +263,7 @@ impl Apns {
                         apns_status: sent.as_ref().ok().map(|r| r.status),
                         reason: match &sent {
                             Ok(r) => r.reason.clone(),
-                            Err(e) => Some(e.label().to_string()),
+                            Err(e) => Some(e.attempt_reason().to_string()),
                         },
                         apns_id: Some(push.apns_id.to_string()),
                         latency_ms: started.elapsed().as_millis() as u64,
@@ -358,6 +366,7 @@ impl Apns {
 
 /// One device's push: what every attempt sends.
 pub struct DevicePush<'a> {
+    pub push_type: PushType,
     pub token: &'a str,
     /// Where to try first; `None` = the configured default.
     pub environment: Option<Environment>,

@@ -27,7 +27,7 @@ async fn control_tokens(
     for r in &regs {
         tokens.insert(
             (r.environment, r.token.to_ascii_lowercase()),
-            r.bundle_id.clone(),
+            (r.bundle_id.clone(), r.kind),
         );
     }
     Json(serde_json::json!({ "registered": regs.len() }))

@@ -96,13 +96,27 @@ pub struct TokenRegistration {
     pub token: String,
     pub environment: Environment,
     pub bundle_id: String,
+    /// A PushKit token (the default) or the app's alert token.
+    #[serde(default)]
+    pub kind: TokenKind,
+}
+
+/// A device has two tokens: PushKit's takes VoIP pushes only, the app's alert
+/// token every other push type; each refuses the other's with
+/// `DeviceTokenNotForTopic`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenKind {
+    #[default]
+    Voip,
+    Alert,
 }
 
 #[derive(Default)]
 struct SimState {
     apps: Vec<SimApp>,
-    /// (environment, token) → bundle id.
-    tokens: Mutex<HashMap<(Environment, String), String>>,
+    /// (environment, token) → bundle id and kind.
+    tokens: Mutex<HashMap<(Environment, String), (String, TokenKind)>>,
     scripts: Mutex<HashMap<String, VecDeque<Scripted>>>,
     requests: Mutex<Vec<RecordedRequest>>,
     /// Added to the wall clock when checking `iat` (tests of token expiry).
@@ -229,11 +243,21 @@ impl ApnsSim {
 
     /// Makes `token` a valid device token of `bundle_id` in `env` (only there).
     pub fn register_token(&self, env: Environment, token: &str, bundle_id: &str) {
-        self.state
-            .tokens
-            .lock()
-            .expect("sim lock")
-            .insert((env, token.to_ascii_lowercase()), bundle_id.to_string());
+        self.register_token_of_kind(env, token, bundle_id, TokenKind::Voip);
+    }
+
+    /// Makes `token` a valid `kind` token of `bundle_id` in `env`.
+    pub fn register_token_of_kind(
+        &self,
+        env: Environment,
+        token: &str,
+        bundle_id: &str,
+        kind: TokenKind,
+    ) {
+        self.state.tokens.lock().expect("sim lock").insert(
+            (env, token.to_ascii_lowercase()),
+            (bundle_id.to_string(), kind),
+        );
     }
 
     /// Queues scripted answers for `token`, used one per valid request.

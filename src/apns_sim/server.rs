@@ -15,7 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::{certs, faults, validate, RecordedRequest, Scripted, SimState};
+use super::{certs, faults, validate, RecordedRequest, Scripted, SimState, TokenKind};
 use crate::apns::cert::CertInfo;
 use crate::event::{now_ms, token_suffix, Environment};
 
@@ -229,6 +229,11 @@ fn decide(
     conn: &Mutex<ConnState>,
 ) -> Result<Option<Scripted>, validate::Refusal> {
     let (_, topic) = validate::check_request(parts, body)?;
+    let push_type = parts
+        .headers
+        .get("apns-push-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
     let client_cert = conn.lock().expect("conn lock").client_cert.clone();
     let bundle = match client_cert {
         Some(cert) => certs::check_topic(topic, &cert, env)?,
@@ -253,7 +258,10 @@ fn decide(
         .get(&(env, token.to_string()))
     {
         None => Err((400, "BadDeviceToken")),
-        Some(b) if *b != bundle => Err((400, "DeviceTokenNotForTopic")),
+        Some((b, _)) if *b != bundle => Err((400, "DeviceTokenNotForTopic")),
+        Some((_, kind)) if (*kind == TokenKind::Voip) != (push_type == "voip") => {
+            Err((400, "DeviceTokenNotForTopic"))
+        }
         Some(_) => Ok(None),
     }
 }

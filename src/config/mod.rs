@@ -8,6 +8,7 @@ pub mod secrets;
 mod worker;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -15,7 +16,7 @@ use crate::event::Environment;
 
 pub use backends::{DevicesConfig, HttpConfig, StoreConfig, TwilioConfig};
 pub use connections::{AmqpConfig, PostgresConfig};
-pub use worker::WorkerConfig;
+pub use worker::{CancelPush, WorkerConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -89,8 +90,9 @@ pub struct ApnsConfig {
     pub request_timeout_ms: u64,
     /// HTTP/2 connections kept per environment, spread over round robin.
     pub connections_per_environment: usize,
-    /// HTTP/2 PING period and answer timeout: a connection whose peer vanished
-    /// silently is dropped within interval + timeout, not at the next TCP timeout.
+    /// HTTP/2 PING period of an idle connection and its answer timeout: a
+    /// connection whose peer vanished silently is dropped within interval +
+    /// timeout, not at the next TCP timeout.
     pub ping_interval_secs: u64,
     pub ping_timeout_secs: u64,
     /// Distinct devices whose tokens (or whose app's key or topic) APNs refused
@@ -99,6 +101,27 @@ pub struct ApnsConfig {
     /// 10: a handful of dead tokens in a row is normal for a user with old
     /// phones; ten distinct devices and not one success is a configuration.
     pub misconfigured_after_devices: usize,
+    /// A push unanswered this long has its connection PINGed (0: never). APNs
+    /// answers in tens of milliseconds; a second without a word on a path that
+    /// may have died is when a ring starts to be late.
+    pub probe_after_ms: u64,
+    /// That PING unanswered this long retires the connection and resends its
+    /// pushes: a PING answer is one round trip, well under a second to Apple
+    /// from anywhere, so a second more is a dead path, not a slow one.
+    pub probe_timeout_ms: u64,
+}
+
+impl ApnsConfig {
+    /// The PING settings (zeros, which validation refuses but `doctor` may
+    /// read, become the shortest sensible value).
+    pub fn ping_settings(&self) -> crate::apns::PingSettings {
+        crate::apns::PingSettings {
+            interval: Duration::from_secs(self.ping_interval_secs.max(1)),
+            timeout: Duration::from_secs(self.ping_timeout_secs.max(1)),
+            probe_after: Duration::from_millis(self.probe_after_ms),
+            probe_timeout: Duration::from_millis(self.probe_timeout_ms.max(1)),
+        }
+    }
 }
 
 impl Default for ApnsConfig {
@@ -120,6 +143,8 @@ impl Default for ApnsConfig {
             ping_interval_secs: 15,
             ping_timeout_secs: 5,
             misconfigured_after_devices: 10,
+            probe_after_ms: 1_000,
+            probe_timeout_ms: 1_000,
         }
     }
 }
@@ -197,6 +222,15 @@ impl Config {
         }
         if self.worker.retry_cap_secs == 0 {
             return invalid("worker.retry_cap_secs must be at least 1".into());
+        }
+        if self.apns.ping_interval_secs == 0
+            || self.apns.ping_timeout_secs == 0
+            || self.apns.probe_timeout_ms == 0
+        {
+            return invalid(
+                "apns.ping_interval_secs, ping_timeout_secs and probe_timeout_ms must be at least 1"
+                    .into(),
+            );
         }
         if self.apns.connections_per_environment == 0 {
             return invalid("apns.connections_per_environment must be at least 1".into());

@@ -215,3 +215,26 @@ fn http_limits_load_from_the_environment_and_are_checked() {
         assert!(err.to_string().contains(says), "{key}: {err}");
     }
 }
+
+#[test]
+fn cancel_push_takes_a_mode_or_the_older_boolean() {
+    use crate::config::CancelPush;
+    let load = |v: &str| {
+        Config::load_from(None, Some(env(&[("VPW__WORKER__CANCEL_PUSH", v)])))
+            .map(|c| c.worker.cancel_push)
+    };
+    assert_eq!(Config::default().worker.cancel_push, CancelPush::Alert);
+    assert_eq!(load("voip").unwrap(), CancelPush::Voip);
+    assert_eq!(load("alert").unwrap(), CancelPush::Alert);
+    assert_eq!(load("off").unwrap(), CancelPush::Off);
+    assert_eq!(load("true").unwrap(), CancelPush::Voip);
+    assert_eq!(load("false").unwrap(), CancelPush::Off);
+    assert!(load("loud").is_err());
+    let dir = std::env::temp_dir().join(format!("vpw-cancel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("c.toml");
+    std::fs::write(&file, "[worker]\ncancel_push = false\n").unwrap();
+    let cfg = Config::load_from(Some(&file), Some(env(&[]))).unwrap();
+    assert_eq!(cfg.worker.cancel_push, CancelPush::Off);
+    let _ = std::fs::remove_dir_all(&dir);
+}

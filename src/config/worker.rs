@@ -25,9 +25,9 @@ pub struct WorkerConfig {
     /// Delivery claims (the once-per-device guard) are kept this long; a
     /// redelivery older than that is long past any ring deadline anyway.
     pub claim_retention_hours: u64,
-    /// Send a `call.cancel` VoIP push to devices already rung when a call is
-    /// cancelled (the app reports the call to CallKit and ends it at once).
-    pub cancel_push: bool,
+    /// What devices already rung get when their call is cancelled (README,
+    /// "Ending a call").
+    pub cancel_push: CancelPush,
     /// Cancels handled at once on the cancel lane.
     pub cancel_concurrency: u16,
     /// Calls and their attempts are kept this long for `trace` and the status API.
@@ -52,12 +52,66 @@ impl Default for WorkerConfig {
             retry_min_delay_ms: 250,
             retry_max_delay_ms: 5_000,
             claim_retention_hours: 168,
-            cancel_push: true,
+            cancel_push: CancelPush::Alert,
             cancel_concurrency: 16,
             call_retention_days: 7,
             max_ring_timeout_secs: 120,
             retry_cap_secs: 120,
         }
+    }
+}
+
+/// The push a cancel sends to the devices its call rang.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CancelPush {
+    /// A `call.cancel` VoIP push: the app must report it to CallKit as a call and
+    /// end it at once — a phantom call, which Apple's PushKit rules ask servers
+    /// not to send.
+    Voip,
+    /// A visible "Missed call" notification (push type `alert`, the bundle id as
+    /// topic) to each rung device with an alert token, when nobody answered.
+    /// Apple's rule: VoIP pushes announce incoming calls only; anything else goes
+    /// through the User Notifications framework.
+    #[default]
+    Alert,
+    /// Nothing: the app learns of the end over its own connection.
+    Off,
+}
+
+impl CancelPush {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CancelPush::Voip => "voip",
+            CancelPush::Alert => "alert",
+            CancelPush::Off => "off",
+        }
+    }
+}
+
+/// `voip`, `alert` or `off`; `true` and `false` (the setting's older form) keep
+/// meaning `voip` and `off`, as TOML booleans or as environment strings.
+impl<'de> Deserialize<'de> for CancelPush {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = CancelPush;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("voip, alert or off")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<CancelPush, E> {
+                Ok(if v { CancelPush::Voip } else { CancelPush::Off })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<CancelPush, E> {
+                match v.to_ascii_lowercase().as_str() {
+                    "voip" | "true" => Ok(CancelPush::Voip),
+                    "alert" => Ok(CancelPush::Alert),
+                    "off" | "false" => Ok(CancelPush::Off),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }
 

@@ -204,7 +204,7 @@ fn connect_fix(e: &SendError, env: Environment, url: &str) -> String {
             "nothing accepts connections at {url}: check {setting} and that outbound TCP \
              to that host and port (443, or 2197 for Apple) is allowed"
         ),
-        SendError::Timeout { .. } => format!(
+        SendError::Timeout { .. } | SendError::Unanswered { .. } => format!(
             "{url} did not answer in time: a firewall probably drops traffic to it; allow \
              outbound TCP 443 (or 2197) to APNs, or fix {setting}"
         ),
@@ -245,8 +245,7 @@ pub async fn check(cfg: &Config, keys: &[KeyCheck], timeout: Duration) -> Vec<Ch
         extra_roots_pem,
         connections_per_environment: 1,
         request_timeout: timeout,
-        ping_interval: Duration::from_secs(cfg.apns.ping_interval_secs.max(1)),
-        ping_timeout: Duration::from_secs(cfg.apns.ping_timeout_secs.max(1)),
+        pings: cfg.apns.ping_settings(),
     };
     let trust = crate::apns::client::trusted_roots(settings.extra_roots_pem.as_deref())
         .map(|roots| super::trust::trust_store(&roots.roots));
@@ -302,6 +301,7 @@ pub async fn check(cfg: &Config, keys: &[KeyCheck], timeout: Duration) -> Vec<Ch
         };
         for env in ENVIRONMENTS {
             let req = PushRequest {
+                push_type: Default::default(),
                 token: PROBE_TOKEN.into(),
                 topic: topic.clone(),
                 provider_token: provider_token.clone(),

@@ -9,9 +9,10 @@ use std::time::Instant;
 use tracing::{info, warn};
 
 use super::publish::Outgoing;
-use super::{Call, Pipeline, APNS_ID_NAMESPACE, MAX_VOIP_PAYLOAD};
+use super::{Call, Pipeline, APNS_ID_NAMESPACE};
 use crate::apns::{
     classify, Action, App, AttemptHooks, AttemptRecord, DeliveryOutcome, DevicePush, FinalAction,
+    PushType,
 };
 use crate::event::{now_ms, now_rfc3339, token_suffix, Environment, EventType, PushResult, Status};
 use crate::store::claims::{Claim, JsonText, Outcome};
@@ -137,12 +138,13 @@ impl Pipeline {
             apns_id: Some(apns_id.to_string()),
             ..call.base.clone()
         };
-        if call.payload.len() > MAX_VOIP_PAYLOAD {
+        if call.payload.len() > call.push_type.max_payload() {
             // APNs would answer 413; refusing here keeps a request we know is bad
             // off the connection.
             warn!(
                 bytes = call.payload.len(),
-                "VoIP payload over APNs' 5120-byte limit; not sent"
+                push_type = call.push_type.as_str(),
+                "payload over APNs' limit for its push type; not sent"
             );
             return Pushed {
                 result: PushResult {
@@ -156,6 +158,7 @@ impl Pipeline {
             };
         }
         let push = DevicePush {
+            push_type: call.push_type,
             token: &device.token,
             environment: device.environment,
             apns_id,
@@ -176,7 +179,10 @@ impl Pipeline {
             .apns
             .deliver(call.app, &push, &hooks, &self.metrics)
             .await;
-        let status = self.learn(call.app, device, &out).await;
+        let status = match call.push_type {
+            PushType::Voip => self.learn(call.app, device, &out).await,
+            PushType::Alert => self.learn_alert(device, &out).await,
+        };
         if status == Status::Delivered && call.kind == EventType::Incoming {
             let e2e = (now_ms() - call.sent_at_ms).max(0) as f64 / 1000.0;
             self.metrics.end_to_end.observe(e2e);

@@ -91,6 +91,8 @@ struct Call<'a> {
     /// The key of its delivery claims.
     key: &'a str,
     payload: bytes::Bytes,
+    /// VoIP, or an alert (a cancel's missed-call notice, `cancel.rs`).
+    push_type: crate::apns::PushType,
     deadline: Instant,
     expires_at_ms: i64,
     sent_at_ms: i64,
@@ -121,6 +123,7 @@ impl<'a> Call<'a> {
             payload: bytes::Bytes::from(
                 event.device_payload(sent_at_ms, expires_at_ms).to_string(),
             ),
+            push_type: crate::apns::PushType::Voip,
             deadline: Instant::now() + Duration::from_millis(remaining_ms),
             expires_at_ms,
             sent_at_ms,

@@ -70,6 +70,8 @@ pub struct RungDevice {
     pub device_id: i64,
     pub token: String,
     pub environment: Option<Environment>,
+    /// The app's alert token, when it registered one.
+    pub alert_token: Option<String>,
 }
 
 /// How often a cancel looks at the rings of its call in flight.
@@ -205,7 +207,7 @@ impl Store {
         let rows = client
             .query(
                 "SELECT DISTINCT ON (c.device_id) c.device_id, d.voip_token,
-                        c.result->>'environment'
+                        c.result->>'environment', d.alert_token
                  FROM delivery_claims c JOIN devices d ON d.id = c.device_id
                  WHERE c.call_id = $1 AND c.event_type = 'call.incoming'
                    AND c.result->>'status' = 'delivered'
@@ -219,6 +221,7 @@ impl Store {
                 device_id: r.get(0),
                 token: r.get(1),
                 environment: r.get::<_, Option<&str>>(2).and_then(Environment::parse),
+                alert_token: r.get(3),
             })
             .collect())
     }

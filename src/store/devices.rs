@@ -98,6 +98,41 @@ impl Store {
         })
     }
 
+    /// Stores the app's alert token beside device `device_id`'s VoIP token (it
+    /// replaces the one before: a reinstall changes both).
+    pub async fn set_alert_token(
+        &self,
+        device_id: i64,
+        alert_token: &str,
+    ) -> Result<(), StoreError> {
+        let token = normalize_token(alert_token)?;
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE devices SET alert_token = $2 WHERE id = $1",
+                &[&device_id, &token],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets device `device_id`'s alert token after APNs refused it; its VoIP
+    /// token is untouched (a refusal of one says nothing of the other).
+    pub async fn clear_alert_token(
+        &self,
+        device_id: i64,
+        alert_token: &str,
+    ) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE devices SET alert_token = NULL WHERE id = $1 AND alert_token = $2",
+                &[&device_id, &alert_token],
+            )
+            .await?;
+        Ok(())
+    }
+
     /// A user's live (not invalidated) devices for one app, oldest first.
     pub async fn live_devices(
         &self,

@@ -19,6 +19,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (8, "hot_updates_fillfactor", include_str!("../../migrations/0008_hot_updates_fillfactor.sql")),
     (9, "time_indexes_brin", include_str!("../../migrations/0009_time_indexes_brin.sql")),
     (10, "claim_attempts", include_str!("../../migrations/0010_claim_attempts.sql")),
+    (11, "alert_tokens", include_str!("../../migrations/0011_alert_tokens.sql")),
 ];
 
 /// Arbitrary but fixed: the key of the advisory lock migrations hold.

@@ -16,12 +16,12 @@ use crate::common::{
     delayed, http_get, http_post, metric, random_token, scripted, TestEnv, TestKey, BUNDLE,
 };
 
-struct Rig {
-    sim: ApnsSim,
+pub(crate) struct Rig {
+    pub(crate) sim: ApnsSim,
     client: ApnsClient,
     key: SigningKey,
     /// One provider token for the rig's connections, as APNs expects.
-    jwt: Arc<str>,
+    pub(crate) jwt: Arc<str>,
     _key_files: TestKey,
 }
 
@@ -38,12 +38,11 @@ pub fn sim_settings(sim: &ApnsSim) -> ClientSettings {
         extra_roots_pem: Some(sim.ca_pem.clone().into_bytes()),
         connections_per_environment: 1,
         request_timeout: Duration::from_secs(5),
-        ping_interval: Duration::from_secs(15),
-        ping_timeout: Duration::from_secs(5),
+        pings: voip_push_worker::config::ApnsConfig::default().ping_settings(),
     }
 }
 
-async fn rig() -> Rig {
+pub(crate) async fn rig() -> Rig {
     let key_files = TestKey::new(BUNDLE, "TEAMAAAAAA", "KEYAAAAAAA");
     let sim = ApnsSim::start(SimOptions::local(
         SimApp::from_config(std::slice::from_ref(&key_files.app)).unwrap(),
@@ -62,8 +61,9 @@ async fn rig() -> Rig {
     }
 }
 
-fn request(token: &str, jwt: &Arc<str>) -> PushRequest {
+pub(crate) fn request(token: &str, jwt: &Arc<str>) -> PushRequest {
     PushRequest {
+        push_type: Default::default(),
         token: token.into(),
         topic: format!("{BUNDLE}.voip"),
         provider_token: jwt.clone(),
@@ -77,7 +77,11 @@ fn request(token: &str, jwt: &Arc<str>) -> PushRequest {
     }
 }
 
-async fn answer(rig: &Rig, env: Environment, req: &PushRequest) -> (u16, Option<String>) {
+pub(crate) async fn answer(
+    rig: &Rig,
+    env: Environment,
+    req: &PushRequest,
+) -> (u16, Option<String>) {
     let r = rig
         .client
         .send(env, req, Duration::from_secs(5))

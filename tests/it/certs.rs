@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use voip_push_worker::apns::cert::ClientIdentity;
 use voip_push_worker::apns::token::unix_now;
-use voip_push_worker::apns::{ApnsClient, PushRequest, SendError};
+use voip_push_worker::apns::{ApnsClient, PushRequest, PushType, SendError};
 use voip_push_worker::apns_sim::certs::CertSpec;
 use voip_push_worker::apns_sim::{ApnsSim, SimOptions};
 use voip_push_worker::config::{AppConfig, Config};
@@ -184,6 +184,7 @@ fn push(token: &str, topic: &str) -> PushRequest {
         priority: 10,
         collapse_id: "cert-call".into(),
         payload: Bytes::from_static(br#"{"type":"call.incoming","aps":{}}"#),
+        push_type: PushType::Voip,
     }
 }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use voip_push_worker::apns_sim::RecordedRequest;
+use voip_push_worker::config::CancelPush;
 use voip_push_worker::event::{Environment, Status};
 
 use crate::common::{binary_for, delayed, eventually, random_token, scripted, TestEnv, BUNDLE};
@@ -147,7 +148,7 @@ async fn cancel_during_retries_stops_the_next_attempt() {
 
 #[tokio::test]
 async fn cancel_after_delivery_sends_a_cancel_push_to_each_rung_device() {
-    let mut env = TestEnv::new().await;
+    let mut env = TestEnv::with(|c| c.worker.cancel_push = CancelPush::Voip).await;
     let a = env
         .device("u4", Some(Environment::Production), Environment::Production)
         .await;
@@ -215,7 +216,7 @@ async fn cancel_after_delivery_sends_a_cancel_push_to_each_rung_device() {
 
 #[tokio::test]
 async fn answered_elsewhere_skips_the_answering_device() {
-    let mut env = TestEnv::new().await;
+    let mut env = TestEnv::with(|c| c.worker.cancel_push = CancelPush::Voip).await;
     env.device("u5", Some(Environment::Production), Environment::Production)
         .await;
     env.device("u5", Some(Environment::Production), Environment::Production)
@@ -246,7 +247,11 @@ async fn answered_elsewhere_skips_the_answering_device() {
 
 #[tokio::test]
 async fn two_workers_racing_initiates_and_cancels_never_ring_after_the_cancel() {
-    let mut env = TestEnv::with(|c| c.worker.concurrency = 8).await;
+    let mut env = TestEnv::with(|c| {
+        c.worker.concurrency = 8;
+        c.worker.cancel_push = CancelPush::Voip;
+    })
+    .await;
     let second = voip_push_worker::start(env.cfg.clone(), CancellationToken::new())
         .await
         .unwrap();

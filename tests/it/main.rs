@@ -8,6 +8,7 @@ mod apns_connections;
 mod batching;
 mod bounds;
 mod call_status;
+mod cancel_modes;
 mod cancel_user;
 mod certs;
 mod cli;

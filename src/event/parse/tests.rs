@@ -231,7 +231,7 @@ fn ring_window_never_overflows_and_distrusts_far_future_starts() {
 
 mod properties {
     use super::*;
-    use crate::apns::client::{build_request, PushRequest};
+    use crate::apns::request::{build_request, PushRequest};
     use proptest::prelude::*;
 
     /// Strings of the kinds producers get wrong: control characters, NUL,
@@ -338,6 +338,7 @@ mod properties {
         );
         assert!(!payload.contains("\\u0000"), "jsonb refuses NUL: {payload}");
         let req = PushRequest {
+            push_type: Default::default(),
             token: "00".repeat(32),
             topic: "com.example.app.voip".into(),
             provider_token: "eyJ.x.y".into(),
