@@ -106,7 +106,10 @@ impl Consumer {
                 seq += 1;
                 let owner = format!("{}/{seq}", self.worker_id);
                 let slots = permits.clone();
-                tasks.spawn(async move {
+                // Boxed: the handling future is large, and a task's future is
+                // moved when spawned and when it completes (memmove was the
+                // worker's top symbol).
+                tasks.spawn(Box::pin(async move {
                     pipeline.metrics.in_flight.inc();
                     let msg = incoming(&delivery, owner);
                     let held = health.hold(Instant::now() + hold_for);
@@ -114,7 +117,7 @@ impl Consumer {
                     settle(&pipeline, &publisher, lane, &delivery, disposition).await;
                     drop(held);
                     pipeline.metrics.in_flight.dec();
-                });
+                }));
             }
             self.health.lane_down();
 

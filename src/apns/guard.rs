@@ -216,6 +216,12 @@ impl AppGuard {
         Proof { apply, recovered }
     }
 
+    /// A push of this process's was accepted in `env` (and no burst of refusals
+    /// has taken that back).
+    pub fn is_proven(&self, env: Environment) -> bool {
+        self.state().proven[index(env)]
+    }
+
     /// Over the threshold of distinct devices refused since the last success.
     pub fn is_misconfigured(&self) -> bool {
         self.state().refused_since_success.len() >= self.threshold

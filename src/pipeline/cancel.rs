@@ -192,9 +192,26 @@ impl Pipeline {
 
     /// What APNs' answer to a missed-call alert means. A refused alert token is
     /// forgotten, never the device's VoIP token: the two are independent.
-    pub(super) async fn learn_alert(&self, device: &Device, out: &DeliveryOutcome) -> Status {
+    pub(super) async fn learn_alert(
+        &self,
+        app: &App,
+        device: &Device,
+        out: &DeliveryOutcome,
+    ) -> Status {
         match out.action {
             FinalAction::Delivered => Status::Delivered,
+            // Not before this process has seen the app's configuration work in
+            // that environment: a wrong bundle id or key refuses every token, and
+            // forgetting them all would be the misconfiguration wiping the table.
+            FinalAction::Invalidate | FinalAction::Unregistered
+                if !app.guard.is_proven(out.environment) =>
+            {
+                info!(
+                    device_id = device.id,
+                    "APNs refused the alert token before the app proved its configuration; kept"
+                );
+                Status::Failed
+            }
             FinalAction::Invalidate | FinalAction::Unregistered => {
                 if let Err(e) = self.store.clear_alert_token(device.id, &device.token).await {
                     warn!(device_id = device.id, error = %e, "could not forget a refused alert token");

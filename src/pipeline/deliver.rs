@@ -181,7 +181,7 @@ impl Pipeline {
             .await;
         let status = match call.push_type {
             PushType::Voip => self.learn(call.app, device, &out).await,
-            PushType::Alert => self.learn_alert(device, &out).await,
+            PushType::Alert => self.learn_alert(call.app, device, &out).await,
         };
         if status == Status::Delivered && call.kind == EventType::Incoming {
             let e2e = (now_ms() - call.sent_at_ms).max(0) as f64 / 1000.0;

@@ -247,3 +247,16 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn an_environment_is_proven_by_a_success_and_unproven_by_a_burst() {
+    let g = AppGuard::new(3);
+    assert!(!g.is_proven(P) && !g.is_proven(S));
+    g.succeeded(1, P);
+    assert!(g.is_proven(P) && !g.is_proven(S));
+    // Refusals applied in a row up to the threshold take the proof back.
+    for d in 10..13 {
+        g.token_refused(d, &[P], "DeviceTokenNotForTopic", 1);
+    }
+    assert!(!g.is_proven(P));
+}

@@ -399,7 +399,7 @@ voip_push_stage_duration_seconds_count{stage=\"resolve\"} 0
         assert_eq!(of("claim"), 5.0);
         // No observations (or no series at all): 0, not NaN.
         assert_eq!(of("resolve"), 0.0);
-        assert_eq!(of("settle"), 0.0);
+        assert_eq!(of("publish"), 0.0);
         assert_eq!(means.len(), voip_push_worker::metrics::STAGES.len());
     }
 }

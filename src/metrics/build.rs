@@ -1,173 +1,11 @@
-//! Every metric name and label set, in one place. Label values come from closed
-//! sets (enums' `as_str`/`label`), never from user data: no user ids, tokens or
-//! call ids ever become a label.
+//! Every metric registered, and the known series exported at zero.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
-/// Buckets for APNs round trips and end-to-end latency: a ring should be on the
-/// phone in well under a second, so resolution is finest there.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
-
-/// `voip_push_events_total{outcome}`: how an event ended.
-pub const EVENT_OUTCOMES: &[&str] = &[
-    "delivered",
-    "no_device",
-    "expired",
-    "failed",
-    "token_invalidated",
-    "cancelled",
-    "app_misconfigured",
-    "invalid",
-    "retried",
-    "cancel",
-    "dead_lettered",
-];
-
-/// `voip_push_dead_letters_total{lane,reason}`: the lanes, and every reason a
-/// message is dead-lettered for (the `x-vpw-reason` header, CONTRACT §13).
-pub const DEAD_LETTER_LANES: &[&str] = &["calls", "cancels", "devices"];
-pub const DEAD_LETTER_REASONS: &[&str] = &[
-    "too_large",
-    "not_utf8",
-    "not_json",
-    "not_an_object",
-    "missing_field",
-    "bad_field",
-    "unknown_type",
-    "non_retryable",
-    "retry_exhausted",
-    "internal_error",
-];
-
-/// `status` label values of deliveries and results (CONTRACT §5).
-pub const DELIVERY_STATUSES: &[&str] = &[
-    "delivered",
-    "failed",
-    "expired",
-    "token_invalidated",
-    "no_device",
-    "invalid_event",
-    "cancelled",
-    "app_misconfigured",
-];
-
-/// `voip_push_retries_total{reason}`: Apple's retryable reasons and our
-/// transport failures.
-pub const RETRY_REASONS: &[&str] = &[
-    "TooManyRequests",
-    "InternalServerError",
-    "ServiceUnavailable",
-    "Shutdown",
-    "IdleTimeout",
-    "ExpiredProviderToken",
-    "UnrelatedKeyIdInToken",
-    "other",
-    "none",
-    "connect",
-    "timeout",
-    "transport",
-    "store",
-    "redelivered",
-];
-
-/// `route` label values of the HTTP API metrics: the routes' templates (never a
-/// raw path, which would carry tokens and call ids).
-pub const API_ROUTES: &[&str] = &[
-    "/v1/calls",
-    "/v1/calls/{call_id}",
-    "/v1/calls/{call_id}/cancel",
-    "/api/internal/push/call",
-    "/v1/devices",
-    "/v1/devices/{token}",
-    "/api/v1/me/devices",
-    "/users/{identity}/voip-token",
-    "/twilio/token",
-];
-
-/// `voip_push_stage_duration_seconds{stage}`: the steps of one event.
-pub const STAGES: &[&str] = &["resolve", "claim", "deliver", "record", "publish", "settle"];
-
-#[derive(Clone)]
-pub struct Metrics {
-    registry: Registry,
-    pub events: IntCounterVec,
-    pub deliveries: IntCounterVec,
-    pub apns_requests: IntCounterVec,
-    pub apns_request_duration: HistogramVec,
-    pub end_to_end: Histogram,
-    /// Time spent in each step of an event (`STAGES`), waits for a pooled
-    /// connection or a batch included.
-    pub stage_duration: HistogramVec,
-    pub environment_fallbacks: IntCounterVec,
-    pub tokens_invalidated: IntCounterVec,
-    pub retries: IntCounterVec,
-    pub in_flight: IntGauge,
-    pub provider_tokens_signed: IntCounter,
-    pub apns_connections_opened: IntCounterVec,
-    /// HTTP/2 PINGs sent, and connections retired for leaving one unanswered, by
-    /// `kind`: `idle` (keep-alive) or `probe` (a push had no answer).
-    pub apns_pings: IntCounterVec,
-    pub apns_connections_retired: IntCounterVec,
-    /// Cancel pushes not sent, by `reason`: `off` (the mode) and `answered`
-    /// (answered or declined: no missed call) count cancels, `no_alert_token`
-    /// rung devices.
-    pub cancel_pushes_skipped: IntCounterVec,
-    pub results_published: IntCounterVec,
-    /// HTTP API requests by route template and status code, and their duration.
-    pub api_requests: IntCounterVec,
-    pub api_request_duration: HistogramVec,
-    /// 1 while RabbitMQ blocks the result publisher (a memory or disk alarm).
-    pub amqp_publish_blocked: IntGauge,
-    pub dead_letters: IntCounterVec,
-    pub events_overdue: IntGauge,
-    pub results_unrouted: IntCounter,
-    /// The HTTP listener: connections open, refused over the cap, and cut off
-    /// by a read timeout (`phase` `header` or `body`).
-    pub http_connections: IntGauge,
-    pub http_connections_refused: IntCounter,
-    pub http_read_timeouts: IntCounterVec,
-    /// Long polls of `GET /v1/calls/{id}?waitMs=` waiting now, and refused
-    /// over `http.max_long_polls`.
-    pub long_polls_waiting: IntGauge,
-    pub long_polls_refused: IntCounter,
-    /// Device tokens registered by another user than the one holding them.
-    pub device_moves: IntCounter,
-    /// 1 while an app is held as misconfigured (`apns::guard`), by bundle id
-    /// (configured apps only); token-level refusals held as suspect, by app and
-    /// Apple's reason.
-    pub apns_app_misconfigured: IntGaugeVec,
-    pub apns_suspect_refusals: IntCounterVec,
-    /// When each certificate app's certificate expires (UNIX seconds), by bundle
-    /// id (configured apps only: a closed set).
-    pub apns_certificate_expiry: IntGaugeVec,
-}
-
-/// Counts something in a gauge for as long as it is held.
-pub struct Held(IntGauge);
-
-impl Held {
-    pub fn new(gauge: &IntGauge) -> Self {
-        gauge.inc();
-        Self(gauge.clone())
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+use super::*;
 
 impl Metrics {
     pub fn new() -> Self {
@@ -386,6 +224,10 @@ impl Metrics {
             apns_requests,
             apns_request_duration,
             end_to_end,
+            stage_timers: STAGES
+                .iter()
+                .map(|s| stage_duration.with_label_values(&[s]))
+                .collect(),
             stage_duration,
             environment_fallbacks,
             tokens_invalidated,
@@ -470,31 +312,5 @@ impl Metrics {
                 self.dead_letters.with_label_values(&[lane, reason]);
             }
         }
-    }
-
-    /// Counts a dead letter (and, for the call lanes, the event's end).
-    pub fn dead_lettered(&self, lane: &'static str, reason: &'static str) {
-        debug_assert!(
-            DEAD_LETTER_REASONS.contains(&reason),
-            "unknown reason {reason}"
-        );
-        self.dead_letters.with_label_values(&[lane, reason]).inc();
-    }
-
-    /// Observes the time until the returned timer drops in `stage`'s histogram.
-    pub fn stage(&self, stage: &'static str) -> prometheus::HistogramTimer {
-        debug_assert!(STAGES.contains(&stage), "unknown stage {stage}");
-        self.stage_duration
-            .with_label_values(&[stage])
-            .start_timer()
-    }
-
-    /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .expect("text encoding of gathered metrics");
-        String::from_utf8(buf).expect("prometheus text is UTF-8")
     }
 }
