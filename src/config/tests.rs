@@ -1,6 +1,7 @@
 //! Loading and validation.
 
 use super::*;
+use crate::event::Environment;
 
 fn env(pairs: &[(&str, &str)]) -> config::Map<String, String> {
     pairs

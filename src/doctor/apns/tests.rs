@@ -1,4 +1,7 @@
 use super::*;
+use crate::apns::outcome::{classify, Action};
+use crate::doctor::config::AppSource;
+use crate::doctor::Status;
 
 fn ctx(source: &AppSource) -> ProbeContext<'_> {
     ProbeContext {
