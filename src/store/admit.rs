@@ -83,7 +83,8 @@ const GIVEN_DEVICES: &str = "
 /// Claims every device of a live call, then reports each device with what its
 /// claim found (matched by owner too: two copies of an event in one batch are
 /// two owners, and only the first claims). A claim not taken is looked up as
-/// it was before the statement.
+/// it was before the statement — only then: `AND` does not evaluate the
+/// `EXISTS` for a claim taken, the common case.
 fn tail() -> String {
     format!(
         "
@@ -101,10 +102,13 @@ fn tail() -> String {
         RETURNING event_key, device_id, owner, result
     )
     SELECT dev.i, dev.state, dev.id, dev.voip_token, dev.environment, dev.updated_ms, dev.proven,
-           c.event_key IS NOT NULL, c.result, p.published_at IS NOT NULL
+           c.event_key IS NOT NULL, c.result,
+           c.event_key IS NULL AND EXISTS (
+               SELECT 1 FROM delivery_claims p
+               WHERE p.event_key = dev.key AND p.device_id = dev.id
+                 AND p.published_at IS NOT NULL)
     FROM dev
     LEFT JOIN claimed c ON c.event_key = dev.key AND c.device_id = dev.id AND c.owner = dev.owner
-    LEFT JOIN delivery_claims p ON p.event_key = dev.key AND p.device_id = dev.id
     ORDER BY dev.i, dev.id"
     )
 }
