@@ -49,7 +49,7 @@ async fn stalled_connection_is_found_by_ping_and_the_push_resent_in_seconds() {
         env.sim.connections_accepted() > before,
         "a new connection was opened"
     );
-    let trace = env.store.trace_call("stall-1").await.unwrap().unwrap();
+    let trace = env.recorded_trace("stall-1").await;
     let reasons: Vec<_> = trace.deliveries[0]
         .attempts
         .iter()

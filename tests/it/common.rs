@@ -16,6 +16,7 @@ use voip_push_worker::apns::token::generate_p8_pem;
 use voip_push_worker::apns_sim::{ApnsSim, Scripted, SimApp, SimOptions};
 use voip_push_worker::config::{AppConfig, Config};
 use voip_push_worker::event::{Environment, PushResult};
+use voip_push_worker::store::history::CallTrace;
 use voip_push_worker::store::Store;
 use voip_push_worker::Worker;
 
@@ -325,6 +326,20 @@ impl TestEnv {
 
     pub async fn publish(&self, event: serde_json::Value) {
         self.publish_raw(event.to_string().as_bytes()).await;
+    }
+
+    /// The call's trace once each of its deliveries has its outcome recorded:
+    /// a result is published first and recorded right after the broker's
+    /// confirm, so a trace read at the result may not hold it yet.
+    pub async fn recorded_trace(&self, call_id: &str) -> CallTrace {
+        let what = format!("the outcomes of {call_id} recorded");
+        eventually(&what, Duration::from_secs(10), || async {
+            let t = self.store.trace_call(call_id).await.ok()??;
+            let recorded =
+                !t.deliveries.is_empty() && t.deliveries.iter().all(|d| d.status != "ringing");
+            recorded.then_some(t)
+        })
+        .await
     }
 
     /// Waits for `n` results of `call_id`; results of other calls that arrive

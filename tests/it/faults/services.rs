@@ -213,7 +213,7 @@ async fn blackholed_apns_path_is_replaced_within_the_ring() {
     let twice = rung_twice(&env);
     let mut unexplained = Vec::new();
     for (collapse_id, _) in &twice {
-        let trace = env.store.trace_call(collapse_id).await.unwrap().unwrap();
+        let trace = env.recorded_trace(collapse_id).await;
         let explained = trace.deliveries.iter().any(|d| {
             d.attempts
                 .iter()
