@@ -207,9 +207,35 @@ fn call_ids(calls: &[(String, String)]) -> Vec<String> {
     calls.iter().map(|(c, _)| c.clone()).collect()
 }
 
+/// A worker process killed when the test lets go of it: a failed assertion
+/// must not leave it consuming from the next test's queues.
+struct WorkerProcess(Child);
+
+impl std::ops::Deref for WorkerProcess {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for WorkerProcess {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// The worker binary, configured like `env`'s in-process worker.
-fn worker_process(env: &TestEnv, concurrency: u16) -> Child {
-    crate::common::binary_for(&env.cfg)
+fn worker_process(env: &TestEnv, concurrency: u16) -> WorkerProcess {
+    let child = crate::common::binary_for(&env.cfg)
         .arg("run")
         .env("VPW__WORKER__CONCURRENCY", concurrency.to_string())
         .env("VPW__WORKER__RETRY_MIN_DELAY_MS", "20")
@@ -218,5 +244,6 @@ fn worker_process(env: &TestEnv, concurrency: u16) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("start the worker binary")
+        .expect("start the worker binary");
+    WorkerProcess(child)
 }
