@@ -238,9 +238,11 @@ impl Pipeline {
         };
 
         let results = if let Some(not_pushed) = not_pushed {
+            // No claim of this copy's holds these results (a cancelled call's
+            // ring claims nothing, a late one looks only): settle the call and
+            // leave every claim to its owner, whose own outcome it records.
             let finished = Finished {
                 event_key: key.clone(),
-                published_only: not_pushed.iter().filter_map(|r| r.device_id).collect(),
                 settle: Some((event.call_id.clone(), call_state(&not_pushed))),
                 ..Finished::default()
             };

@@ -66,8 +66,8 @@ pub struct Finished {
     /// Pushes this worker made: their claims take the outcome and are marked
     /// published in the same update.
     pub outcomes: Vec<Outcome>,
-    /// Results published without a push of this worker's (re-published from
-    /// their claims, or not pushed at all): marked published only.
+    /// Results re-published from this worker's claims (recorded by an earlier
+    /// owner): marked published only.
     pub published_only: Vec<i64>,
     /// For a ring: the call's state from the results of this copy of the event.
     pub settle: Option<(String, CallState)>,
