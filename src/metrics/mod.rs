@@ -102,6 +102,13 @@ impl Metrics {
         self.dead_letters.with_label_values(&[lane, reason]).inc();
     }
 
+    /// Counts a token invalidated for Apple's `reason`.
+    pub fn token_invalidated(&self, reason: &str) {
+        self.tokens_invalidated
+            .with_label_values(&[crate::apns::outcome::reason_label(Some(reason))])
+            .inc();
+    }
+
     /// Observes the time until the returned timer drops in `stage`'s histogram.
     pub fn stage(&self, stage: &'static str) -> prometheus::HistogramTimer {
         match STAGES.iter().position(|s| *s == stage) {

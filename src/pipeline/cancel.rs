@@ -201,10 +201,13 @@ impl Pipeline {
         match out.action {
             FinalAction::Delivered => Status::Delivered,
             // Not before this process has seen the app's configuration work in
-            // that environment: a wrong bundle id or key refuses every token, and
-            // forgetting them all would be the misconfiguration wiping the table.
+            // every environment that refused it: a wrong bundle id or key
+            // refuses every token, and forgetting them all would be the
+            // misconfiguration wiping the table.
             FinalAction::Invalidate | FinalAction::Unregistered
-                if !app.guard.is_proven(out.environment) =>
+                if !super::suspect::refused_in(out)
+                    .iter()
+                    .all(|e| app.guard.is_proven(*e)) =>
             {
                 info!(
                     device_id = device.id,

@@ -242,7 +242,7 @@ impl Pipeline {
                         .invalidate(device.id, &reason, at.or(Some(now_ms())))
                         .await?
                     {
-                        self.count_invalidation(&reason);
+                        self.metrics.token_invalidated(&reason);
                         Status::TokenInvalidated
                     } else {
                         info!(
@@ -271,12 +271,5 @@ impl Pipeline {
                 _ => Status::Failed,
             }
         })
-    }
-
-    pub(super) fn count_invalidation(&self, reason: &str) {
-        self.metrics
-            .tokens_invalidated
-            .with_label_values(&[crate::apns::outcome::reason_label(Some(reason))])
-            .inc();
     }
 }

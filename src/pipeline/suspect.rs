@@ -11,6 +11,16 @@ use crate::apns::{App, DeliveryOutcome};
 use crate::event::{now_ms, token_suffix, Environment, Status};
 use crate::store::{Device, StoreError};
 
+/// The environments that refused a token: both after a fallback, else the one
+/// that answered.
+pub(super) fn refused_in(out: &DeliveryOutcome) -> &[Environment] {
+    if out.fallback_used {
+        &[Environment::Production, Environment::Sandbox]
+    } else {
+        std::slice::from_ref(&out.environment)
+    }
+}
+
 impl Pipeline {
     /// APNs refused the token itself (both environments, or not for the topic).
     pub(super) async fn token_refused(
@@ -20,18 +30,13 @@ impl Pipeline {
         out: &DeliveryOutcome,
         reason: &str,
     ) -> Result<Status, StoreError> {
-        let refused_in: &[Environment] = if out.fallback_used {
-            &[Environment::Production, Environment::Sandbox]
-        } else {
-            std::slice::from_ref(&out.environment)
-        };
         match app
             .guard
-            .token_refused(device.id, refused_in, reason, now_ms())
+            .token_refused(device.id, refused_in(out), reason, now_ms())
         {
             Verdict::Apply => {
                 self.store.invalidate(device.id, reason, None).await?;
-                self.count_invalidation(reason);
+                self.metrics.token_invalidated(reason);
                 Ok(Status::TokenInvalidated)
             }
             Verdict::Hold { misconfigured } => {
@@ -87,10 +92,7 @@ impl Pipeline {
                     .invalidate(held.device_id, &held.reason, Some(held.at_ms))
                     .await
                 {
-                    Ok(true) => metrics
-                        .tokens_invalidated
-                        .with_label_values(&[reason_label(Some(&held.reason))])
-                        .inc(),
+                    Ok(true) => metrics.token_invalidated(&held.reason),
                     // Registered again since it was refused: a new token.
                     Ok(false) => {}
                     Err(e) => {
