@@ -1,6 +1,6 @@
 //! A push's outcome, recorded once its result is confirmed by the broker: the
 //! claim's result, its APNs attempts and `published_at`, the device's success,
-//! and the call settled, for many events in one round trip.
+//! and the call settled, for many events in one statement.
 
 use bytes::{BufMut, BytesMut};
 use tokio_postgres::types::{accepts, to_sql_checked, IsNull, ToSql, Type};
@@ -73,11 +73,11 @@ pub struct Finished {
     pub settle: Option<(String, CallState)>,
 }
 
-/// Finishes many events in one round trip: each claim's result and
-/// `published_at` (and the delivery's attempts) in one update, the devices that accepted a
-/// push (their learned environment); then, in a statement of its own, the
-/// calls settled. A call stays cancelled; a delivery reported by one copy of an
-/// event (which pushed some of its devices) wins over another copy's failure.
+/// Finishes many events in one statement: each claim's result and
+/// `published_at` (and the delivery's attempts) in one update, the devices that
+/// accepted a push (their learned environment), and the calls settled. A call
+/// stays cancelled; a delivery reported by one copy of an event (which pushed
+/// some of its devices) wins over another copy's failure.
 ///
 /// A device's success is rewritten only when it says something new (first
 /// success, another environment) or is an hour old: most pushes go to proven
@@ -115,64 +115,53 @@ async fn finish_events(
     settle.sort_unstable();
     let (calls, states): (Vec<&str>, Vec<&str>) = settle.into_iter().unzip();
     let client = pool.get().await?;
-    // `= ANY` keeps the plans on the primary keys whatever the batch size. The
-    // attempts stay in the claim (no row of their own, no index entries).
-    let record = client
-        .prepare_cached(
-            "WITH success AS (
-                 UPDATE devices d SET last_success_at = now(), environment = k.env
-                 FROM unnest($5::bigint[], $6::text[]) AS k(id, env)
-                 WHERE d.id = ANY($5) AND d.id = k.id
-                   AND (d.last_success_at IS NULL OR d.environment IS DISTINCT FROM k.env
-                        OR d.last_success_at < now() - interval '1 hour')
-             )
-             UPDATE delivery_claims c
-             SET result = COALESCE(k.r, c.result), attempts = COALESCE(k.a, c.attempts),
-                 published_at = now()
-             FROM unnest($1::text[], $2::bigint[], $3::jsonb[], $4::jsonb[]) AS k(e, d, r, a)
-             WHERE c.event_key = ANY($1) AND c.event_key = k.e AND c.device_id = k.d
-               AND c.published_at IS NULL",
-        )
-        .await?;
-    let settle = client
-        .prepare_cached(
-            "UPDATE calls c SET state = k.s, settled_at = clock_timestamp()
-             FROM unnest($1::text[], $2::text[]) AS k(id, s)
-             WHERE c.call_id = ANY($1) AND c.call_id = k.id
-               AND (c.state = 'ringing' OR (k.s = 'delivered' AND c.state IN ('failed', 'expired')))",
-        )
-        .await?;
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+    let finish = client.prepare_cached(FINISH).await?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
         &claims.events,
         &claims.devices,
         &claims.results,
         &claims.attempts,
         &success_ids,
         &success_envs,
+        &calls,
+        &states,
     ];
-    let call_states: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&calls, &states];
-    // Two statements, each its own transaction (pipelined: one round trip). In
-    // one, the claims' row locks were held while waiting for a call's row, which
-    // a duplicate's admitting statement may hold while it waits for those
-    // claims: a deadlock, and a failed batch.
-    let (recorded, settled) = tokio::join!(
-        async {
-            if claims.events.is_empty() {
-                return Ok(0);
-            }
-            client.execute(&record, &params).await
-        },
-        async {
-            if calls.is_empty() {
-                return Ok(0);
-            }
-            client.execute(&settle, &call_states).await
-        }
-    );
-    recorded?;
-    settled?;
+    client.execute(&finish, &params).await?;
     Ok(vec![(); reqs.len()])
 }
+
+/// The finishing statement. `= ANY` keeps the plans on the primary keys
+/// whatever the batch size; the attempts stay in the claim (no row of their
+/// own, no index entries).
+///
+/// Lock order: an admitting statement locks a call's row, then its claims, so
+/// a finish that held claims while it waited for a call's row could deadlock
+/// with a duplicate's admission. The claims' update is therefore gated on a
+/// one-time look at `settled` (an initial plan, run before the update reads a
+/// row): the calls are locked first. The devices' update takes no lock an
+/// admission needs. (`batching::a_finish_waits_for_its_call…` holds this.)
+const FINISH: &str = "
+    WITH success AS (
+        UPDATE devices d SET last_success_at = now(), environment = k.env
+        FROM unnest($5::bigint[], $6::text[]) AS k(id, env)
+        WHERE d.id = ANY($5) AND d.id = k.id
+          AND (d.last_success_at IS NULL OR d.environment IS DISTINCT FROM k.env
+               OR d.last_success_at < now() - interval '1 hour')
+    ),
+    settled AS (
+        UPDATE calls c SET state = k.s, settled_at = clock_timestamp()
+        FROM unnest($7::text[], $8::text[]) AS k(id, s)
+        WHERE c.call_id = ANY($7) AND c.call_id = k.id
+          AND (c.state = 'ringing' OR (k.s = 'delivered' AND c.state IN ('failed', 'expired')))
+        RETURNING 1
+    )
+    UPDATE delivery_claims c
+    SET result = COALESCE(k.r, c.result), attempts = COALESCE(k.a, c.attempts),
+        published_at = now()
+    FROM unnest($1::text[], $2::bigint[], $3::jsonb[], $4::jsonb[]) AS k(e, d, r, a)
+    WHERE (SELECT count(*) FROM settled) >= 0
+      AND c.event_key = ANY($1) AND c.event_key = k.e AND c.device_id = k.d
+      AND c.published_at IS NULL";
 
 /// A delivery's attempts as its claim keeps them (what `trace` shows).
 fn attempts_json(o: &Outcome) -> JsonText {

@@ -211,3 +211,101 @@ async fn a_request_postgres_refuses_fails_alone_in_its_batch() {
     }
     env.cleanup().await;
 }
+
+/// An admitting statement locks a call's row, then its claims; a finish that
+/// held a claim while it waited for that call's row would deadlock with a
+/// duplicate's admission. While a call's row is locked (as an admission in
+/// progress holds it), a finish of that call waits for it without holding its
+/// claims: another session can still lock them at once.
+#[tokio::test]
+async fn a_finish_waits_for_its_call_before_it_locks_any_claim() {
+    let env = TestEnv::without_worker(|_| {}).await;
+    let user = "lock-order-user";
+    let device = env
+        .device(user, Some(Environment::Production), Environment::Production)
+        .await;
+    let admitted = env
+        .store
+        .admit_ring(ring("lo-event", "lo-call", user, "w1/1"))
+        .await
+        .unwrap();
+    let (device_id, claim) = admitted.devices.first().map(|(d, c)| (d.id, c)).unwrap();
+    assert_eq!(*claim, Claim::Push, "token {device}");
+
+    let connect = || async {
+        let (client, conn) = tokio_postgres::connect(&env.db.url, tokio_postgres::NoTls)
+            .await
+            .expect("postgres");
+        tokio::spawn(conn);
+        client
+    };
+    let (admission, prober) = (connect().await, connect().await);
+    admission.batch_execute("BEGIN").await.unwrap();
+    admission
+        .execute(
+            "SELECT 1 FROM calls WHERE call_id = 'lo-call' FOR UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    {
+        let finish = env.store.finish_event(Finished {
+            event_key: "lo-event".into(),
+            outcomes: vec![Outcome {
+                device_id,
+                call_id: "lo-call".into(),
+                event_type: "call.incoming",
+                result: json!({"status": "delivered"}).into(),
+                attempts: Vec::new(),
+                success: Some(Environment::Production),
+            }],
+            published_only: Vec::new(),
+            settle: Some(("lo-call".into(), CallState::Delivered)),
+        });
+        tokio::pin!(finish);
+        // The finish is under way once Postgres shows its session waiting for a lock.
+        let waiting = async {
+            crate::common::eventually("the finish waits for the call's row", LOCK_WAIT, || async {
+                let n: i64 = prober
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity
+                         WHERE datname = current_database() AND wait_event_type = 'Lock'
+                           AND query LIKE '%UPDATE delivery_claims%'",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                (n > 0).then_some(())
+            })
+            .await
+        };
+        tokio::select! {
+            r = &mut finish => panic!("the finish went past a locked call: {r:?}"),
+            () = waiting => {}
+        }
+        // Its claim is not locked meanwhile.
+        prober.batch_execute("BEGIN").await.unwrap();
+        let free = prober
+            .query(
+                "SELECT 1 FROM delivery_claims WHERE event_key = 'lo-event' FOR UPDATE NOWAIT",
+                &[],
+            )
+            .await;
+        prober.batch_execute("ROLLBACK").await.unwrap();
+        assert!(free.is_ok(), "the finish held the claim: {free:?}");
+
+        admission.batch_execute("COMMIT").await.unwrap();
+        finish.await.unwrap();
+    }
+    let trace = env.store.trace_call("lo-call").await.unwrap().unwrap();
+    assert_eq!(trace.state, CallState::Delivered);
+    assert_eq!(
+        trace.deliveries.first().map(|d| d.status.as_str()),
+        Some("delivered")
+    );
+    env.cleanup().await;
+}
+
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
