@@ -16,7 +16,7 @@ use lapin::{BasicProperties, Channel, Connection, PublisherConfirm};
 use voip_push_worker::amqp::{connect, DELIVERY_LIMIT};
 use voip_push_worker::config::AmqpConfig;
 
-use crate::procs::round3;
+use crate::procs::{round3, CpuSnapshot, CpuUse};
 
 /// Publishes in flight before the producer waits for the oldest confirm: enough
 /// to keep the broker busy, few enough that a slow broker pushes back.
@@ -260,6 +260,9 @@ pub struct Reference {
     pub seconds: f64,
     pub per_sec: f64,
     pub backlog_publish_per_sec: f64,
+    /// CPU while it consumed (RabbitMQ's share is the floor of any worker's
+    /// broker cost: it consumes and acknowledges every event too).
+    pub cpu: CpuUse,
 }
 
 /// The upper bound: a quorum queue like the work queue, loaded with `n` events,
@@ -308,6 +311,7 @@ pub async fn reference(
         )
         .await
         .map_err(err)?;
+    let cpu_before = CpuSnapshot::take(&[]);
     let mut first = None;
     let mut acked = 0;
     while acked < n {
@@ -322,6 +326,7 @@ pub async fn reference(
         acked += 1;
     }
     let seconds = first.map(|f| f.elapsed()).unwrap_or_default().as_secs_f64();
+    let cpu = CpuSnapshot::take(&[]).since(&cpu_before);
     let _ = conn.close(200, "done".into()).await;
     Ok(Reference {
         messages: n,
@@ -329,5 +334,6 @@ pub async fn reference(
         seconds: round3(seconds),
         per_sec: round3(n as f64 / seconds.max(1e-3)),
         backlog_publish_per_sec: round3(n as f64 / publish.as_secs_f64().max(1e-3)),
+        cpu,
     })
 }
