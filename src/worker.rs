@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -168,7 +168,10 @@ pub async fn run<S: Source, H: Handler>(
 ) {
     let lane = Arc::new(lane);
     let name = lane.name;
-    let permits = Arc::new(Semaphore::new(usize::from(lane.concurrency)));
+    let slots = Arc::new(Slots {
+        permits: Arc::new(Semaphore::new(usize::from(lane.concurrency))),
+        wanted: Notify::new(),
+    });
     let mut tasks = JoinSet::new();
     let mut delays = lane.reconnect.delays();
     let mut seq: u64 = 0;
@@ -197,11 +200,14 @@ pub async fn run<S: Source, H: Handler>(
             while tasks.try_join_next().is_some() {}
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+                p = slots.permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
             };
             let next = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(HEARTBEAT) => { drop(permit); continue; }
+                // A message back from its wait is queued for a slot: give it
+                // this one rather than hold it for a delivery that may not come.
+                _ = slots.wanted.notified() => { drop(permit); continue; }
                 n = session.next() => n,
             };
             let delivery = match next {
@@ -222,7 +228,7 @@ pub async fn run<S: Source, H: Handler>(
             let owner = format!("{}/{seq}", lane.claim_owner);
             let slot = Slot {
                 permit,
-                permits: permits.clone(),
+                slots: slots.clone(),
             };
             // Boxed: the handling future is large, and a task's future is moved
             // when spawned and when it completes (memmove was the worker's top
@@ -272,11 +278,37 @@ impl Lane {
     }
 }
 
-/// A message's slot: the permit it holds, and the semaphore to take one again
-/// from after a wait.
+/// A lane's slots: a permit each, and a bell a message back from its wait rings
+/// when it is queued for one.
+struct Slots {
+    permits: Arc<Semaphore>,
+    wanted: Notify,
+}
+
+impl Slots {
+    /// A slot again, after a wait. Queued for one first, then the loop is asked
+    /// for the one it holds while it waits for a delivery: without that, on an
+    /// idle queue, the message would wait for the loop's heartbeat (5 s).
+    async fn retake(&self) -> OwnedSemaphorePermit {
+        let acquire = self.permits.clone().acquire_owned();
+        tokio::pin!(acquire);
+        let permit = match (&mut acquire).now_or_never() {
+            Some(p) => p,
+            None => {
+                // The semaphore is fair: the loop's next permit comes after ours.
+                self.wanted.notify_one();
+                acquire.await
+            }
+        };
+        permit.expect("semaphore is never closed")
+    }
+}
+
+/// A message's slot: the permit it holds, and the lane's slots to take one
+/// again from after a wait.
 struct Slot {
     permit: OwnedSemaphorePermit,
-    permits: Arc<Semaphore>,
+    slots: Arc<Slots>,
 }
 
 /// One delivery's life: handled in its slot, then settled.
@@ -327,7 +359,7 @@ async fn handle<H: Handler>(
     slot: Slot,
     stop: &CancellationToken,
 ) -> Disposition {
-    let Slot { permit, permits } = slot;
+    let Slot { permit, slots } = slot;
     let mut permit = Some(permit);
     let mut pauses = WAIT_FOR_OWNER.delays();
     loop {
@@ -340,13 +372,7 @@ async fn handle<H: Handler>(
                     }
                     _ = tokio::time::sleep(pauses.next_delay()) => {}
                 }
-                permit = Some(
-                    permits
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .expect("semaphore is never closed"),
-                );
+                permit = Some(slots.retake().await);
             }
             // The live owner's own message settles the rest.
             Disposition::Wait { .. } => return Disposition::Ack,

@@ -395,6 +395,13 @@ async fn a_wait_gives_its_slot_back_and_is_acked_once_it_is_over() {
         .unwrap()
         .3;
     assert!(acked_at >= until_at, "acked only once `until` passed");
+    // Its last look is due within a second of `until` (pauses stop doubling at
+    // 1 s): it got its slot back from the idle loop, not at the 5 s heartbeat.
+    assert!(
+        acked_at < until_at + Duration::from_secs(3),
+        "acked {:?} after `until`",
+        acked_at - until_at
+    );
     assert!(
         script.waits.load(Ordering::SeqCst) >= 2,
         "looked at again while it waited"
