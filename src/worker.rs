@@ -10,10 +10,12 @@
 //! and `cancels` (the pipeline) and `devices` (`api::device_events`).
 
 pub mod health;
+mod source;
 #[cfg(test)]
 mod tests;
 
 pub use health::ConsumerHealth;
+pub use source::{Delivery, Session, Source, SourceError};
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -29,10 +31,6 @@ use tracing::{error, info, warn};
 
 use crate::metrics::Metrics;
 use crate::retry_policy::RetryPolicy;
-
-/// What a source's failures are, to the driver: something to log before it
-/// reconnects (or, for a settlement, before the broker delivers again).
-pub type SourceError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A message as taken from the queue.
 #[derive(Clone, Debug, Default)]
@@ -75,49 +73,6 @@ pub trait Handler: Send + Sync + 'static {
         msg: &Incoming,
         stop: &CancellationToken,
     ) -> impl Future<Output = Disposition> + Send;
-}
-
-/// Where a lane's messages come from (a queue): each [`open`](Source::open) is
-/// one session, connected, its topology declared, consuming.
-pub trait Source: Send + Sync + 'static {
-    type Session: Session;
-    /// What it consumes, for logs.
-    fn name(&self) -> &str;
-    /// Starts a session with at most `prefetch` messages delivered and unsettled.
-    fn open(
-        &self,
-        prefetch: u16,
-    ) -> impl Future<Output = Result<Self::Session, SourceError>> + Send;
-}
-
-/// One connection's deliveries.
-pub trait Session: Send {
-    type Delivery: Delivery;
-    /// The next delivery; `Err` when the session failed, `None` when the source
-    /// ended it. Either way the driver opens a new session.
-    fn next(&mut self) -> impl Future<Output = Option<Result<Self::Delivery, SourceError>>> + Send;
-    /// Takes no more deliveries (shutdown; what is in hand may still settle).
-    fn stop(&mut self) -> impl Future<Output = ()> + Send;
-    /// Ends the session: what is still unsettled returns to the queue.
-    fn close(self, why: &'static str) -> impl Future<Output = ()> + Send;
-}
-
-/// One message from a source. Each way of settling it takes it by value, so it
-/// is settled at most once; the driver settles every one it handles.
-pub trait Delivery: Send + Sync + 'static {
-    /// The message, its claims owned by `claim_owner`.
-    fn incoming(&self, claim_owner: String) -> Incoming;
-    fn ack(self) -> impl Future<Output = Result<(), SourceError>> + Send;
-    /// Back to the queue, for another worker.
-    fn requeue(self) -> impl Future<Output = Result<(), SourceError>> + Send;
-    /// To the lane's dead-letter queue with `reason` (a closed set) and `detail`,
-    /// or, when that cannot be done, to whatever the source does with a rejected
-    /// message.
-    fn dead_letter(
-        self,
-        reason: &'static str,
-        detail: &str,
-    ) -> impl Future<Output = Result<(), SourceError>> + Send;
 }
 
 /// One lane's settings.
