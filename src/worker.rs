@@ -174,7 +174,7 @@ pub async fn run<S: Source, H: Handler>(
                 None => {
                     warn!(
                         lane = name,
-                        "the source cancelled the consumer or closed the channel; reconnecting"
+                        "broker cancelled the consumer or closed the channel; reconnecting"
                     );
                     break;
                 }

@@ -38,8 +38,9 @@ enum Kind {
     Unregister,
 }
 
-/// Consumes registration events until `shutdown` on the driver, reconnecting
-/// after broker failures. Does nothing when `devices.queue` is empty.
+/// Runs the `devices` lane on the driver until `shutdown` (reconnecting after
+/// broker failures, draining at the end). Does nothing when `devices.queue` is
+/// empty.
 ///
 /// One at a time, in queue order (concurrency 1): a register then an
 /// unregister of one token must not swap, and two registrations of a token
