@@ -220,3 +220,28 @@ async fn a_failed_open_or_session_is_followed_by_a_new_session() {
     assert!(!health.consuming.load(Ordering::SeqCst));
     queue.assert_each_delivery_ended_once();
 }
+
+#[tokio::test]
+async fn dead_letters_are_counted_by_lane_and_only_call_events_end_as_events() {
+    for (name, events) in [("calls", 1), ("devices", 0)] {
+        let queue = Queue::with(&["exhausted"]);
+        let script = Script::new(Instant::now());
+        let the_lane = Lane {
+            name,
+            ..lane(1, Duration::from_secs(5))
+        };
+        let metrics = the_lane.metrics.clone();
+        let (stop, task) = start(the_lane, &queue, &script);
+        until("the dead letter", || queue.settled().len() == 1).await;
+        let detail = "database unavailable".to_string();
+        let expected = Settled::DeadLetter("retry_exhausted", detail);
+        assert_eq!(queue.settled_as(0), Some(expected));
+        let counted = metrics
+            .dead_letters
+            .with_label_values(&[name, "retry_exhausted"]);
+        assert_eq!(counted.get(), 1, "{name}");
+        let ended = metrics.events.with_label_values(&["dead_lettered"]).get();
+        assert_eq!(ended, events, "{name}");
+        shut_down(stop, task).await;
+    }
+}

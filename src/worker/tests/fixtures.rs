@@ -211,7 +211,8 @@ impl Delivery for MemDelivery {
 
 /// Does what the message's body says: `ack`; `work` (until the test opens
 /// `gate`); `panic`; `wait` (another worker holds its claims until `until`);
-/// `stop` (until shutdown, then `Retry`); `hang` (for ever, shutdown or not).
+/// `stop` (until shutdown, then `Retry`); `hang` (for ever, shutdown or not);
+/// `exhausted` (dead-lettered as `retry_exhausted`).
 pub(super) struct Script {
     pub(super) running: AtomicUsize,
     pub(super) most: AtomicUsize,
@@ -238,6 +239,10 @@ impl Handler for Script {
         self.most.fetch_max(now, Ordering::SeqCst);
         let disposition = match std::str::from_utf8(&msg.body).unwrap() {
             "ack" => Disposition::Ack,
+            "exhausted" => Disposition::DeadLetter {
+                kind: "retry_exhausted",
+                message: "database unavailable".into(),
+            },
             "work" => {
                 self.gate.acquire().await.unwrap().forget();
                 Disposition::Ack
