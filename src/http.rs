@@ -13,9 +13,9 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
-use crate::amqp::consumer::ConsumerHealth;
 use crate::metrics::Metrics;
 use crate::store::Store;
+use crate::worker::ConsumerHealth;
 
 /// The consumer loop wakes at least every 5 s; three missed beats mean it is stuck.
 const HEARTBEAT_STALE_SECS: u64 = 15;

@@ -18,6 +18,7 @@ pub mod retry_policy;
 pub mod store;
 pub mod tls;
 pub mod trace;
+pub mod worker;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,13 +28,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::amqp::consumer::{Consumer, ConsumerHealth};
+use crate::amqp::source::{QueueSource, Topology};
 use crate::amqp::{Publisher, ResultsExchange};
 use crate::apns::Apns;
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Disposition, Incoming, Pipeline};
 use crate::store::{Store, StoreError};
+use crate::worker::{ConsumerHealth, Lane, Watched};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -77,8 +79,8 @@ impl Worker {
     }
 }
 
-/// Starts the worker: HTTP listener, APNs client, publisher and consumer loop.
-/// Nothing here waits for RabbitMQ or Postgres: the consumer loop connects (and
+/// Starts the worker: HTTP listener, APNs client, publisher and the lanes on the
+/// driver (`worker`). Nothing here waits for RabbitMQ: each lane connects (and
 /// reconnects) by itself, and `/readyz` tells when it is consuming.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker, StartError> {
     config.validate_for_push()?;
@@ -110,7 +112,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
         metrics.clone(),
     )?;
     api_state.log_groups();
-    tokio::spawn(api::device_events::run(api_state.clone(), shutdown.clone()));
+    let devices = tokio::spawn(api::device_events::run(api_state.clone(), shutdown.clone()));
     let router = http::router(http::HttpState {
         metrics: metrics.clone(),
         health: health.clone(),
@@ -153,6 +155,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
     // Two lanes: rings on the work queue, cancels on their own queue so that a
     // cancel never waits behind a backlog of rings.
     health.lanes.store(2, std::sync::atomic::Ordering::SeqCst);
+    let watched = Watched {
+        health: health.clone(),
+        overdue_after: pipeline.longest_retry() + worker::health::OVERDUE_GRACE,
+    };
     let lanes = [
         ("calls", cfg.amqp.work_queue.clone(), cfg.worker.concurrency),
         (
@@ -161,21 +167,33 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
             cfg.worker.cancel_concurrency,
         ),
     ]
-    .map(|(lane, queue, concurrency)| {
-        let lane = Consumer {
-            pipeline: pipeline.clone(),
-            lane,
-            queue,
+    .map(|(name, queue, concurrency)| {
+        let lane = Lane {
+            name,
             concurrency,
-            worker_id: worker_id.clone(),
-            publisher: publisher.clone(),
-            health: health.clone(),
+            prefetch: amqp::prefetch_for(concurrency),
+            claim_owner: worker_id.clone(),
+            drain: Duration::from_secs(cfg.worker.drain_timeout_secs),
+            reconnect: amqp::RECONNECT,
+            metrics: metrics.clone(),
+            watched: Some(watched.clone()),
         };
-        let stop = shutdown.clone();
-        tokio::spawn(async move { lane.run(stop).await })
+        let source = QueueSource {
+            amqp: cfg.amqp.clone(),
+            role: "consumer",
+            queue,
+            topology: Topology::Calls,
+            publisher: publisher.clone(),
+        };
+        tokio::spawn(worker::run(
+            lane,
+            source,
+            pipeline.clone(),
+            shutdown.clone(),
+        ))
     });
     let consumer = tokio::spawn(async move {
-        for lane in lanes {
+        for lane in lanes.into_iter().chain([devices]) {
             let _ = lane.await;
         }
         publisher.close().await;
@@ -189,6 +207,18 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
         http,
         shutdown,
     })
+}
+
+/// The call lanes' handler: the pipeline, which retries a fault itself, the
+/// message held, until it can be settled.
+impl worker::Handler for Pipeline {
+    fn handle(
+        &self,
+        msg: &Incoming,
+        stop: &CancellationToken,
+    ) -> impl std::future::Future<Output = Disposition> + Send {
+        self.handle_until_settled(msg, stop)
+    }
 }
 
 /// Purges old claims, calls and attempts, every 10 minutes.

@@ -1,9 +1,10 @@
-//! RabbitMQ: connections, the topology of CONTRACT §3, and the result publisher.
+//! RabbitMQ: connections, the topology of CONTRACT §3, the result publisher, and
+//! queues as the driver's sources (`source.rs`; the consumer loop itself is
+//! `crate::worker`).
 
-pub mod consumer;
 pub mod dead_letter;
-pub mod health;
 pub mod publisher;
+pub mod source;
 pub mod watch;
 
 use lapin::options::{
@@ -32,6 +33,9 @@ pub enum AmqpError {
     Protocol(#[from] lapin::Error),
     #[error("RabbitMQ refused (nack) a published message")]
     Nacked,
+    /// lapin's answer to an ack, nack or reject on a channel that is gone.
+    #[error("RabbitMQ: the channel closed before the message was settled")]
+    Unsettled,
     /// A mandatory message came back: nothing is bound to take it.
     #[error("RabbitMQ routed the message to no queue (exchange {exchange:?}, routing key {routing_key:?}): is the queue declared and bound?")]
     Unroutable {
@@ -117,14 +121,14 @@ pub async fn declare_quorum_queue(
     Ok(())
 }
 
-/// Consumes `queue` with manual acknowledgements and at most `prefetch`
-/// unacknowledged messages.
 /// The prefetch of a lane with `concurrency` slots: room beyond the slots for
 /// messages waiting on another worker's claims (they give their slot back).
 pub fn prefetch_for(concurrency: u16) -> u16 {
     concurrency.saturating_mul(2)
 }
 
+/// Consumes `queue` with manual acknowledgements and at most `prefetch`
+/// unacknowledged messages.
 pub async fn consume(
     ch: &Channel,
     queue: &str,
@@ -141,20 +145,23 @@ pub async fn consume(
         .await?)
 }
 
+/// Declares a dead-letter exchange (fanout) and the quorum queue that keeps
+/// what it takes.
+pub async fn declare_dead_letters(
+    ch: &Channel,
+    exchange: &str,
+    queue: &str,
+) -> Result<(), AmqpError> {
+    declare_exchange(ch, exchange, ExchangeKind::Fanout).await?;
+    declare_quorum_queue(ch, queue, FieldTable::default(), exchange, "").await
+}
+
 /// Declares every object of the topology. Idempotent: replicas starting together
 /// all declare the same thing.
 pub async fn declare_topology(ch: &Channel, cfg: &AmqpConfig) -> Result<(), AmqpError> {
     declare_exchange(ch, &cfg.call_exchange, ExchangeKind::Topic).await?;
-    declare_exchange(ch, &cfg.dead_letter_exchange, ExchangeKind::Fanout).await?;
     declare_exchange(ch, &cfg.results_exchange, ExchangeKind::Topic).await?;
-    declare_quorum_queue(
-        ch,
-        &cfg.dead_letter_queue,
-        FieldTable::default(),
-        &cfg.dead_letter_exchange,
-        "",
-    )
-    .await?;
+    declare_dead_letters(ch, &cfg.dead_letter_exchange, &cfg.dead_letter_queue).await?;
 
     let mut work_args = FieldTable::default();
     work_args.insert(

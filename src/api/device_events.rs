@@ -4,32 +4,33 @@
 //! `PUT /v1/devices` (`{"userId","token","bundleId"?,"environment"?}`; for an
 //! unregister only `token` matters) and the same rules apply. An event that
 //! cannot be applied goes to `voip-push.devices.dead` with its reason; one that
-//! meets database faults is retried, held, for `worker.retry_cap_secs`.
+//! meets database faults is retried, held, for `worker.retry_cap_secs`. They run
+//! on the driver (`crate::worker`) as the lane `devices`, one at a time.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
-use lapin::types::FieldTable;
-use lapin::ExchangeKind;
-use lapin::ExchangeKind::Fanout;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use super::devices::{alert_token, environment, register, register_alert_token};
 use super::{text_field, ApiError, ApiState};
-use crate::amqp::{connect, consume, declare_exchange, declare_quorum_queue, AmqpError, RECONNECT};
+use crate::amqp::source::{QueueSource, Topology};
+use crate::amqp::RECONNECT;
 use crate::event::token_suffix;
 use crate::retry_policy::RetryPolicy;
 use crate::store::normalize_token;
+use crate::worker::{self, Disposition, Handler, Incoming, Lane};
 
-/// Registrations are tiny and each is one upsert: a handful in flight is plenty.
+/// Sixteen delivered ahead of the one being applied: a burst of registrations
+/// (an app release, a backend replaying its devices) flows without a broker
+/// round trip per event, and the order is the queue's either way (one session,
+/// one slot). Each is one upsert; more would only sit in memory.
 const PREFETCH: u16 = 16;
-/// First pause before a registration that met a database fault is tried again
-/// (doubling up to [`MAX_RETRY_PAUSE`]), so an outage is not a hot loop.
-const DB_RETRY_PAUSE: Duration = Duration::from_secs(1);
-const MAX_RETRY_PAUSE: Duration = Duration::from_secs(15);
+/// Pauses before a registration that met a database fault is tried again: 1 s
+/// doubling to 15 s, so an outage is not a hot loop.
+const DB_RETRY: RetryPolicy =
+    RetryPolicy::doubling(Duration::from_secs(1), Duration::from_secs(15));
 
 #[derive(Debug, PartialEq, Eq)]
 enum Kind {
@@ -37,128 +38,76 @@ enum Kind {
     Unregister,
 }
 
-/// Consumes registration events until `shutdown`, reconnecting after broker
-/// failures. Does nothing when `devices.queue` is empty.
+/// Runs the `devices` lane on the driver until `shutdown` (reconnecting after
+/// broker failures, draining at the end). Does nothing when `devices.queue` is
+/// empty.
+///
+/// One at a time, in queue order (concurrency 1): a register then an
+/// unregister of one token must not swap, and two registrations of a token
+/// must leave the later one's user. (Several replicas consuming one queue
+/// interleave it between them, as any consumer of a shared queue does.)
 pub async fn run(state: ApiState, shutdown: CancellationToken) {
     if state.cfg.devices.queue.is_empty() {
         return;
     }
-    let mut delays = RECONNECT.delays();
-    while !shutdown.is_cancelled() {
-        match session(&state, &shutdown, &mut || delays = RECONNECT.delays()).await {
-            Ok(true) => return,
-            Ok(false) => warn!("device events: the broker ended the consumer; reconnecting"),
-            Err(e) => {
-                let delay = delays.next_delay();
-                warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
-                    "device events: cannot consume; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
-    }
-}
-
-/// One connection's life: `Ok(true)` at shutdown, `Ok(false)` when the broker
-/// ended the consumer. `connected` resets the reconnect backoff.
-async fn session(
-    state: &ApiState,
-    shutdown: &CancellationToken,
-    connected: &mut (dyn FnMut() + Send),
-) -> Result<bool, AmqpError> {
-    let cfg = &state.cfg.devices;
-    let conn = connect(&state.cfg.amqp, "device events").await?;
-    let ch = conn.create_channel().await?;
-    declare_exchange(&ch, &cfg.exchange, ExchangeKind::Topic).await?;
-    declare_exchange(&ch, &cfg.dead_letter_exchange, Fanout).await?;
-    declare_quorum_queue(
-        &ch,
-        &cfg.dead_letter_queue,
-        FieldTable::default(),
-        &cfg.dead_letter_exchange,
-        "",
-    )
-    .await?;
-    declare_quorum_queue(
-        &ch,
-        &cfg.queue,
-        FieldTable::default(),
-        &cfg.exchange,
-        "device.*",
-    )
-    .await?;
-    let mut consumer = consume(&ch, &cfg.queue, PREFETCH).await?;
-    connected();
-    info!(queue = %cfg.queue, exchange = %cfg.exchange, "consuming device registration events");
-    loop {
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => {
-                let _ = conn.close(200, "shutdown".into()).await;
-                return Ok(true);
-            }
-            n = consumer.next() => n,
-        };
-        match next {
-            Some(Ok(d)) => settle(state, d, shutdown).await?,
-            Some(Err(e)) => return Err(e.into()),
-            None => return Ok(false),
-        }
-    }
-}
-
-/// Applies one event and acknowledges it. A malformed one is dead-lettered with
-/// its reason; a database fault is retried with the message held, then
-/// dead-lettered as `retry_exhausted`; at shutdown it returns to the queue.
-async fn settle(
-    state: &ApiState,
-    d: Delivery,
-    shutdown: &CancellationToken,
-) -> Result<(), AmqpError> {
-    let started = Instant::now();
-    let mut delays = RetryPolicy::doubling(DB_RETRY_PAUSE, MAX_RETRY_PAUSE).delays();
-    let mut delay = delays.next_delay();
-    let (reason, detail) = loop {
-        match apply(state, d.routing_key.as_str(), &d.data).await {
-            Ok(()) => {
-                d.acker.ack(BasicAckOptions::default()).await?;
-                return Ok(());
-            }
-            Err(e) if e.status.is_server_error() => {
-                if started.elapsed() + delay >= state.cfg.worker.retry_cap() {
-                    break ("retry_exhausted", e.message);
-                }
-                warn!(error = %e.message, retry_in_ms = delay.as_millis() as u64,
-                    "device event: database unavailable; will retry");
-                tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
-                        return Ok(());
-                    }
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = delays.next_delay();
-            }
-            Err(e) => break (dead_letter_reason(e.code), e.message),
-        }
+    let cfg = state.cfg.clone();
+    let lane = Lane {
+        name: "devices",
+        concurrency: 1,
+        prefetch: PREFETCH,
+        // Registrations claim nothing.
+        claim_owner: String::new(),
+        drain: Duration::from_secs(cfg.worker.drain_timeout_secs),
+        reconnect: RECONNECT,
+        metrics: state.metrics.clone(),
+        // Not part of readiness: the calls lanes are the worker's job.
+        watched: None,
     };
-    warn!(routing_key = %d.routing_key, reason, error = %detail, "device event dead-lettered");
-    state.metrics.dead_lettered("devices", reason);
-    let exchange = &state.cfg.devices.dead_letter_exchange;
-    if let Err(e) =
-        crate::amqp::dead_letter::publish(&state.publisher, exchange, &d, reason, &detail).await
-    {
-        // The queue has no dead-letter policy of its own: the event is dropped,
-        // and said so.
-        error!(error = %e, "could not dead-letter a device event; it is dropped");
-        d.acker
-            .reject(BasicRejectOptions { requeue: false })
-            .await?;
-        return Ok(());
+    let source = QueueSource {
+        amqp: cfg.amqp.clone(),
+        role: "device events",
+        queue: cfg.devices.queue.clone(),
+        topology: Topology::Devices(cfg.devices.clone()),
+        publisher: state.publisher.clone(),
+    };
+    worker::run(lane, source, Arc::new(DeviceEvents { state }), shutdown).await;
+}
+
+/// The devices lane's handler.
+struct DeviceEvents {
+    state: ApiState,
+}
+
+impl Handler for DeviceEvents {
+    /// Applies one event: `Ack` once applied. A malformed one is dead-lettered
+    /// with its reason; a database fault is retried with the message held, then
+    /// dead-lettered as `retry_exhausted`; at shutdown it returns to the queue.
+    async fn handle(&self, msg: &Incoming, stop: &CancellationToken) -> Disposition {
+        let state = &self.state;
+        let started = Instant::now();
+        let mut delays = DB_RETRY.delays();
+        let mut delay = delays.next_delay();
+        let (kind, message) = loop {
+            match apply(state, &msg.routing_key, &msg.body).await {
+                Ok(()) => return Disposition::Ack,
+                Err(e) if e.status.is_server_error() => {
+                    if started.elapsed() + delay >= state.cfg.worker.retry_cap() {
+                        break ("retry_exhausted", e.message);
+                    }
+                    warn!(error = %e.message, retry_in_ms = delay.as_millis() as u64,
+                        "device event: database unavailable; will retry");
+                    tokio::select! {
+                        _ = stop.cancelled() => return Disposition::Retry(e.message),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = delays.next_delay();
+                }
+                Err(e) => break (dead_letter_reason(e.code), e.message),
+            }
+        };
+        warn!(routing_key = %msg.routing_key, reason = kind, error = %message, "device event dead-lettered");
+        Disposition::DeadLetter { kind, message }
     }
-    d.acker.ack(BasicAckOptions::default()).await?;
-    Ok(())
 }
 
 /// The dead-letter reason (a closed set) of an API refusal code.

@@ -100,6 +100,16 @@ impl Metrics {
             "unknown reason {reason}"
         );
         self.dead_letters.with_label_values(&[lane, reason]).inc();
+        // On the call lanes, an event's end (one refused as invalid is counted
+        // as `invalid` by the pipeline instead).
+        if lane != "devices"
+            && matches!(
+                reason,
+                "non_retryable" | "retry_exhausted" | "internal_error"
+            )
+        {
+            self.events.with_label_values(&["dead_lettered"]).inc();
+        }
     }
 
     /// Counts a token invalidated for Apple's `reason`.

@@ -2,8 +2,9 @@
 //! parse → open the call → resolve devices → claim → push with fallback/retry →
 //! record → publish → settle.
 //!
-//! `handle` returns a [`Disposition`]; the consumer settles the message exactly once
-//! from it. `deliver.rs` has the per-device steps, `publish.rs` the results.
+//! `handle` returns a [`Disposition`]; the driver (`crate::worker`) settles the
+//! message exactly once from it. `deliver.rs` has the per-device steps,
+//! `publish.rs` the results.
 
 mod cancel;
 mod deliver;
@@ -15,6 +16,8 @@ mod suspect;
 use ids::{base_result, call_state, claim_key, event_id};
 use publish::Outgoing;
 pub use publish::ResultPublisher;
+// What the pipeline takes and returns are the driver's.
+pub use crate::worker::{Disposition, Incoming};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,35 +37,6 @@ use crate::store::admit::Ring;
 use crate::store::calls::CallState;
 use crate::store::claims::{Claim, Finished};
 use crate::store::{Device, Store};
-
-/// A message as taken from the queue.
-#[derive(Clone, Debug, Default)]
-pub struct Incoming {
-    pub body: Vec<u8>,
-    pub message_id: Option<String>,
-    /// AMQP `timestamp` property, UNIX seconds.
-    pub timestamp: Option<u64>,
-    /// The owner recorded on this message's delivery claims: the worker's id and
-    /// a sequence number, so two copies of one event in one worker still exclude
-    /// each other.
-    pub claim_owner: String,
-}
-
-/// How the consumer settles a message.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Disposition {
-    /// Handled; every result is confirmed by the broker.
-    Ack,
-    /// Could not be handled now (database or broker trouble): tried again later.
-    Retry(String),
-    /// Never handleable: to the dead-letter queue with this reason.
-    DeadLetter { kind: &'static str, message: String },
-    /// Some devices' claims are held by a copy of the event on a live worker:
-    /// look again later (they may be published, or their owner may die), without
-    /// holding a slot meanwhile. Past `until` (the ring deadline) the owner's own
-    /// message settles them: ack.
-    Wait { until: Instant },
-}
 
 /// Namespace of the stable `apns-id`s: UUIDv5(namespace, event id + device id), so
 /// every attempt for one (event, device) carries the same id.

@@ -1,6 +1,7 @@
-//! What `/healthz` and `/readyz` read, shared by the consumer loops (lanes): are
-//! they consuming, is the loop alive, and is any message held past its deadline
-//! while nothing settles (a wedged worker that would otherwise look healthy).
+//! What `/healthz` and `/readyz` read, shared by the watched lanes of the driver
+//! (`calls` and `cancels`): are they consuming, is the loop alive, and is any
+//! message held past its deadline while nothing settles (a wedged worker that
+//! would otherwise look healthy).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -10,6 +11,10 @@ use std::time::{Duration, Instant};
 /// Held past its deadline for this long with nothing settled, a worker is
 /// stalled: longer than any single step waits for a store or broker (30 s).
 pub const STALL_AFTER: Duration = Duration::from_secs(30);
+
+/// A message is overdue this long after the longest retry bound: one last try
+/// may still be waiting out the store's or the broker's patience (30 s each).
+pub const OVERDUE_GRACE: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 pub struct ConsumerHealth {
