@@ -7,11 +7,13 @@
 
 mod cancel;
 mod deliver;
+mod edges;
 mod ids;
 mod publish;
 mod retry;
 mod suspect;
 
+pub use edges::DeliveryStore;
 use ids::{base_result, call_state, claim_key, event_id};
 use publish::Outgoing;
 pub use publish::ResultPublisher;
@@ -33,7 +35,7 @@ use crate::metrics::Metrics;
 use crate::store::admit::Ring;
 use crate::store::calls::CallState;
 use crate::store::claims::{Claim, Finished};
-use crate::store::{Device, Store};
+use crate::store::Device;
 
 /// A message as taken from the queue.
 #[derive(Clone, Debug, Default)]
@@ -74,7 +76,8 @@ pub const MAX_VOIP_PAYLOAD: usize = 5120;
 
 pub struct Pipeline {
     pub cfg: Arc<Config>,
-    pub store: Store,
+    /// Devices, calls and claims (`store::Store`, Postgres).
+    pub store: Arc<dyn DeliveryStore>,
     pub apns: Arc<Apns>,
     /// Where results go (the pipeline knows no broker).
     pub results: Arc<dyn ResultPublisher>,
