@@ -11,7 +11,7 @@ use crate::store::calls::{Cancelled, RungDevice};
 use crate::store::claims::{Claim, Finished};
 use crate::store::{Store, StoreError};
 
-type Answer<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
+pub(super) type Answer<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
 
 /// What the pipeline keeps in the store (see each method's counterpart on
 /// [`Store`] for its exact semantics).

@@ -8,10 +8,14 @@
 mod cancel;
 mod deliver;
 mod edges;
+#[cfg(test)]
+mod fakes;
 mod ids;
 mod publish;
 mod retry;
 mod suspect;
+#[cfg(test)]
+mod tests;
 
 pub use edges::DeliveryStore;
 use ids::{base_result, call_state, claim_key, event_id};
