@@ -82,6 +82,8 @@ async fn with_cancel_pushes_off_nothing_is_sent() {
 
     assert_eq!(rig.apns.sent().len(), 2);
     assert_eq!(rig.store.state().calls["c1"].state, CallState::Cancelled);
+    let skipped = &rig.pipeline.metrics.cancel_pushes_skipped;
+    assert_eq!(skipped.with_label_values(&["off"]).get(), 1);
 }
 
 #[tokio::test]
