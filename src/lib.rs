@@ -132,7 +132,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
 
     let pipeline = Arc::new(Pipeline {
         cfg: cfg.clone(),
-        store,
+        store: Arc::new(store.clone()),
         apns,
         results: Arc::new(ResultsExchange {
             publisher: publisher.clone(),
@@ -147,7 +147,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
         .await?
         .worker_id;
     tokio::spawn(upkeep(
-        pipeline.store.clone(),
+        store,
         Duration::from_secs(cfg.worker.claim_retention_hours * 3600),
         Duration::from_secs(cfg.worker.call_retention_days * 86_400),
         shutdown.clone(),

@@ -8,6 +8,7 @@ mod connection;
 pub mod guard;
 pub mod outcome;
 pub mod request;
+mod sender;
 pub mod token;
 
 use std::collections::HashMap;
@@ -19,6 +20,7 @@ pub use client::{ApnsClient, ApnsResponse, ClientSettings, Lane, PushRequest, Se
 pub use connection::PingSettings;
 pub use outcome::{classify, Action};
 pub use request::PushType;
+pub use sender::ApnsSender;
 pub use token::{ProviderToken, SigningKey};
 
 use crate::config::{AppConfig, Config};
@@ -35,8 +37,9 @@ pub struct App {
     pub tokens: Arc<ProviderToken>,
     /// APNs binds a connection to the key of its first push
     /// (`UnrelatedKeyIdInToken` otherwise), so each key has connections of its own,
-    /// shared by the apps it signs for.
-    pub client: Arc<ApnsClient>,
+    /// shared by the apps it signs for. A certificate app has a client of its
+    /// own; unit tests put a scripted sender here.
+    pub client: Arc<dyn ApnsSender>,
     /// Whether this app's token-level refusals may invalidate tokens yet.
     pub guard: guard::AppGuard,
 }
@@ -125,15 +128,22 @@ impl Apns {
                 guard,
             });
         }
-        Ok(Self {
+        let retry = RetryPolicy::doubling(
+            Duration::from_millis(cfg.worker.retry_min_delay_ms),
+            Duration::from_millis(cfg.worker.retry_max_delay_ms),
+        )
+        .jittered();
+        Ok(Self::with_apps(apps, cfg.apns.default_environment, retry))
+    }
+
+    /// Pushes for `apps` as they are (the pipeline's unit tests give theirs
+    /// scripted senders).
+    pub fn with_apps(apps: Vec<App>, default_environment: Environment, retry: RetryPolicy) -> Self {
+        Self {
             apps,
-            default_environment: cfg.apns.default_environment,
-            retry: RetryPolicy::doubling(
-                Duration::from_millis(cfg.worker.retry_min_delay_ms),
-                Duration::from_millis(cfg.worker.retry_max_delay_ms),
-            )
-            .jittered(),
-        })
+            default_environment,
+            retry,
+        }
     }
 
     /// The app an event names, or the first configured one.

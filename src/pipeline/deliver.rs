@@ -9,6 +9,7 @@ use std::time::Instant;
 use tracing::{info, warn};
 
 use super::publish::Outgoing;
+use super::DeliveryStore;
 use super::{Call, Pipeline, APNS_ID_NAMESPACE};
 use crate::apns::{
     classify, Action, App, AttemptHooks, AttemptRecord, DeliveryOutcome, DevicePush, FinalAction,
@@ -16,13 +17,13 @@ use crate::apns::{
 };
 use crate::event::{now_ms, now_rfc3339, token_suffix, Environment, EventType, PushResult, Status};
 use crate::store::claims::{Claim, JsonText, Outcome};
-use crate::store::{Device, Store, StoreError};
+use crate::store::{Device, StoreError};
 
 /// Collects a delivery's attempts (recorded with its outcome). For a ring, every
 /// attempt after the first is preceded by a look at the call: a cancel recorded
 /// since stops it. The first was admitted with the claim.
 struct Hooks<'a> {
-    store: &'a Store,
+    store: &'a dyn DeliveryStore,
     call_id: &'a str,
     /// A ring: look at the call before further attempts.
     ring: bool,
@@ -169,7 +170,7 @@ impl Pipeline {
             proven: device.proven,
         };
         let hooks = Hooks {
-            store: &self.store,
+            store: &*self.store,
             call_id: &call.event.call_id,
             ring: call.kind == EventType::Incoming,
             first: AtomicBool::new(true),

@@ -8,11 +8,17 @@
 
 mod cancel;
 mod deliver;
+mod edges;
+#[cfg(test)]
+mod fakes;
 mod ids;
 mod publish;
 mod retry;
 mod suspect;
+#[cfg(test)]
+mod tests;
 
+pub use edges::DeliveryStore;
 use ids::{base_result, call_state, claim_key, event_id};
 use publish::Outgoing;
 pub use publish::ResultPublisher;
@@ -36,7 +42,7 @@ use crate::metrics::Metrics;
 use crate::store::admit::Ring;
 use crate::store::calls::CallState;
 use crate::store::claims::{Claim, Finished};
-use crate::store::{Device, Store};
+use crate::store::Device;
 
 /// Namespace of the stable `apns-id`s: UUIDv5(namespace, event id + device id), so
 /// every attempt for one (event, device) carries the same id.
@@ -48,7 +54,8 @@ pub const MAX_VOIP_PAYLOAD: usize = 5120;
 
 pub struct Pipeline {
     pub cfg: Arc<Config>,
-    pub store: Store,
+    /// Devices, calls and claims (`store::Store`, Postgres).
+    pub store: Arc<dyn DeliveryStore>,
     pub apns: Arc<Apns>,
     /// Where results go (the pipeline knows no broker).
     pub results: Arc<dyn ResultPublisher>,

@@ -12,8 +12,13 @@ use crate::retry_policy::RetryPolicy;
 use crate::store::claims::Finished;
 
 /// Publishing results is retried this long (the publisher reconnects in between)
-/// before the event is tried again from the start.
-const RESULT_PUBLISH_PATIENCE: Duration = Duration::from_secs(30);
+/// before the event is tried again from the start. (The unit tests' broker that
+/// never confirms is given up on sooner.)
+const RESULT_PUBLISH_PATIENCE: Duration = if cfg!(test) {
+    Duration::from_millis(300)
+} else {
+    Duration::from_secs(30)
+};
 /// Pauses between tries of the results not yet confirmed.
 const RESULT_PUBLISH_RETRY: RetryPolicy =
     RetryPolicy::doubling(Duration::from_millis(100), Duration::from_secs(5));
