@@ -134,6 +134,7 @@ pub(super) fn message(event: Value) -> Incoming {
         body: event.to_string().into_bytes(),
         message_id: None,
         timestamp: None,
+        routing_key: "call.incoming".into(),
         claim_owner: OWNER.into(),
     }
 }
