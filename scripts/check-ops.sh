@@ -7,7 +7,7 @@
 #      resources and the references between objects with scripts/validate-manifests.py;
 #   4. docker-compose.yml parses and its mounts and images are the ones we ship.
 # The metric names and labels used by the alerts and the dashboard are checked
-# against a running worker by the integration test tests/it/ops.rs.
+# against a running worker by the integration test tests/it/ops/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
