@@ -174,10 +174,13 @@ impl Pipeline {
             Err(e) => return self.retry("admit the ring", e),
         };
         let base = base_result(&event_id, event, app);
+        // A device whose result a copy of the event already published gets no
+        // second one.
         let per_device = |status: Status, reason: &str| -> Vec<PushResult> {
             admitted
                 .devices
                 .iter()
+                .filter(|(_, c)| *c != Claim::Done)
                 .map(|(d, _)| PushResult {
                     device_id: Some(d.id),
                     token_suffix: Some(token_suffix(&d.token)),
@@ -218,7 +221,7 @@ impl Pipeline {
             None
         };
 
-        let results = if let Some(not_pushed) = not_pushed {
+        let results = if let Some(not_pushed) = not_pushed.filter(|r| !r.is_empty()) {
             // No claim of this copy's holds these results (a cancelled call's
             // ring claims nothing, a late one looks only): settle the call and
             // leave every claim to its owner, whose own outcome it records.
@@ -233,6 +236,8 @@ impl Pipeline {
             }
             out.into_iter().map(|o| o.result).collect()
         } else {
+            // (Also a late or cancelled copy whose every result is published:
+            // its claims are all `Done`, nothing is pushed or published.)
             let window = (sent_at_ms, expires_at_ms);
             let call = Call::new(app, event, (&event_id, &key), &base, msg, window);
             let (results, busy) = match self.push_all(&call, admitted.devices).await {

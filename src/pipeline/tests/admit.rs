@@ -181,3 +181,44 @@ async fn a_store_that_cannot_admit_the_ring_has_it_retried_unpushed() {
     assert!(rig.apns.sent().is_empty());
     assert!(rig.results.published().is_empty());
 }
+
+/// Device `d`'s result of call `c1`'s ring, published by another copy.
+fn published_by_another_copy(rig: &Rig, d: i64) {
+    let key = hold(rig, d, "w2/7", Some(json!({"status": "delivered"})));
+    let mut state = rig.store.state();
+    state.claims.get_mut(&(key, d)).expect("held").published = true;
+}
+
+/// Call `c1`'s ring, a minute after its start.
+fn late_ring() -> Value {
+    let mut late = ring("c1");
+    late["sentAt"] = json!(now_ms() - 60_000);
+    late
+}
+
+#[tokio::test]
+async fn a_late_copy_publishes_no_second_result_for_a_published_device() {
+    let rig = Rig::new();
+    let (done, open) = (rig.device(&token(1)), rig.device(&token(2)));
+    published_by_another_copy(&rig, done);
+
+    rig.acked(late_ring()).await;
+
+    let published = rig.results.published();
+    assert_eq!(published.len(), 1, "{published:?}");
+    assert_eq!(published[0].device_id, Some(open));
+    assert_eq!(published[0].status, Status::Expired);
+    assert!(rig.apns.sent().is_empty());
+}
+
+#[tokio::test]
+async fn a_late_copy_of_a_published_event_publishes_nothing() {
+    let rig = Rig::new();
+    let d = rig.device(&token(1));
+    published_by_another_copy(&rig, d);
+
+    rig.acked(late_ring()).await;
+
+    assert!(rig.results.published().is_empty());
+    assert!(rig.apns.sent().is_empty());
+}
