@@ -43,6 +43,20 @@ impl Default for AmqpConfig {
     }
 }
 
+impl AmqpConfig {
+    /// Names every queue and exchange of the call lanes `{prefix}.<what>`: a
+    /// supervisor's own set (the tests', the benchmark's), apart from the
+    /// default names and from each other.
+    pub fn name_objects(&mut self, prefix: &str) {
+        self.call_exchange = format!("{prefix}.calls");
+        self.work_queue = format!("{prefix}.work");
+        self.cancel_queue = format!("{prefix}.cancels");
+        self.dead_letter_exchange = format!("{prefix}.dlx");
+        self.dead_letter_queue = format!("{prefix}.dead");
+        self.results_exchange = format!("{prefix}.results");
+    }
+}
+
 impl fmt::Debug for AmqpConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpConfig")

@@ -215,6 +215,38 @@ fn app_auth(app: &AppConfig) -> Result<(), String> {
 }
 
 impl Config {
+    /// Names every queue and exchange the worker declares `{prefix}.<what>`
+    /// (the call lanes' and the device events'), see [`AmqpConfig::name_objects`].
+    pub fn name_amqp_objects(&mut self, prefix: &str) {
+        self.amqp.name_objects(prefix);
+        self.devices.exchange = format!("{prefix}.devices");
+        self.devices.queue = format!("{prefix}.devices-q");
+        self.devices.dead_letter_exchange = format!("{prefix}.devices-dlx");
+        self.devices.dead_letter_queue = format!("{prefix}.devices-dead");
+    }
+
+    /// The queues and the exchanges the worker declares with this
+    /// configuration: what a supervisor deletes after a run.
+    pub fn amqp_objects(&self) -> ([&str; 5], [&str; 5]) {
+        let (a, d) = (&self.amqp, &self.devices);
+        (
+            [
+                &a.work_queue,
+                &a.cancel_queue,
+                &a.dead_letter_queue,
+                &d.queue,
+                &d.dead_letter_queue,
+            ],
+            [
+                &a.call_exchange,
+                &a.dead_letter_exchange,
+                &a.results_exchange,
+                &d.exchange,
+                &d.dead_letter_exchange,
+            ],
+        )
+    }
+
     /// The `VPW__*` variables that give another process this configuration's
     /// connections, AMQP and device-event names, APNs endpoints and first app (the
     /// single-app shorthand). What a supervisor — the benchmark, the tests — sets
@@ -240,6 +272,14 @@ impl Config {
             ),
             ("VPW__DEVICES__EXCHANGE", self.devices.exchange.clone()),
             ("VPW__DEVICES__QUEUE", self.devices.queue.clone()),
+            (
+                "VPW__DEVICES__DEAD_LETTER_EXCHANGE",
+                self.devices.dead_letter_exchange.clone(),
+            ),
+            (
+                "VPW__DEVICES__DEAD_LETTER_QUEUE",
+                self.devices.dead_letter_queue.clone(),
+            ),
             (
                 "VPW__APNS__PRODUCTION_URL",
                 self.apns.production_url.clone(),

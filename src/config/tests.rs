@@ -239,3 +239,20 @@ fn cancel_push_takes_a_mode_or_the_older_boolean() {
     assert_eq!(cfg.worker.cancel_push, CancelPush::Off);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_supervisors_names_cover_every_amqp_object_and_reach_its_worker_processes() {
+    let mut cfg = Config::default();
+    cfg.name_amqp_objects("sup.1");
+    let (queues, exchanges) = cfg.amqp_objects();
+    let env = cfg.process_env();
+    for name in queues.iter().chain(&exchanges) {
+        assert!(name.starts_with("sup.1."), "{name} keeps a default name");
+        assert!(
+            env.iter().any(|(_, v)| v == name),
+            "{name} does not reach a worker process"
+        );
+    }
+    let distinct: std::collections::BTreeSet<_> = queues.iter().chain(&exchanges).collect();
+    assert_eq!(distinct.len(), 10, "every object has a name of its own");
+}

@@ -41,13 +41,7 @@ async fn sim_setup(apps: &[&TestKey], app: AppConfig) -> (ApnsSim, Config) {
 }
 
 fn amqp_names(cfg: &mut AmqpConfig) {
-    let id = unique("");
-    cfg.call_exchange = format!("doc.{id}.calls");
-    cfg.work_queue = format!("doc.{id}.work");
-    cfg.cancel_queue = format!("doc.{id}.cancels");
-    cfg.dead_letter_exchange = format!("doc.{id}.dlx");
-    cfg.dead_letter_queue = format!("doc.{id}.dead");
-    cfg.results_exchange = format!("doc.{id}.results");
+    cfg.name_objects(&format!("doc.{}", unique("")));
 }
 
 async fn declare(cfg: &AmqpConfig) {

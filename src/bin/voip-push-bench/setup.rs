@@ -94,14 +94,7 @@ impl Bench {
         std::fs::write(&ca_file, &sim.ca_pem).map_err(|e| e.to_string())?;
 
         cfg.postgres.url = postgres_url.to_string();
-        cfg.amqp.call_exchange = format!("{PREFIX}.calls");
-        cfg.amqp.work_queue = format!("{PREFIX}.work");
-        cfg.amqp.cancel_queue = format!("{PREFIX}.cancels");
-        cfg.devices.exchange = format!("{PREFIX}.devices");
-        cfg.devices.queue = format!("{PREFIX}.devices-q");
-        cfg.amqp.dead_letter_exchange = format!("{PREFIX}.dlx");
-        cfg.amqp.dead_letter_queue = format!("{PREFIX}.dead");
-        cfg.amqp.results_exchange = format!("{PREFIX}.results");
+        cfg.name_amqp_objects(PREFIX);
         cfg.apns.production_url = sim.production_url();
         cfg.apns.sandbox_url = sim.sandbox_url();
         cfg.apns.ca_file = Some(ca_file);
@@ -227,27 +220,16 @@ impl Bench {
             return;
         };
         if let Ok(ch) = conn.create_channel().await {
-            let a = &self.cfg.amqp;
-            for q in [
-                &a.work_queue,
-                &a.cancel_queue,
-                &a.dead_letter_queue,
-                &self.cfg.devices.queue,
-                &self.reference_queue,
-                &self.results_queue,
-            ] {
+            let (queues, exchanges) = self.cfg.amqp_objects();
+            let own = [self.reference_queue.as_str(), self.results_queue.as_str()];
+            for q in queues.into_iter().chain(own) {
                 let _ = ch
-                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .queue_delete(q.into(), QueueDeleteOptions::default())
                     .await;
             }
-            for x in [
-                &a.call_exchange,
-                &a.dead_letter_exchange,
-                &a.results_exchange,
-                &self.cfg.devices.exchange,
-            ] {
+            for x in exchanges {
                 let _ = ch
-                    .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                    .exchange_delete(x.into(), ExchangeDeleteOptions::default())
                     .await;
             }
         }

@@ -202,16 +202,7 @@ impl TestEnv {
         let mut cfg = Config::default();
         cfg.postgres.url = db.url.clone();
         cfg.postgres.pool_size = 4;
-        cfg.amqp.call_exchange = format!("it.{id}.calls");
-        cfg.amqp.work_queue = format!("it.{id}.work");
-        cfg.amqp.cancel_queue = format!("it.{id}.cancels");
-        cfg.devices.exchange = format!("it.{id}.devices");
-        cfg.devices.queue = format!("it.{id}.devices-q");
-        cfg.devices.dead_letter_exchange = format!("it.{id}.devices-dlx");
-        cfg.devices.dead_letter_queue = format!("it.{id}.devices-dead");
-        cfg.amqp.dead_letter_exchange = format!("it.{id}.dlx");
-        cfg.amqp.dead_letter_queue = format!("it.{id}.dead");
-        cfg.amqp.results_exchange = format!("it.{id}.results");
+        cfg.name_amqp_objects(&format!("it.{id}"));
         cfg.http.listen = "127.0.0.1:0".into();
         cfg.apns.production_url = sim.production_url();
         cfg.apns.sandbox_url = sim.sandbox_url();
@@ -436,26 +427,15 @@ impl TestEnv {
         self.publisher.close().await;
         if let Ok(conn) = connect(&self.cfg.amqp, "test cleanup").await {
             if let Ok(ch) = conn.create_channel().await {
-                for q in [
-                    &self.cfg.amqp.work_queue,
-                    &self.cfg.amqp.cancel_queue,
-                    &self.cfg.amqp.dead_letter_queue,
-                    &self.cfg.devices.queue,
-                    &self.cfg.devices.dead_letter_queue,
-                ] {
+                let (queues, exchanges) = self.cfg.amqp_objects();
+                for q in queues {
                     let _ = ch
-                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                        .queue_delete(q.into(), QueueDeleteOptions::default())
                         .await;
                 }
-                for x in [
-                    &self.cfg.amqp.call_exchange,
-                    &self.cfg.amqp.dead_letter_exchange,
-                    &self.cfg.amqp.results_exchange,
-                    &self.cfg.devices.exchange,
-                    &self.cfg.devices.dead_letter_exchange,
-                ] {
+                for x in exchanges {
                     let _ = ch
-                        .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                        .exchange_delete(x.into(), ExchangeDeleteOptions::default())
                         .await;
                 }
             }
