@@ -306,3 +306,52 @@ async fn health_and_readiness_endpoints_answer() {
     assert_eq!(env.http_get("/nope").await.0, 404);
     env.cleanup().await;
 }
+
+/// A copy of an event that arrives after the ring deadline, when the first copy
+/// rang and published, pushes nothing and publishes no second result.
+#[tokio::test]
+async fn a_late_duplicate_of_a_rung_event_publishes_nothing() {
+    let mut env = TestEnv::new().await;
+    env.device(
+        "late-1",
+        Some(Environment::Production),
+        Environment::Production,
+    )
+    .await;
+    // Rung in time, with two seconds of its 45 s ring left.
+    let sent_at = now_ms() - 43_000;
+    let body = json!({"type": "call.incoming", "callId": "late-call", "fromUserId": 1,
+        "toUserId": "late-1", "sentAt": sent_at})
+    .to_string();
+    let props = || lapin::BasicProperties::default().with_message_id("late-msg".into());
+    env.publish_with(body.as_bytes(), props()).await;
+    let first = env.results_for("late-call", 1).await;
+    assert_eq!(first[0].status, Status::Delivered);
+
+    eventually(
+        "the ring deadline to pass",
+        Duration::from_secs(5),
+        || async { (now_ms() > sent_at + 45_000).then_some(()) },
+    )
+    .await;
+    env.publish_with(body.as_bytes(), props()).await;
+    // Counted once its results (none) are confirmed and it is settled.
+    eventually(
+        "the late copy to be handled",
+        Duration::from_secs(10),
+        || async {
+            let (_, text) = env.http_get("/metrics").await;
+            let events: f64 = text
+                .lines()
+                .filter(|l| l.starts_with("voip_push_events_total{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            (events >= 2.0).then_some(())
+        },
+    )
+    .await;
+    let second = env.watch.next(Duration::from_millis(500)).await;
+    assert!(second.is_none(), "a second result: {second:?}");
+    assert_eq!(env.sim.requests().len(), 1, "pushed once");
+    env.cleanup().await;
+}
