@@ -220,6 +220,7 @@ impl Store {
         super::batcher(
             "admit_ring",
             &self.batches.admit_ring,
+            super::Turns::Ring,
             &self.batches,
             admit_rings,
         )

@@ -33,21 +33,23 @@ where
     R: Clone + Send + 'static,
     T: Send + 'static,
 {
-    /// Starts the task: at most `max` requests a batch, `in_flight` batches at
-    /// once. `run` answers a batch with one result per request, in order. The
-    /// task ends when the batcher is dropped. `name` is for the logs.
-    pub fn spawn<F, Fut>(name: &'static str, max: usize, in_flight: usize, run: F) -> Self
+    /// Starts the task: at most `max` requests a batch, each batch run while it
+    /// holds a permit of `turns` (batchers sharing one semaphore take turns).
+    /// `run` answers a batch with one result per request, in order. The task
+    /// ends when the batcher is dropped. `name` is for the logs.
+    pub fn spawn<F, Fut>(name: &'static str, max: usize, turns: Arc<Semaphore>, run: F) -> Self
     where
         F: Fn(Vec<R>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<T>, StoreError>> + Send + 'static,
     {
         let (jobs, mut rx) = mpsc::unbounded_channel::<(R, Reply<T>)>();
         let run = Arc::new(run);
-        let slots = Arc::new(Semaphore::new(in_flight.max(1)));
         tokio::spawn(async move {
             loop {
-                let slot = slots.clone().acquire_owned().await.expect("never closed");
+                // The turn is taken once there is work (an idle batcher holds
+                // none), and the batch is everything that arrived until then.
                 let Some(first) = rx.recv().await else { break };
+                let slot = turns.clone().acquire_owned().await.expect("never closed");
                 let mut batch = vec![first];
                 while batch.len() < max {
                     match rx.try_recv() {
@@ -133,13 +135,18 @@ mod tests {
     async fn concurrent_requests_share_batches_and_keep_their_order() {
         let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = sizes.clone();
-        let batcher = Batcher::spawn("test", 8, 1, move |reqs: Vec<u32>| {
-            seen.lock().unwrap().push(reqs.len());
-            async move {
-                tokio::task::yield_now().await;
-                Ok(reqs.iter().map(|r| r * 10).collect())
-            }
-        });
+        let batcher = Batcher::spawn(
+            "test",
+            8,
+            Arc::new(Semaphore::new(1)),
+            move |reqs: Vec<u32>| {
+                seen.lock().unwrap().push(reqs.len());
+                async move {
+                    tokio::task::yield_now().await;
+                    Ok(reqs.iter().map(|r| r * 10).collect())
+                }
+            },
+        );
         let answers = futures_util::future::join_all((0..20u32).map(|i| batcher.call(i))).await;
         let answers: Vec<u32> = answers.into_iter().map(Result::unwrap).collect();
         assert_eq!(answers, (0..20).map(|i| i * 10).collect::<Vec<_>>());
@@ -152,15 +159,113 @@ mod tests {
     #[tokio::test]
     async fn a_failed_batch_runs_again_request_by_request() {
         // A statement error (a value Postgres refuses) in one request of a batch.
-        let batcher = Batcher::spawn("test", 8, 1, |reqs: Vec<i32>| async move {
-            if reqs.contains(&-1) {
-                return Err(StoreError::BadToken("refused"));
-            }
-            Ok(reqs)
-        });
+        let batcher = Batcher::spawn(
+            "test",
+            8,
+            Arc::new(Semaphore::new(1)),
+            |reqs: Vec<i32>| async move {
+                if reqs.contains(&-1) {
+                    return Err(StoreError::BadToken("refused"));
+                }
+                Ok(reqs)
+            },
+        );
         let answers = futures_util::future::join_all([1, -1, 2].map(|i| batcher.call(i))).await;
         assert_eq!(answers[0].as_ref().ok(), Some(&1));
         assert!(answers[1].is_err());
         assert_eq!(answers[2].as_ref().ok(), Some(&2));
+    }
+
+    /// Two batchers on one semaphore (a ring's admit and finish): never both
+    /// at once, an idle one holds no turn, and one waiting for its turn
+    /// gathers everything that arrives meanwhile into one batch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batchers_sharing_turns_take_them_in_turn() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+        let turns = Arc::new(Semaphore::new(1));
+        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let gated = Arc::new(AtomicBool::new(false));
+        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let spawn = |gate_it: bool| {
+            let (running, most, gate, gated, sizes) = (
+                running.clone(),
+                most.clone(),
+                gate.clone(),
+                gated.clone(),
+                sizes.clone(),
+            );
+            Batcher::spawn("test", 64, turns.clone(), move |reqs: Vec<u32>| {
+                let (running, most, gate, gated) =
+                    (running.clone(), most.clone(), gate.clone(), gated.clone());
+                if !gate_it {
+                    sizes.lock().unwrap().push(reqs.len());
+                }
+                async move {
+                    most.fetch_max(running.fetch_add(1, SeqCst) + 1, SeqCst);
+                    if gate_it && reqs.contains(&0) {
+                        gated.store(true, SeqCst);
+                        gate.notified().await;
+                    }
+                    for _ in 0..3 {
+                        tokio::task::yield_now().await;
+                    }
+                    running.fetch_sub(1, SeqCst);
+                    Ok(reqs)
+                }
+            })
+        };
+        let (a, b) = (Arc::new(spawn(true)), Arc::new(spawn(false)));
+        // A is idle: B gets its turn.
+        let alone = tokio::time::timeout(Duration::from_secs(5), b.call(7)).await;
+        assert_eq!(alone.expect("an idle batcher holds no turn").ok(), Some(7));
+
+        // A runs (held at the gate) while ten requests reach B: one batch.
+        sizes.lock().unwrap().clear();
+        let held = tokio::spawn({
+            let a = a.clone();
+            async move { a.call(0).await }
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !gated.load(SeqCst) {
+            assert!(Instant::now() < deadline, "A never ran");
+            tokio::task::yield_now().await;
+        }
+        let sent = Arc::new(AtomicUsize::new(0));
+        let waiting = tokio::spawn(futures_util::future::join_all((1..=10).map(|i| {
+            let (b, sent) = (b.clone(), sent.clone());
+            // Counted in the same poll that sends the request.
+            async move {
+                sent.fetch_add(1, SeqCst);
+                b.call(i).await
+            }
+        })));
+        while sent.load(SeqCst) < 10 {
+            assert!(Instant::now() < deadline, "the requests were never sent");
+            tokio::task::yield_now().await;
+        }
+        gate.notify_one();
+        held.await.unwrap().unwrap();
+        let answers: Vec<u32> = waiting
+            .await
+            .unwrap()
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(answers, (1..=10).collect::<Vec<_>>());
+        assert_eq!(
+            *sizes.lock().unwrap(),
+            vec![10],
+            "B gathered its requests while A ran"
+        );
+
+        // Both busy at once: never two statements at a time.
+        let (xs, ys) = futures_util::future::join(
+            futures_util::future::join_all((100..150).map(|i| a.call(i))),
+            futures_util::future::join_all((200..250).map(|i| b.call(i))),
+        )
+        .await;
+        assert!(xs.iter().chain(&ys).all(Result::is_ok));
+        assert_eq!(most.load(SeqCst), 1, "the two batchers ran at once");
     }
 }

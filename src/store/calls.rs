@@ -194,6 +194,7 @@ impl Store {
         super::batcher(
             "is_cancelled",
             &self.batches.is_cancelled,
+            super::Turns::Own,
             &self.batches,
             cancelled_calls,
         )

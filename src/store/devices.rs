@@ -3,7 +3,7 @@
 
 use deadpool_postgres::Pool;
 
-use super::{batcher, Store, StoreError};
+use super::{batcher, Store, StoreError, Turns};
 use crate::event::Environment;
 
 /// Tokens are hex of opaque bytes; Apple's are 32 bytes today, but the length is
@@ -145,6 +145,7 @@ impl Store {
         batcher(
             "live_devices",
             &self.batches.live_devices,
+            Turns::Own,
             &self.batches,
             live_devices_of,
         )

@@ -126,21 +126,35 @@ struct Batches {
     live_devices: OnceLock<batch::Batcher<(String, String), Vec<Device>>>,
     finish_event: OnceLock<batch::Batcher<outcomes::Finished, ()>>,
     is_cancelled: OnceLock<batch::Batcher<String, bool>>,
+    /// A ring's two statements (admit, finish) take turns: one of them runs
+    /// at a time, so each batch gathers the requests that arrived while the
+    /// other ran. Each statement has a fixed cost larger than that of several
+    /// more events in it (see the README's design notes).
+    ring_turns: Arc<tokio::sync::Semaphore>,
 }
 
-/// Most requests in one batched statement, and batches of one kind under way
-/// at once.
+/// Whose turns a batcher takes (see [`Batches::ring_turns`]).
+#[derive(Clone, Copy)]
+enum Turns {
+    /// The ring's statements, one at a time between them.
+    Ring,
+    /// Its own: one batch of its kind at a time.
+    Own,
+}
+
+/// Most requests in one batched statement.
 const BATCH_MAX: usize = 64;
-const BATCHES_IN_FLIGHT: usize = 1;
-/// Connections of the batches' pool: one for each of the two statements of
-/// every ring (admit, finish) and one the rarer kinds share (a retry's look at
-/// its call, device lookups).
+/// Connections of the batches' pool: the ring's statements (which take turns,
+/// see [`Batches::ring_turns`]), the rarer kinds (a retry's look at its call,
+/// device lookups), one to spare for a statement whose connection is being
+/// replaced.
 const BATCH_CONNECTIONS: usize = 3;
 
 /// The batcher in `slot`, started with `run` on first use.
 fn batcher<'a, R, T, Fut>(
     name: &'static str,
     slot: &'a OnceLock<batch::Batcher<R, T>>,
+    turns: Turns,
     batches: &Batches,
     run: fn(Pool, Vec<R>) -> Fut,
 ) -> &'a batch::Batcher<R, T>
@@ -151,9 +165,11 @@ where
 {
     slot.get_or_init(|| {
         let pool = batches.pool.clone();
-        batch::Batcher::spawn(name, BATCH_MAX, BATCHES_IN_FLIGHT, move |reqs| {
-            run(pool.clone(), reqs)
-        })
+        let turns = match turns {
+            Turns::Ring => batches.ring_turns.clone(),
+            Turns::Own => Arc::new(tokio::sync::Semaphore::new(1)),
+        };
+        batch::Batcher::spawn(name, BATCH_MAX, turns, move |reqs| run(pool.clone(), reqs))
     })
 }
 
@@ -220,6 +236,7 @@ impl Store {
                 live_devices: OnceLock::new(),
                 finish_event: OnceLock::new(),
                 is_cancelled: OnceLock::new(),
+                ring_turns: Arc::new(tokio::sync::Semaphore::new(1)),
             }),
         })
     }

@@ -212,6 +212,7 @@ impl Store {
         super::batcher(
             "finish_event",
             &self.batches.finish_event,
+            super::Turns::Ring,
             &self.batches,
             finish_events,
         )
