@@ -127,6 +127,7 @@ impl Pipeline {
                     environment: d.environment,
                     updated_at_ms: 0,
                     proven,
+                    success_is_recent: false,
                 })
             })
             .collect();

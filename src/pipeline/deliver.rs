@@ -215,7 +215,11 @@ impl Pipeline {
         Pushed {
             result,
             attempts: hooks.attempts.into_inner().expect("attempts lock"),
-            success: (out.action == FinalAction::Delivered).then_some(out.environment),
+            // A success the device's row already says (recently, in this
+            // environment) is not recorded again.
+            success: (out.action == FinalAction::Delivered)
+                .then_some(out.environment)
+                .filter(|env| !(device.success_is_recent && device.environment == Some(*env))),
         }
     }
 

@@ -64,7 +64,8 @@ const OUR_DEVICES: &str = "
     dev AS (
         SELECT ev.i, ev.key, ev.call_id, ev.owner, ev.claim, {STATE}, d.id, d.voip_token,
                d.environment, (extract(epoch FROM d.updated_at) * 1000)::bigint AS updated_ms,
-               d.last_success_at IS NOT NULL AS proven
+               d.last_success_at IS NOT NULL AS proven,
+               COALESCE(d.last_success_at > now() - {RECENT}, false) AS recent
         FROM ev JOIN opened o ON o.call_id = ev.call_id
         JOIN devices d ON d.user_id = ev.user_id AND d.bundle_id = ev.bundle_id
                       AND d.invalidated_at IS NULL
@@ -75,7 +76,7 @@ const GIVEN_DEVICES: &str = "
     dev AS (
         SELECT ev.i, ev.key, ev.call_id, ev.owner, ev.claim, {STATE}, x.id,
                NULL::text AS voip_token, NULL::text AS environment, 0::bigint AS updated_ms,
-               false AS proven
+               false AS proven, false AS recent
         FROM unnest($9::bigint[], $10::bigint[]) AS x(i, id)
         JOIN ev ON ev.i = x.i JOIN opened o ON o.call_id = ev.call_id
     ),";
@@ -106,7 +107,8 @@ fn tail() -> String {
            c.event_key IS NULL AND EXISTS (
                SELECT 1 FROM delivery_claims p
                WHERE p.event_key = dev.key AND p.device_id = dev.id
-                 AND p.published_at IS NOT NULL)
+                 AND p.published_at IS NOT NULL),
+           dev.recent
     FROM dev
     LEFT JOIN claimed c ON c.event_key = dev.key AND c.device_id = dev.id AND c.owner = dev.owner
     ORDER BY dev.i, dev.id"
@@ -120,7 +122,10 @@ const STATE: &str = "CASE WHEN o.to_user_id = ev.user_id THEN o.state ELSE 'ring
 
 fn statement(given: bool) -> String {
     let dev = if given { GIVEN_DEVICES } else { OUR_DEVICES };
-    format!("WITH {EVENTS}{}{}", dev.replace("{STATE}", STATE), tail())
+    let dev = dev
+        .replace("{STATE}", STATE)
+        .replace("{RECENT}", super::devices::SUCCESS_IS_RECENT);
+    format!("WITH {EVENTS}{dev}{}", tail())
 }
 
 /// Both forms, put together once (not for every batch).
@@ -193,6 +198,7 @@ pub(super) async fn admit_rings(
                 environment: Environment::parse(row.get::<_, &str>(4)),
                 updated_at_ms: row.get(5),
                 proven: row.get(6),
+                success_is_recent: row.get(10),
             },
         };
         let claim = match (row.get::<_, bool>(7), row.get::<_, bool>(9)) {

@@ -47,7 +47,17 @@ pub struct Device {
     pub updated_at_ms: i64,
     /// APNs has accepted a push to this token before.
     pub proven: bool,
+    /// …within the last [`SUCCESS_IS_RECENT`], in `environment`: another
+    /// success would change nothing the finishing statement writes.
+    pub success_is_recent: bool,
 }
+
+/// A device's last success is rewritten when it is older than this
+/// (`outcomes::finish_statement`: it says the token still works)…
+pub(super) const SUCCESS_REFRESH: &str = "interval '1 hour'";
+/// …so a success within this (less, for the time a ring takes) is not sent to
+/// be recorded at all: most pushes go to such devices.
+pub(super) const SUCCESS_IS_RECENT: &str = "interval '50 minutes'";
 
 impl Store {
     /// Forgets a token (every app): `DELETE /v1/devices/{token}`.
@@ -198,6 +208,17 @@ impl Store {
         Ok(n == 1)
     }
 }
+/// A user's live devices for one app (see `live_devices_of`).
+static LIVE_DEVICES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT id, voip_token, environment, (extract(epoch FROM updated_at) * 1000)::bigint,
+                last_success_at IS NOT NULL, user_id, bundle_id,
+                COALESCE(last_success_at > now() - {SUCCESS_IS_RECENT}, false)
+         FROM devices
+         WHERE user_id = ANY($1) AND bundle_id = ANY($2) AND invalidated_at IS NULL
+         ORDER BY id"
+    )
+});
 
 /// The live devices of many (user, bundle) pairs in one statement.
 async fn live_devices_of(
@@ -213,15 +234,7 @@ async fn live_devices_of(
     let client = pool.get().await?;
     // `= ANY` on both columns keeps to the (user_id, bundle_id) index; pairs
     // nobody asked for (another user's app) are dropped below.
-    let stmt = client
-        .prepare_cached(
-            "SELECT id, voip_token, environment, (extract(epoch FROM updated_at) * 1000)::bigint,
-                    last_success_at IS NOT NULL, user_id, bundle_id
-             FROM devices
-             WHERE user_id = ANY($1) AND bundle_id = ANY($2) AND invalidated_at IS NULL
-             ORDER BY id",
-        )
-        .await?;
+    let stmt = client.prepare_cached(&LIVE_DEVICES).await?;
     let rows = client.query(&stmt, &[&users, &bundles]).await?;
     let mut found: std::collections::HashMap<(&str, &str), Vec<Device>> =
         std::collections::HashMap::new();
@@ -232,6 +245,7 @@ async fn live_devices_of(
             environment: Environment::parse(r.get::<_, &str>(2)),
             updated_at_ms: r.get(3),
             proven: r.get(4),
+            success_is_recent: r.get(7),
         });
     }
     Ok(keys

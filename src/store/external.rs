@@ -168,6 +168,8 @@ impl ExternalTokens {
                 updated_at_ms: 0,
                 // An environment learned from a success proves the token.
                 proven: learned_env.is_some(),
+                // Its successes are recorded apart (`record_success`).
+                success_is_recent: false,
             });
             known.insert(id, k);
         }

@@ -2,6 +2,8 @@
 //! claim's result, its APNs attempts and `published_at`, the device's success,
 //! and the call settled, for many events in one statement.
 
+use std::sync::LazyLock;
+
 use bytes::{BufMut, BytesMut};
 use tokio_postgres::types::{accepts, to_sql_checked, IsNull, ToSql, Type};
 
@@ -81,7 +83,8 @@ pub struct Finished {
 ///
 /// A device's success is rewritten only when it says something new (first
 /// success, another environment) or is an hour old: most pushes go to proven
-/// devices, and rewriting their row each time was one update per push.
+/// devices, and rewriting their row each time was one update per push. (The
+/// pipeline does not even send a success its admission found recent.)
 async fn finish_events(
     pool: deadpool_postgres::Pool,
     reqs: Vec<Finished>,
@@ -115,24 +118,31 @@ async fn finish_events(
     settle.sort_unstable();
     let (calls, states): (Vec<&str>, Vec<&str>) = settle.into_iter().unzip();
     let client = pool.get().await?;
-    let finish = client.prepare_cached(FINISH).await?;
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+    type Param<'p> = &'p (dyn tokio_postgres::types::ToSql + Sync);
+    let mut params: Vec<Param> = vec![
         &claims.events,
         &claims.devices,
         &claims.results,
         &claims.attempts,
-        &success_ids,
-        &success_envs,
-        &calls,
-        &states,
     ];
+    let sql: &str = if success_ids.is_empty() {
+        &FINISH
+    } else {
+        params.extend([&success_ids as Param, &success_envs]);
+        &FINISH_WITH_SUCCESSES
+    };
+    params.extend([&calls as Param, &states]);
+    let finish = client.prepare_cached(sql).await?;
     client.execute(&finish, &params).await?;
     Ok(vec![(); reqs.len()])
 }
 
-/// The finishing statement. `= ANY` keeps the plans on the primary keys
-/// whatever the batch size; the attempts stay in the claim (no row of their
-/// own, no index entries).
+/// The finishing statement, in two forms: with the devices' successes to
+/// record, or without (most batches: a success within the hour is not sent,
+/// see `Device::success_is_recent`, and a statement without the update spares
+/// Postgres its start-up and its index probes). `= ANY` keeps the plans on the
+/// primary keys whatever the batch size; the attempts stay in the claim (no
+/// row of their own, no index entries).
 ///
 /// Lock order: an admitting statement locks a call's row, then its claims, so
 /// a finish that held claims while it waited for a call's row could deadlock
@@ -140,18 +150,30 @@ async fn finish_events(
 /// one-time look at `settled` (an initial plan, run before the update reads a
 /// row): the calls are locked first. The devices' update takes no lock an
 /// admission needs. (`batching::a_finish_waits_for_its_call…` holds this.)
-const FINISH: &str = "
-    WITH success AS (
+fn finish_statement(with_successes: bool) -> String {
+    let (success, calls, states) = if with_successes {
+        let refresh = super::devices::SUCCESS_REFRESH;
+        let success = format!(
+            "
+    success AS (
         UPDATE devices d SET last_success_at = now(), environment = k.env
         FROM unnest($5::bigint[], $6::text[]) AS k(id, env)
         WHERE d.id = ANY($5) AND d.id = k.id
           AND (d.last_success_at IS NULL OR d.environment IS DISTINCT FROM k.env
-               OR d.last_success_at < now() - interval '1 hour')
-    ),
+               OR d.last_success_at < now() - {refresh})
+    ),"
+        );
+        (success, "$7", "$8")
+    } else {
+        (String::new(), "$5", "$6")
+    };
+    format!(
+        "
+    WITH {success}
     settled AS (
         UPDATE calls c SET state = k.s, settled_at = clock_timestamp()
-        FROM unnest($7::text[], $8::text[]) AS k(id, s)
-        WHERE c.call_id = ANY($7) AND c.call_id = k.id
+        FROM unnest({calls}::text[], {states}::text[]) AS k(id, s)
+        WHERE c.call_id = ANY({calls}) AND c.call_id = k.id
           AND (c.state = 'ringing' OR (k.s = 'delivered' AND c.state IN ('failed', 'expired')))
         RETURNING 1
     )
@@ -161,7 +183,12 @@ const FINISH: &str = "
     FROM unnest($1::text[], $2::bigint[], $3::jsonb[], $4::jsonb[]) AS k(e, d, r, a)
     WHERE (SELECT count(*) FROM settled) >= 0
       AND c.event_key = ANY($1) AND c.event_key = k.e AND c.device_id = k.d
-      AND c.published_at IS NULL";
+      AND c.published_at IS NULL"
+    )
+}
+
+static FINISH_WITH_SUCCESSES: LazyLock<String> = LazyLock::new(|| finish_statement(true));
+static FINISH: LazyLock<String> = LazyLock::new(|| finish_statement(false));
 
 /// A delivery's attempts as its claim keeps them (what `trace` shows).
 fn attempts_json(o: &Outcome) -> JsonText {

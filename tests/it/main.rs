@@ -24,5 +24,6 @@ mod misconfig;
 mod ops;
 mod pipeline;
 mod routing;
+mod successes;
 mod tls;
 mod tls_fixtures;

@@ -31,6 +31,10 @@ pub struct FakeDevice {
     pub updated_at_ms: i64,
     /// `last_success_at IS NOT NULL`.
     pub proven: bool,
+    /// As the store reports it (`Device::success_is_recent`).
+    pub success_is_recent: bool,
+    /// Successes recorded (`last_success_at` written).
+    pub successes: u32,
     /// `invalid_reason` once invalidated.
     pub invalidated: Option<String>,
 }
@@ -120,6 +124,7 @@ impl State {
                 environment: d.environment,
                 updated_at_ms: d.updated_at_ms,
                 proven: d.proven,
+                success_is_recent: d.success_is_recent,
             })
             .collect()
     }
@@ -236,6 +241,8 @@ impl DeliveryStore for FakeStore {
                 if let (Some(env), Some(d)) = (o.success, s.devices.get_mut(&o.device_id)) {
                     d.environment = Some(env);
                     d.proven = true;
+                    d.success_is_recent = true;
+                    d.successes += 1;
                 }
             }
             for id in &finished.published_only {

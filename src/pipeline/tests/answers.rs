@@ -41,6 +41,32 @@ async fn a_token_refused_in_production_is_tried_in_sandbox_and_its_environment_l
     assert!(device.invalidated.is_none());
 }
 
+/// A success is sent to be recorded only when it says something new: the
+/// first, one after the row's has aged, one in an environment the row does not
+/// hold. Most pushes go to devices rung within the hour, and recording each
+/// was an index probe, and a statement's part, per push.
+#[tokio::test]
+async fn a_success_is_recorded_only_when_it_says_something_new() {
+    let (rig, d) = Rig::answering(&[]);
+    let successes = || rig.store.device(d).successes;
+
+    rig.ring("c1").await;
+    assert_eq!(successes(), 1, "the first success");
+    rig.ring("c2").await;
+    assert_eq!(successes(), 1, "the same success again, within the hour");
+
+    rig.store.edit_device(d, |d| d.success_is_recent = false);
+    rig.ring("c3").await;
+    assert_eq!(successes(), 2, "the row's success had aged");
+
+    // Re-registered: the environment is unknown again, the success recent.
+    rig.store.edit_device(d, |d| d.environment = None);
+    rig.ring("c4").await;
+    assert_eq!(successes(), 3, "the environment is news");
+    assert_eq!(rig.store.device(d).environment, Some(Production));
+    assert_eq!(rig.results_for(d).len(), 4);
+}
+
 #[tokio::test]
 async fn a_learned_environment_is_tried_first_on_a_trusted_connection() {
     let (rig, d) = Rig::answering(&[BAD_TOKEN]);
