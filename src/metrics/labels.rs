@@ -19,6 +19,7 @@ pub const EVENT_OUTCOMES: &[&str] = &[
     "retried",
     "cancel",
     "dead_lettered",
+    "duplicate",
 ];
 
 /// `voip_push_dead_letters_total{lane,reason}`: the lanes, and every reason a

@@ -254,10 +254,11 @@ impl Pipeline {
         let outcome = if results.iter().any(|r| r.status == Status::Delivered) {
             "delivered"
         } else {
+            // No result at all: another copy published every device's.
             results
                 .first()
                 .map(|r| r.status.as_str())
-                .unwrap_or("no_device")
+                .unwrap_or("duplicate")
         };
         self.metrics.events.with_label_values(&[outcome]).inc();
         Disposition::Ack

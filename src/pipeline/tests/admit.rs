@@ -164,6 +164,15 @@ async fn a_redelivered_event_pushes_and_publishes_nothing_again() {
     assert_eq!(rig.apns.sent().len(), 2, "one push per device");
     assert_eq!(rig.results_for(a).len(), 1);
     assert_eq!(rig.results_for(b).len(), 1);
+    let events = |outcome: &str| {
+        rig.pipeline
+            .metrics
+            .events
+            .with_label_values(&[outcome])
+            .get()
+    };
+    assert_eq!((events("delivered"), events("duplicate")), (1, 1));
+    assert_eq!(events("no_device"), 0, "the copy found devices");
 }
 
 #[tokio::test]
