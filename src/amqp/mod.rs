@@ -8,8 +8,8 @@ pub mod source;
 pub mod watch;
 
 use lapin::options::{
-    BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -50,6 +50,33 @@ impl AmqpError {
     pub fn is_retryable(&self) -> bool {
         true
     }
+}
+
+/// Deletes `queues` and `exchanges` (a supervisor's own, after a run: see
+/// `Config::amqp_objects`), on a connection of its own. Best effort: what
+/// cannot be deleted, or is already gone, is left.
+pub async fn delete_objects<'a>(
+    cfg: &AmqpConfig,
+    role: &str,
+    queues: impl IntoIterator<Item = &'a str>,
+    exchanges: impl IntoIterator<Item = &'a str>,
+) {
+    let Ok(conn) = connect(cfg, role).await else {
+        return;
+    };
+    if let Ok(ch) = conn.create_channel().await {
+        for q in queues {
+            let _ = ch
+                .queue_delete(q.into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for x in exchanges {
+            let _ = ch
+                .exchange_delete(x.into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+    }
+    let _ = conn.close(200, "done".into()).await;
 }
 
 /// Opens a connection named after its role, so `rabbitmqctl list_connections`

@@ -65,7 +65,7 @@ const OUR_DEVICES: &str = "
         SELECT ev.i, ev.key, ev.call_id, ev.owner, ev.claim, {STATE}, d.id, d.voip_token,
                d.environment, (extract(epoch FROM d.updated_at) * 1000)::bigint AS updated_ms,
                d.last_success_at IS NOT NULL AS proven,
-               COALESCE(d.last_success_at > now() - {RECENT}, false) AS recent
+               {RECENT} AS recent
         FROM ev JOIN opened o ON o.call_id = ev.call_id
         JOIN devices d ON d.user_id = ev.user_id AND d.bundle_id = ev.bundle_id
                       AND d.invalidated_at IS NULL

@@ -47,17 +47,19 @@ pub struct Device {
     pub updated_at_ms: i64,
     /// APNs has accepted a push to this token before.
     pub proven: bool,
-    /// …within the last [`SUCCESS_IS_RECENT`], in `environment`: another
-    /// success would change nothing the finishing statement writes.
+    /// …within the last 50 minutes ([`SUCCESS_IS_RECENT`]). With `environment`
+    /// the one now accepting it, another success would change nothing the
+    /// finishing statement writes.
     pub success_is_recent: bool,
 }
 
 /// A device's last success is rewritten when it is older than this
 /// (`outcomes::finish_statement`: it says the token still works)…
 pub(super) const SUCCESS_REFRESH: &str = "interval '1 hour'";
-/// …so a success within this (less, for the time a ring takes) is not sent to
-/// be recorded at all: most pushes go to such devices.
-pub(super) const SUCCESS_IS_RECENT: &str = "interval '50 minutes'";
+/// …so a success within 50 minutes of the row `d` (less, for the time a ring
+/// takes) is not sent to be recorded at all: most pushes go to such devices.
+pub(super) const SUCCESS_IS_RECENT: &str =
+    "COALESCE(d.last_success_at > now() - interval '50 minutes', false)";
 
 impl Store {
     /// Forgets a token (every app): `DELETE /v1/devices/{token}`.
@@ -213,8 +215,8 @@ static LIVE_DEVICES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "SELECT id, voip_token, environment, (extract(epoch FROM updated_at) * 1000)::bigint,
                 last_success_at IS NOT NULL, user_id, bundle_id,
-                COALESCE(last_success_at > now() - {SUCCESS_IS_RECENT}, false)
-         FROM devices
+                {SUCCESS_IS_RECENT}
+         FROM devices d
          WHERE user_id = ANY($1) AND bundle_id = ANY($2) AND invalidated_at IS NULL
          ORDER BY id"
     )

@@ -5,8 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-use voip_push_worker::amqp::{connect, declare_topology};
+use voip_push_worker::amqp::{connect, declare_topology, delete_objects};
 use voip_push_worker::apns::token::generate_p8_pem;
 use voip_push_worker::apns_sim::{ApnsSim, SimApp, SimOptions};
 use voip_push_worker::config::{AppConfig, Config};
@@ -216,24 +215,10 @@ impl Bench {
     }
 
     async fn delete_amqp_objects(&self) {
-        let Ok(conn) = connect(&self.cfg.amqp, "bench cleanup").await else {
-            return;
-        };
-        if let Ok(ch) = conn.create_channel().await {
-            let (queues, exchanges) = self.cfg.amqp_objects();
-            let own = [self.reference_queue.as_str(), self.results_queue.as_str()];
-            for q in queues.into_iter().chain(own) {
-                let _ = ch
-                    .queue_delete(q.into(), QueueDeleteOptions::default())
-                    .await;
-            }
-            for x in exchanges {
-                let _ = ch
-                    .exchange_delete(x.into(), ExchangeDeleteOptions::default())
-                    .await;
-            }
-        }
-        let _ = conn.close(200, "done".into()).await;
+        let (queues, exchanges) = self.cfg.amqp_objects();
+        let own = [self.reference_queue.as_str(), self.results_queue.as_str()];
+        let queues = queues.into_iter().chain(own);
+        delete_objects(&self.cfg.amqp, "bench cleanup", queues, exchanges).await;
     }
 
     async fn drop_database(&self) -> Result<(), String> {

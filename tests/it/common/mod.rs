@@ -5,12 +5,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use lapin::options::{BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::AMQPValue;
 use lapin::BasicProperties;
 use tokio_util::sync::CancellationToken;
 use voip_push_worker::amqp::watch::ResultWatch;
-use voip_push_worker::amqp::{connect, Publisher};
+use voip_push_worker::amqp::{connect, delete_objects, Publisher};
 use voip_push_worker::apns::token::generate_p8_pem;
 use voip_push_worker::apns_sim::{ApnsSim, Scripted, SimApp, SimOptions};
 use voip_push_worker::config::{AppConfig, Config};
@@ -425,22 +425,8 @@ impl TestEnv {
             w.stop().await;
         }
         self.publisher.close().await;
-        if let Ok(conn) = connect(&self.cfg.amqp, "test cleanup").await {
-            if let Ok(ch) = conn.create_channel().await {
-                let (queues, exchanges) = self.cfg.amqp_objects();
-                for q in queues {
-                    let _ = ch
-                        .queue_delete(q.into(), QueueDeleteOptions::default())
-                        .await;
-                }
-                for x in exchanges {
-                    let _ = ch
-                        .exchange_delete(x.into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
-            }
-            let _ = conn.close(200, "done".into()).await;
-        }
+        let (queues, exchanges) = self.cfg.amqp_objects();
+        delete_objects(&self.cfg.amqp, "test cleanup", queues, exchanges).await;
         self.db.drop_db().await;
     }
 }
