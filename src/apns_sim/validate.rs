@@ -120,21 +120,25 @@ pub fn check_request<'a>(parts: &'a Parts, body: &[u8]) -> Result<(&'a str, &'a 
     Ok((token, topic))
 }
 
-/// Verifies `authorization: bearer <ES256 JWT>` against the known apps' keys.
-pub fn check_provider_token(
-    parts: &Parts,
-    apps: &[SimApp],
-    now: u64,
-) -> Result<TokenIdentity, Refusal> {
+/// The provider token of `authorization: bearer <JWT>`.
+pub fn bearer(parts: &Parts) -> Result<&str, Refusal> {
     let Some(value) = parts.headers.get("authorization") else {
         return Err((403, "MissingProviderToken"));
     };
-    let invalid = (403, "InvalidProviderToken");
-    let value = value.to_str().map_err(|_| invalid)?;
-    let jwt = value
+    let value = value.to_str().map_err(|_| INVALID_TOKEN)?;
+    value
         .strip_prefix("bearer ")
         .or_else(|| value.strip_prefix("Bearer "))
-        .ok_or(invalid)?;
+        .ok_or(INVALID_TOKEN)
+}
+
+const INVALID_TOKEN: Refusal = (403, "InvalidProviderToken");
+
+/// Verifies an ES256 provider token's signature against the known apps' keys:
+/// who signed it, and when. Its age is [`check_token_age`]'s, against a clock
+/// that moves on while the verified identity may be reused.
+pub fn verify_provider_token(jwt: &str, apps: &[SimApp]) -> Result<TokenIdentity, Refusal> {
+    let invalid = INVALID_TOKEN;
     let mut parts_iter = jwt.split('.');
     let (Some(h), Some(c), Some(s), None) = (
         parts_iter.next(),
@@ -164,18 +168,23 @@ pub fn check_provider_token(
     UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &app.public_key)
         .verify(format!("{h}.{c}").as_bytes(), &sig)
         .map_err(|_| invalid)?;
-    // A token from the future (beyond clock skew) is as invalid as a forged one.
-    if iat > now + 60 {
-        return Err(invalid);
-    }
-    if now.saturating_sub(iat) > PROVIDER_TOKEN_MAX_AGE_SECS {
-        return Err((403, "ExpiredProviderToken"));
-    }
     Ok(TokenIdentity {
         team_id: iss.to_string(),
         key_id: kid.to_string(),
         iat,
     })
+}
+
+/// A verified token issued in the future (beyond clock skew) is as invalid as a
+/// forged one; one older than an hour has expired.
+pub fn check_token_age(identity: &TokenIdentity, now: u64) -> Result<(), Refusal> {
+    if identity.iat > now + 60 {
+        return Err(INVALID_TOKEN);
+    }
+    if now.saturating_sub(identity.iat) > PROVIDER_TOKEN_MAX_AGE_SECS {
+        return Err((403, "ExpiredProviderToken"));
+    }
+    Ok(())
 }
 
 /// The topic must be `<bundle>.voip` (or the bundle itself for other push types)

@@ -5,6 +5,7 @@
 mod api;
 mod apns;
 mod apns_connections;
+mod apns_sim_rules;
 mod batching;
 mod bounds;
 mod call_status;
