@@ -5,7 +5,6 @@
 
 use std::time::{Duration, Instant};
 
-use lapin::message::Delivery;
 use lapin::types::{AMQPValue, LongString};
 use lapin::BasicProperties;
 use tracing::warn;
@@ -20,15 +19,16 @@ const DEAD_LETTER_PATIENCE: Duration = Duration::from_secs(30);
 const DEAD_LETTER_RETRY: RetryPolicy =
     RetryPolicy::doubling(Duration::from_millis(100), Duration::from_secs(5));
 
-/// Publishes `d` to `exchange` with its reason; `Ok` once a queue holds it.
+/// Publishes a message (its routing key, properties and body, as received) to
+/// `exchange` with its reason; `Ok` once a queue holds it.
 pub async fn publish(
     publisher: &Publisher,
     exchange: &str,
-    d: &Delivery,
+    (routing_key, properties, body): (&str, &BasicProperties, &[u8]),
     reason: &'static str,
     detail: &str,
 ) -> Result<(), AmqpError> {
-    let mut headers = d.properties.headers().clone().unwrap_or_default();
+    let mut headers = properties.headers().clone().unwrap_or_default();
     headers.insert(
         "x-vpw-reason".into(),
         AMQPValue::LongString(LongString::from(reason)),
@@ -40,7 +40,7 @@ pub async fn publish(
     let props = BasicProperties::default()
         .with_headers(headers)
         .with_content_type(
-            d.properties
+            properties
                 .content_type()
                 .clone()
                 .unwrap_or_else(|| "application/octet-stream".into()),
@@ -50,7 +50,7 @@ pub async fn publish(
     let mut delay = delays.next_delay();
     loop {
         match publisher
-            .publish_mandatory(exchange, d.routing_key.as_str(), &d.data, props.clone())
+            .publish_mandatory(exchange, routing_key, body, props.clone())
             .await
         {
             Ok(()) => return Ok(()),

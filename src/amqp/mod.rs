@@ -6,10 +6,11 @@ pub mod dead_letter;
 pub mod publisher;
 pub mod source;
 pub mod watch;
+pub mod wire;
 
 use lapin::options::{
-    BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -27,10 +28,17 @@ pub const DELIVERY_LIMIT: i64 = 10;
 pub enum AmqpError {
     #[error("RabbitMQ at {url}: {source}")]
     Connect { url: String, source: lapin::Error },
+    #[error("RabbitMQ at {url}: {source}")]
+    WireConnect {
+        url: String,
+        source: wire::WireError,
+    },
     #[error("RabbitMQ at {url}: TLS settings: {reason}")]
     Tls { url: String, reason: String },
     #[error("RabbitMQ: {0}")]
     Protocol(#[from] lapin::Error),
+    #[error("RabbitMQ: {0}")]
+    Wire(#[from] wire::WireError),
     #[error("RabbitMQ refused (nack) a published message")]
     Nacked,
     /// lapin's answer to an ack, nack or reject on a channel that is gone.
@@ -45,6 +53,21 @@ pub enum AmqpError {
 }
 
 impl AmqpError {
+    /// A failure of our own connection (`wire`) to `cfg`'s broker: opening
+    /// it names the broker (its URL without the password).
+    pub fn wire(cfg: &AmqpConfig, e: wire::WireError) -> Self {
+        match e {
+            wire::WireError::Tls(reason) => AmqpError::Tls {
+                url: redact_url(&cfg.url),
+                reason,
+            },
+            e => AmqpError::WireConnect {
+                url: redact_url(&cfg.url),
+                source: e,
+            },
+        }
+    }
+
     /// A broker fault passes; so may a missing binding (an operator re-creates the
     /// queue), and the retry says why meanwhile.
     pub fn is_retryable(&self) -> bool {
@@ -152,24 +175,6 @@ pub async fn declare_quorum_queue(
 /// messages waiting on another worker's claims (they give their slot back).
 pub fn prefetch_for(concurrency: u16) -> u16 {
     concurrency.saturating_mul(2)
-}
-
-/// Consumes `queue` with manual acknowledgements and at most `prefetch`
-/// unacknowledged messages.
-pub async fn consume(
-    ch: &Channel,
-    queue: &str,
-    prefetch: u16,
-) -> Result<lapin::Consumer, AmqpError> {
-    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
-    Ok(ch
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?)
 }
 
 /// Declares a dead-letter exchange (fanout) and the quorum queue that keeps

@@ -5,20 +5,20 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use futures_util::StreamExt;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, Event};
+use lapin::BasicProperties;
 use tokio::sync::Mutex;
-use tracing::{info, warn};
+use tracing::info;
 
-use super::{connect, AmqpError};
+use super::wire::{Confirm, WirePublisher};
+use super::AmqpError;
 use crate::config::AmqpConfig;
 
+/// Publishes on a connection of our own (`super::wire`), in confirm mode.
 pub struct Publisher {
     cfg: AmqpConfig,
     role: &'static str,
-    link: Mutex<Option<(Connection, Channel)>>,
+    link: Mutex<Option<Arc<WirePublisher>>>,
     /// Set while the broker blocks this connection's publishes (a memory or disk
     /// alarm): confirms wait until it lifts.
     blocked: Arc<AtomicBool>,
@@ -39,45 +39,22 @@ impl Publisher {
         self.blocked.load(Ordering::Relaxed)
     }
 
-    /// A connected confirm-mode channel, reconnecting if the last one was lost.
-    async fn channel(&self) -> Result<Channel, AmqpError> {
+    /// A connected confirm-mode publisher, reconnecting if the last one was lost.
+    async fn link(&self) -> Result<Arc<WirePublisher>, AmqpError> {
         let mut link = self.link.lock().await;
-        if let Some((conn, ch)) = link.as_ref() {
-            if conn.status().connected() && ch.status().connected() {
-                return Ok(ch.clone());
+        if let Some(p) = link.as_ref() {
+            if p.is_open() {
+                return Ok(p.clone());
             }
             info!(role = self.role, "publisher connection lost; reconnecting");
         }
-        let conn = connect(&self.cfg, self.role).await?;
-        self.watch_blocking(&conn);
-        let ch = conn.create_channel().await?;
-        ch.confirm_select(ConfirmSelectOptions::default()).await?;
-        *link = Some((conn, ch.clone()));
-        Ok(ch)
-    }
-
-    /// Follows `connection.blocked` / `connection.unblocked` for as long as the
-    /// connection lives.
-    fn watch_blocking(&self, conn: &Connection) {
-        let mut events = conn.events_listener();
-        let blocked = self.blocked.clone();
-        let role = self.role;
-        tokio::spawn(async move {
-            while let Some(event) = events.next().await {
-                match event {
-                    Event::ConnectionBlocked(reason) => {
-                        warn!(role, %reason, "RabbitMQ blocks publishing (resource alarm); results wait until it lifts");
-                        blocked.store(true, Ordering::Relaxed);
-                    }
-                    Event::ConnectionUnblocked => {
-                        info!(role, "RabbitMQ accepts publishing again");
-                        blocked.store(false, Ordering::Relaxed);
-                    }
-                    _ => {}
-                }
-            }
-            blocked.store(false, Ordering::Relaxed);
-        });
+        let name = format!("voip-push-worker {}", self.role);
+        let p = WirePublisher::open(&self.cfg, &name, self.blocked.clone())
+            .await
+            .map(Arc::new)
+            .map_err(|e| AmqpError::wire(&self.cfg, e))?;
+        *link = Some(p.clone());
+        Ok(p)
     }
 
     /// Publishes one persistent message and waits for the broker's confirm.
@@ -124,24 +101,15 @@ impl Publisher {
         properties: BasicProperties,
         mandatory: bool,
     ) -> Result<bool, AmqpError> {
-        let ch = self.channel().await?;
-        let confirm = ch
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory,
-                    ..Default::default()
-                },
-                body,
-                properties.with_delivery_mode(2),
-            )
+        let link = self.link().await?;
+        let properties = properties.with_delivery_mode(2);
+        match link
+            .publish(exchange, routing_key, mandatory, properties, body)
             .await?
-            .await?;
-        if confirm.is_nack() {
-            return Err(AmqpError::Nacked);
+        {
+            Confirm::Ack { returned } => Ok(!returned),
+            Confirm::Nack => Err(AmqpError::Nacked),
         }
-        Ok(confirm.take_message().is_none())
     }
 
     /// Publishes JSON with the usual properties, as `mandatory`: `Ok(false)` when
@@ -161,8 +129,10 @@ impl Publisher {
     }
 
     pub async fn close(&self) {
-        if let Some((conn, _)) = self.link.lock().await.take() {
-            let _ = conn.close(200, "shutdown".into()).await;
+        if let Some(p) = self.link.lock().await.take() {
+            if let Ok(p) = Arc::try_unwrap(p) {
+                p.close("shutdown").await;
+            }
         }
     }
 }

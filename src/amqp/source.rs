@@ -5,14 +5,12 @@
 
 use std::sync::Arc;
 
-use futures_util::StreamExt;
-use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ExchangeKind};
+use lapin::{Channel, ExchangeKind};
 use tracing::{error, warn};
 
-use super::{connect, consume, declare_exchange, declare_quorum_queue, AmqpError, Publisher};
+use super::wire::{Settler, WireConsumer, WireDelivery};
+use super::{connect, declare_exchange, declare_quorum_queue, AmqpError, Publisher};
 use crate::config::{AmqpConfig, DevicesConfig};
 use crate::worker::{self, Incoming, SourceError};
 
@@ -87,17 +85,23 @@ impl worker::Source for QueueSource {
     }
 
     async fn open(&self, prefetch: u16) -> Result<QueueSession, SourceError> {
+        // The topology through lapin, on a short-lived connection; the
+        // deliveries on our own (`wire`), the hot path.
         let conn = connect(&self.amqp, self.role).await?;
         let ch = conn.create_channel().await.map_err(AmqpError::from)?;
-        self.topology.declare(&ch, &self.amqp).await?;
-        let consumer = consume(&ch, &self.queue, prefetch).await?;
+        let declared = self.topology.declare(&ch, &self.amqp).await;
+        let _ = conn.close(200, "declared".into()).await;
+        declared?;
+        let name = format!("voip-push-worker {}", self.role);
+        let consumer = WireConsumer::open(&self.amqp, &name, &self.queue, prefetch)
+            .await
+            .map_err(|e| AmqpError::wire(&self.amqp, e))?;
         let dead_letters = Arc::new(
             self.topology
                 .dead_letters(&self.amqp, self.publisher.clone()),
         );
         Ok(QueueSession {
-            conn,
-            ch,
+            settler: consumer.settler(),
             consumer,
             dead_letters,
         })
@@ -106,9 +110,8 @@ impl worker::Source for QueueSource {
 
 /// One connection consuming the queue.
 pub struct QueueSession {
-    conn: Connection,
-    ch: Channel,
-    consumer: lapin::Consumer,
+    consumer: WireConsumer,
+    settler: Settler,
     dead_letters: Arc<DeadLetters>,
 }
 
@@ -116,32 +119,32 @@ impl worker::Session for QueueSession {
     type Delivery = QueueDelivery;
 
     async fn next(&mut self) -> Option<Result<QueueDelivery, SourceError>> {
-        let next = self.consumer.next().await?;
         Some(
-            next.map(|d| QueueDelivery {
-                d,
-                dead_letters: self.dead_letters.clone(),
-            })
-            .map_err(|e| AmqpError::from(e).into()),
+            self.consumer
+                .next()
+                .await
+                .map(|d| QueueDelivery {
+                    d,
+                    settler: self.settler.clone(),
+                    dead_letters: self.dead_letters.clone(),
+                })
+                .map_err(|e| AmqpError::from(e).into()),
         )
     }
 
     async fn stop(&mut self) {
-        let _ = self
-            .ch
-            .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
-            .await;
+        let _ = self.consumer.cancel();
     }
 
     async fn close(self, why: &'static str) {
-        let _ = self.ch.close(200, why.into()).await;
-        let _ = self.conn.close(200, why.into()).await;
+        self.consumer.close(why).await;
     }
 }
 
 /// One message from the queue.
 pub struct QueueDelivery {
-    d: Delivery,
+    d: WireDelivery,
+    settler: Settler,
     dead_letters: Arc<DeadLetters>,
 }
 
@@ -150,35 +153,38 @@ impl worker::Delivery for QueueDelivery {
         let d = &self.d;
         Incoming {
             claim_owner,
-            body: d.data.clone(),
+            body: d.body.clone(),
             message_id: d
                 .properties
                 .message_id()
                 .as_ref()
                 .map(|m| m.as_str().to_string()),
             timestamp: *d.properties.timestamp(),
-            routing_key: d.routing_key.to_string(),
+            routing_key: d.routing_key.clone(),
         }
     }
 
     async fn ack(self) -> Result<(), SourceError> {
-        taken(self.d.acker.ack(BasicAckOptions::default()).await)
+        settled(self.settler.ack(self.d.delivery_tag))
     }
 
     async fn requeue(self) -> Result<(), SourceError> {
-        let requeue = BasicNackOptions {
-            requeue: true,
-            ..Default::default()
-        };
-        taken(self.d.acker.nack(requeue).await)
+        settled(self.settler.nack(self.d.delivery_tag, true))
     }
 
     async fn dead_letter(self, reason: &'static str, detail: &str) -> Result<(), SourceError> {
         // Published by us so the dead letter carries its reason; the broker's own
         // dead-lettering only if that fails.
         let dl = &self.dead_letters;
-        let published =
-            super::dead_letter::publish(&dl.publisher, &dl.exchange, &self.d, reason, detail).await;
+        let d = &self.d;
+        let published = super::dead_letter::publish(
+            &dl.publisher,
+            &dl.exchange,
+            (&d.routing_key, &d.properties, &d.body),
+            reason,
+            detail,
+        )
+        .await;
         match published {
             Ok(()) => return self.ack().await,
             Err(e) if dl.broker_fallback => {
@@ -187,20 +193,12 @@ impl worker::Delivery for QueueDelivery {
             Err(e) => error!(error = %e, routing_key = %self.d.routing_key,
                 "could not publish the dead letter; the queue has no dead-lettering of its own: it is dropped"),
         }
-        taken(
-            self.d
-                .acker
-                .reject(BasicRejectOptions { requeue: false })
-                .await,
-        )
+        settled(self.settler.reject(self.d.delivery_tag, false))
     }
 }
 
-/// A settlement's result: lapin answers `false` when the channel is gone.
-fn taken(answer: Result<bool, lapin::Error>) -> Result<(), SourceError> {
-    match answer {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(AmqpError::Unsettled.into()),
-        Err(e) => Err(AmqpError::from(e).into()),
-    }
+/// A settlement: it fails when the connection is gone (the broker delivers
+/// the message again).
+fn settled(sent: Result<(), super::wire::WireError>) -> Result<(), SourceError> {
+    sent.map_err(|_| AmqpError::Unsettled.into())
 }

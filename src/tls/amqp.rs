@@ -37,6 +37,26 @@ pub fn tls_config(cfg: &AmqpConfig) -> Result<OwnedTLSConfig, String> {
     })
 }
 
+/// The rustls settings of our own AMQP connections (`amqp::wire`): the same
+/// trust and identity as [`tls_config`] gives lapin.
+pub fn rustls_config(cfg: &AmqpConfig) -> Result<rustls::ClientConfig, String> {
+    let ca: Vec<&std::path::Path> = cfg.ca_file.as_deref().into_iter().collect();
+    let builder = rustls::ClientConfig::builder_with_provider(super::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(super::roots(&ca)?);
+    match (&cfg.cert_file, &cfg.key_file) {
+        (Some(cert), Some(key)) => {
+            let (chain, key) = super::client_identity(cert, key)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("client certificate: {e}"))
+        }
+        (None, None) => Ok(builder.with_no_client_auth()),
+        _ => Err("amqp.cert_file and amqp.key_file go together".into()),
+    }
+}
+
 /// `amqps://` (TLS) or not, from the URL's scheme.
 pub fn is_tls(url: &str) -> bool {
     url.get(..8)

@@ -1,5 +1,6 @@
 //! TLS to the services we depend on: Postgres ([`postgres`], libpq's `sslmode`
-//! semantics on rustls) and RabbitMQ ([`amqp`], `amqps://` through lapin's rustls).
+//! semantics on rustls) and RabbitMQ ([`amqp`]: `amqps://` for lapin's rustls and for our
+//! own connections, `crate::amqp::wire`).
 //! One stack everywhere: rustls on `ring`, Mozilla's roots (`webpki-roots`) plus
 //! whatever private CA the operator names.
 

@@ -28,3 +28,4 @@ mod routing;
 mod successes;
 mod tls;
 mod tls_fixtures;
+mod wire;

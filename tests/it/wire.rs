@@ -1,0 +1,140 @@
+//! Our own AMQP connections (`amqp::wire`) against the real RabbitMQ: each
+//! confirm and each return reaches its own publish, however they interleave,
+//! and deliveries come out whole (empty bodies, bodies over a frame).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::ExchangeKind;
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use voip_push_worker::amqp::wire::{BasicProperties, Confirm, WireConsumer, WirePublisher};
+use voip_push_worker::amqp::{connect, delete_objects};
+use voip_push_worker::config::AmqpConfig;
+
+use crate::common::unique;
+
+/// An exchange of the test's own with a queue bound to `bound.*` only.
+async fn exchange_and_queue(cfg: &AmqpConfig) -> (String, String) {
+    let (exchange, queue) = (unique("wire-x"), unique("wire-q"));
+    let conn = connect(cfg, "wire test setup").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        queue.as_str().into(),
+        exchange.as_str().into(),
+        "bound.*".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let _ = conn.close(200, "set up".into()).await;
+    (exchange, queue)
+}
+
+/// The publishes of one case: (routed to the queue?, body size).
+fn publishes() -> impl Strategy<Value = Vec<(bool, usize)>> {
+    prop::collection::vec(
+        (
+            any::<bool>(),
+            prop_oneof![Just(0usize), 1..64usize, Just(300_000usize)],
+        ),
+        1..120,
+    )
+}
+
+/// Publish `i`'s body: empty, or its number padded to `size`.
+fn body(i: usize, size: usize) -> Vec<u8> {
+    if size == 0 {
+        return Vec::new();
+    }
+    let mut b = format!("{i}:").into_bytes();
+    b.resize(b.len().max(size), b'x');
+    b
+}
+
+#[tokio::test]
+async fn each_confirm_and_return_reaches_its_own_publish_and_deliveries_come_whole() {
+    let cfg = AmqpConfig::default();
+    let mut runner = proptest::test_runner::TestRunner::default();
+    let cases: Vec<Vec<(bool, usize)>> = (0..6)
+        .map(|_| publishes().new_tree(&mut runner).unwrap().current())
+        .collect();
+    for case in cases {
+        let (exchange, queue) = exchange_and_queue(&cfg).await;
+        let publisher = Arc::new(
+            WirePublisher::open(&cfg, "wire test publisher", Arc::default())
+                .await
+                .unwrap(),
+        );
+        // All at once: confirms (some `multiple`) and returns interleave.
+        let answers = join_all(case.iter().enumerate().map(|(i, (routed, size))| {
+            let publisher = publisher.clone();
+            let exchange = exchange.clone();
+            async move {
+                let key = if *routed { "bound.k" } else { "nowhere.k" };
+                publisher
+                    .publish(
+                        &exchange,
+                        key,
+                        true,
+                        BasicProperties::default(),
+                        &body(i, *size),
+                    )
+                    .await
+                    .unwrap()
+            }
+        }))
+        .await;
+        for ((routed, _), answer) in case.iter().zip(&answers) {
+            assert_eq!(*answer, Confirm::Ack { returned: !routed }, "case {case:?}");
+        }
+
+        let mut want: Vec<Vec<u8>> = (case.iter().enumerate())
+            .filter(|(_, (routed, _))| *routed)
+            .map(|(i, (_, size))| body(i, *size))
+            .collect();
+        let mut consumer = WireConsumer::open(&cfg, "wire test consumer", &queue, 16)
+            .await
+            .unwrap();
+        let settler = consumer.settler();
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+                .await
+                .expect("every routed message delivered")
+                .unwrap();
+            settler.ack(d.delivery_tag).unwrap();
+            got.push(d.body);
+        }
+        got.sort_unstable();
+        want.sort_unstable();
+        assert!(got == want, "bodies differ for case {case:?}");
+        consumer.close("done").await;
+        delete_objects(
+            &cfg,
+            "wire test cleanup",
+            [queue.as_str()],
+            [exchange.as_str()],
+        )
+        .await;
+    }
+}
