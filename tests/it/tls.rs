@@ -267,6 +267,14 @@ async fn worker_rings_over_tls_to_postgres_and_rabbitmq() {
             .expect_err("refused");
         let chain = voip_push_worker::tls::error_chain(&err);
         assert!(chain.contains(word), "{word:?} in {chain}");
+        // The hot path's own connections (`amqp::wire`) refuse it alike.
+        let wire =
+            voip_push_worker::amqp::wire::WirePublisher::open(&cfg, "test", Default::default())
+                .await
+                .err()
+                .expect("refused")
+                .to_string();
+        assert!(wire.contains(word), "{word:?} in {wire}");
         let checks = rabbitmq(&cfg, STEP).await;
         let tls = one(&checks, "rabbitmq.tls");
         assert_eq!(tls.status, Status::Fail, "{checks:#?}");
