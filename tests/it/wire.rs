@@ -3,7 +3,7 @@
 //! and deliveries come out whole (empty bodies, bodies over a frame).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
@@ -15,6 +15,7 @@ use voip_push_worker::amqp::wire::{BasicProperties, Confirm, WireConsumer, WireP
 use voip_push_worker::amqp::{connect, delete_objects};
 use voip_push_worker::config::AmqpConfig;
 
+use crate::common::relay::Relay;
 use crate::common::unique;
 
 /// An exchange of the test's own with a queue bound to `bound.*` only.
@@ -137,4 +138,48 @@ async fn each_confirm_and_return_reaches_its_own_publish_and_deliveries_come_who
         )
         .await;
     }
+}
+
+/// A path to the broker that dies silently (nothing closed, nothing arrives):
+/// the connection ends within two heartbeat intervals, the consumer says so
+/// and a publish waiting for its confirm fails, so the driver reconnects
+/// instead of waiting on a dead socket for ever.
+#[tokio::test]
+async fn a_silent_broker_ends_the_connection_within_two_heartbeats() {
+    let direct = AmqpConfig::default();
+    let (exchange, queue) = exchange_and_queue(&direct).await;
+    let relay = Relay::start("127.0.0.1:5672".parse().unwrap()).await;
+    let cfg = AmqpConfig {
+        url: format!("amqp://guest:guest@{}/%2f?heartbeat=1", relay.addr),
+        ..AmqpConfig::default()
+    };
+    let mut consumer = WireConsumer::open(&cfg, "wire silent consumer", &queue, 4)
+        .await
+        .unwrap();
+    let publisher = WirePublisher::open(&cfg, "wire silent publisher", Arc::default())
+        .await
+        .unwrap();
+    relay.blackhole_existing();
+    let started = Instant::now();
+    let publish = publisher.publish(&exchange, "bound.k", true, BasicProperties::default(), b"x");
+    let (next, published) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(10), consumer.next()),
+        tokio::time::timeout(Duration::from_secs(10), publish),
+    );
+    let err = next.expect("the consumer learns in time").unwrap_err();
+    assert!(err.to_string().contains("heartbeat"), "{err}");
+    assert!(published.expect("the publish ends in time").is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    relay.stop.cancel();
+    delete_objects(
+        &direct,
+        "wire test cleanup",
+        [queue.as_str()],
+        [exchange.as_str()],
+    )
+    .await;
 }

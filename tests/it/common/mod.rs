@@ -20,6 +20,7 @@ use voip_push_worker::store::Store;
 use voip_push_worker::Worker;
 
 mod http;
+pub mod relay;
 pub use http::{http_get, http_post, http_request_with_headers, metric};
 
 pub const ADMIN_PG: &str = "postgres://postgres@127.0.0.1:5432/postgres";

@@ -7,8 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use lapin::options::{
@@ -18,8 +17,6 @@ use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use voip_push_worker::amqp::connect;
 use voip_push_worker::apns_sim::Scripted;
