@@ -1,8 +1,7 @@
-//! `doctor` and `devices list` against the APNs simulator over real TLS + HTTP/2,
-//! real Postgres and real RabbitMQ: a healthy setup passes, and each way a phone
-//! stays silent is named with its fix.
-
-use std::process::Command;
+//! `doctor` against the APNs simulator over real TLS + HTTP/2, real Postgres and
+//! real RabbitMQ: a healthy setup passes, and each way APNs keeps a phone silent
+//! (key, team, topic, clock) is named with its fix. Services down or fresh, and
+//! `devices list`: `doctor_services.rs`.
 
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use voip_push_worker::amqp::{connect, declare_topology};
@@ -10,18 +9,17 @@ use voip_push_worker::apns_sim::{ApnsSim, SimApp, SimOptions};
 use voip_push_worker::config::{AmqpConfig, AppConfig, Config};
 use voip_push_worker::doctor::{self, apns::PROBE_TOKEN, Check, Options, Report, Status};
 use voip_push_worker::event::Environment;
-use voip_push_worker::store::Store;
 
-use crate::common::{random_token, scripted, unique, TestDb, TestEnv, TestKey, BUNDLE};
+use crate::common::{scripted, unique, TestEnv, TestKey, BUNDLE};
 
-const BIN: &str = env!("CARGO_BIN_EXE_voip-push-worker");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_voip-push-worker");
 /// Nothing listens on port 1: a service that is down.
 const CLOSED_PG: &str = "postgres://postgres@127.0.0.1:1/voip_push";
 const CLOSED_AMQP: &str = "amqp://guest:guest@127.0.0.1:1/%2f";
 
 /// A simulator that knows `apps`, and a configuration pointing at it for `app`,
 /// with Postgres and RabbitMQ at closed ports (APNs-only tests ignore them).
-async fn sim_setup(apps: &[&TestKey], app: AppConfig) -> (ApnsSim, Config) {
+pub(crate) async fn sim_setup(apps: &[&TestKey], app: AppConfig) -> (ApnsSim, Config) {
     let sim_apps: Vec<AppConfig> = apps.iter().map(|k| k.app.clone()).collect();
     let sim = ApnsSim::start(SimOptions::local(
         SimApp::from_config(&sim_apps).expect("sim apps"),
@@ -40,18 +38,18 @@ async fn sim_setup(apps: &[&TestKey], app: AppConfig) -> (ApnsSim, Config) {
     (sim, cfg)
 }
 
-fn amqp_names(cfg: &mut AmqpConfig) {
+pub(crate) fn amqp_names(cfg: &mut AmqpConfig) {
     cfg.name_objects(&format!("doc.{}", unique("")));
 }
 
-async fn declare(cfg: &AmqpConfig) {
+pub(crate) async fn declare(cfg: &AmqpConfig) {
     let conn = connect(cfg, "doctor test").await.expect("rabbitmq");
     let ch = conn.create_channel().await.expect("channel");
     declare_topology(&ch, cfg).await.expect("topology");
     let _ = conn.close(200, "done".into()).await;
 }
 
-async fn undeclare(cfg: &AmqpConfig) {
+pub(crate) async fn undeclare(cfg: &AmqpConfig) {
     let Ok(conn) = connect(cfg, "doctor test cleanup").await else {
         return;
     };
@@ -74,7 +72,7 @@ async fn undeclare(cfg: &AmqpConfig) {
     let _ = conn.close(200, "done".into()).await;
 }
 
-fn one<'a>(report: &'a Report, id: &str) -> &'a Check {
+pub(crate) fn one<'a>(report: &'a Report, id: &str) -> &'a Check {
     let found = report.find(id);
     assert_eq!(found.len(), 1, "{id}: {found:#?}");
     found[0]
@@ -88,7 +86,7 @@ fn accept(report: &Report, env: Environment) -> &Check {
         .unwrap_or_else(|| panic!("no apns.accept for {env:?}: {report:#?}"))
 }
 
-fn fix(c: &Check) -> &str {
+pub(crate) fn fix(c: &Check) -> &str {
     c.fix.as_deref().unwrap_or_else(|| panic!("no fix: {c:#?}"))
 }
 
@@ -279,184 +277,4 @@ async fn clock_skew_and_a_key_for_one_environment() {
     let c = accept(&report, Environment::Production);
     assert!(c.detail.contains("restricted to sandbox"), "{text}");
     assert!(fix(c).contains("Sandbox & Production"), "{text}");
-}
-
-#[tokio::test]
-async fn postgres_down_is_named_and_rabbitmq_is_still_checked() {
-    let key = TestKey::new(BUNDLE, "TEAM000001", "KEY0000001");
-    let (_sim, mut cfg) = sim_setup(&[&key], key.app.clone()).await;
-    cfg.amqp.url = AmqpConfig::default().url;
-    amqp_names(&mut cfg.amqp);
-    declare(&cfg.amqp).await;
-    let report = doctor::run(&cfg, &Options::default()).await;
-    let text = doctor::render_human(&report);
-    undeclare(&cfg.amqp).await;
-    assert!(!report.ok);
-    let pg = one(&report, "postgres.connect");
-    assert_eq!(pg.status, Status::Fail, "{text}");
-    assert!(
-        fix(pg).contains("start PostgreSQL, or set VPW__POSTGRES__URL"),
-        "{text}"
-    );
-    assert_eq!(
-        one(&report, "postgres.migrations").status,
-        Status::Skip,
-        "{text}"
-    );
-    assert_eq!(
-        one(&report, "rabbitmq.topology").status,
-        Status::Pass,
-        "{text}"
-    );
-    let work = one(&report, "rabbitmq.work_queue");
-    assert_eq!(work.status, Status::Warn, "no worker consumes: {text}");
-    assert_eq!(work.data["consumers"], 0);
-    assert!(text.contains("✗ Postgres reachable"), "{text}");
-}
-
-#[tokio::test]
-async fn rabbitmq_down_is_named_and_postgres_is_still_checked() {
-    let key = TestKey::new(BUNDLE, "TEAM000001", "KEY0000001");
-    let (_sim, mut cfg) = sim_setup(&[&key], key.app.clone()).await;
-    let db = TestDb::create().await;
-    cfg.postgres.url = db.url.clone();
-    let store = Store::connect(&cfg.postgres).expect("store");
-    store.migrate().await.expect("migrate");
-    let report = doctor::run(&cfg, &Options::default()).await;
-    let text = doctor::render_human(&report);
-    db.drop_db().await;
-    let mq = one(&report, "rabbitmq.connect");
-    assert_eq!(mq.status, Status::Fail, "{text}");
-    assert!(
-        fix(mq).contains("start RabbitMQ, or set VPW__AMQP__URL"),
-        "{text}"
-    );
-    assert!(
-        !fix(mq).contains("guest:guest"),
-        "no password in the fix: {text}"
-    );
-    assert_eq!(one(&report, "rabbitmq.topology").status, Status::Skip);
-    assert_eq!(
-        one(&report, "postgres.migrations").status,
-        Status::Pass,
-        "{text}"
-    );
-    assert!(report.duration_ms < 5_000, "{text}");
-}
-
-#[tokio::test]
-async fn missing_migrations_and_topology_on_fresh_services() {
-    let key = TestKey::new(BUNDLE, "TEAM000001", "KEY0000001");
-    let (_sim, mut cfg) = sim_setup(&[&key], key.app.clone()).await;
-    let db = TestDb::create().await;
-    cfg.postgres.url = db.url.clone();
-    cfg.amqp.url = AmqpConfig::default().url;
-    amqp_names(&mut cfg.amqp);
-    let report = doctor::run(&cfg, &Options::default()).await;
-    let text = doctor::render_human(&report);
-    db.drop_db().await;
-    assert_eq!(
-        one(&report, "postgres.connect").status,
-        Status::Pass,
-        "{text}"
-    );
-    let m = one(&report, "postgres.migrations");
-    assert_eq!(m.status, Status::Fail, "{text}");
-    assert!(m.detail.contains("pending: 1 devices"), "{text}");
-    assert!(fix(m).contains("run `voip-push-worker migrate`"), "{text}");
-    assert_eq!(one(&report, "postgres.tokens").status, Status::Skip);
-    let t = one(&report, "rabbitmq.topology");
-    assert_eq!(t.status, Status::Fail, "{text}");
-    assert!(t.detail.contains(&cfg.amqp.work_queue), "{text}");
-    assert!(t.detail.contains(&cfg.amqp.call_exchange), "{text}");
-    assert!(fix(t).contains("voip-push-worker run"), "{text}");
-    // Nothing was declared by looking.
-    let report = doctor::run(&cfg, &Options::default()).await;
-    assert_eq!(one(&report, "rabbitmq.topology").status, Status::Fail);
-}
-
-#[tokio::test]
-async fn devices_list_shows_suffixes_only() {
-    let db = TestDb::create().await;
-    let mut cfg = Config::default();
-    cfg.postgres.url = db.url.clone();
-    let store = Store::connect(&cfg.postgres).expect("store");
-    store.migrate().await.expect("migrate");
-    let user = unique("u-");
-    let live = random_token();
-    let dead = random_token();
-    let id = store
-        .register_device(&user, BUNDLE, &live, Some(Environment::Sandbox))
-        .await
-        .unwrap()
-        .id;
-    store
-        .record_success(id, Environment::Sandbox)
-        .await
-        .unwrap();
-    let dead_id = store
-        .register_device(&user, BUNDLE, &dead, None)
-        .await
-        .unwrap()
-        .id;
-    assert!(store
-        .invalidate(dead_id, "BadDeviceToken", None)
-        .await
-        .unwrap());
-
-    let url = db.url.clone();
-    let u = user.clone();
-    let (human, json) = tokio::task::spawn_blocking(move || {
-        let run = |json: bool| {
-            let mut c = Command::new(BIN);
-            c.env_remove("VPW_CONFIG")
-                .env("VPW__POSTGRES__URL", &url)
-                .args(["devices", "list", "--user", &u]);
-            if json {
-                c.arg("--json");
-            }
-            c.output().expect("run devices list")
-        };
-        (run(false), run(true))
-    })
-    .await
-    .unwrap();
-    db.drop_db().await;
-    for out in [&human, &json] {
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        for token in [&live, &dead] {
-            assert!(
-                !stdout.contains(token.as_str()),
-                "whole token printed: {stdout}"
-            );
-            assert!(
-                !stdout.contains(&token[..16]),
-                "token prefix printed: {stdout}"
-            );
-            assert!(stdout.contains(&token[56..]), "suffix missing: {stdout}");
-        }
-    }
-    let text = String::from_utf8_lossy(&human.stdout);
-    assert!(text.contains("2 devices, 1 live"), "{text}");
-    assert!(
-        text.contains("sandbox (learned from a delivered push)"),
-        "{text}"
-    );
-    assert!(text.contains(": BadDeviceToken"), "{text}");
-    assert!(text.lines().all(|l| l.chars().count() <= 80), "{text}");
-    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
-    assert_eq!(v["userId"], user.as_str());
-    let devices = v["devices"].as_array().unwrap();
-    assert_eq!(devices.len(), 2);
-    assert_eq!(devices[0]["tokenSuffix"], &live[56..]);
-    assert_eq!(devices[0]["environmentSource"], "learned");
-    assert!(devices[0]["lastSuccessAt"].is_string());
-    assert_eq!(devices[1]["environment"], "unknown");
-    assert_eq!(devices[1]["invalidReason"], "BadDeviceToken");
-    assert!(devices[1]["invalidatedAt"].is_string());
 }
