@@ -102,11 +102,16 @@ pub async fn delete_objects<'a>(
     let _ = conn.close(200, "done".into()).await;
 }
 
+/// What `rabbitmqctl list_connections` shows for a connection of `role`, on
+/// lapin's connections and ours (`wire`) alike.
+pub fn connection_name(role: &str) -> String {
+    format!("voip-push-worker {role}")
+}
+
 /// Opens a connection named after its role, so `rabbitmqctl list_connections`
 /// shows which is which.
 pub async fn connect(cfg: &AmqpConfig, role: &str) -> Result<Connection, AmqpError> {
-    let props = ConnectionProperties::default()
-        .with_connection_name(format!("voip-push-worker {role}").into());
+    let props = ConnectionProperties::default().with_connection_name(connection_name(role).into());
     let url = redact_url(&cfg.url);
     let tls = crate::tls::amqp::tls_config(cfg).map_err(|e| AmqpError::Tls {
         url: url.clone(),

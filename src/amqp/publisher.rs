@@ -48,7 +48,7 @@ impl Publisher {
             }
             info!(role = self.role, "publisher connection lost; reconnecting");
         }
-        let name = format!("voip-push-worker {}", self.role);
+        let name = super::connection_name(self.role);
         let p = WirePublisher::open(&self.cfg, &name, self.blocked.clone())
             .await
             .map(Arc::new)

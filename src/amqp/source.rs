@@ -92,7 +92,7 @@ impl worker::Source for QueueSource {
         let declared = self.topology.declare(&ch, &self.amqp).await;
         let _ = conn.close(200, "declared".into()).await;
         declared?;
-        let name = format!("voip-push-worker {}", self.role);
+        let name = super::connection_name(self.role);
         let consumer = WireConsumer::open(&self.amqp, &name, &self.queue, prefetch)
             .await
             .map_err(|e| AmqpError::wire(&self.amqp, e))?;
@@ -101,7 +101,6 @@ impl worker::Source for QueueSource {
                 .dead_letters(&self.amqp, self.publisher.clone()),
         );
         Ok(QueueSession {
-            settler: consumer.settler(),
             consumer,
             dead_letters,
         })
@@ -111,7 +110,6 @@ impl worker::Source for QueueSource {
 /// One connection consuming the queue.
 pub struct QueueSession {
     consumer: WireConsumer,
-    settler: Settler,
     dead_letters: Arc<DeadLetters>,
 }
 
@@ -125,7 +123,7 @@ impl worker::Session for QueueSession {
                 .await
                 .map(|d| QueueDelivery {
                     d,
-                    settler: self.settler.clone(),
+                    settler: self.consumer.settler(),
                     dead_letters: self.dead_letters.clone(),
                 })
                 .map_err(|e| AmqpError::from(e).into()),

@@ -71,7 +71,12 @@ pub(super) async fn read_loop(
             }
             AMQPFrame::Body(_, b) => {
                 if let Some(p) = partial.as_mut() {
-                    p.body.extend_from_slice(&b);
+                    // Most bodies come in one frame: taken as they are.
+                    if p.body.is_empty() {
+                        p.body = b;
+                    } else {
+                        p.body.extend_from_slice(&b);
+                    }
                 }
                 whole(&mut partial, &shared, deliveries.as_ref());
                 continue;
@@ -152,8 +157,6 @@ fn whole(
             if let Some(tx) = deliveries {
                 let _ = tx.send(WireDelivery {
                     delivery_tag: d.delivery_tag,
-                    redelivered: d.redelivered,
-                    exchange: d.exchange.to_string(),
                     routing_key: d.routing_key.to_string(),
                     properties: p.properties,
                     body: p.body,

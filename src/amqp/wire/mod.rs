@@ -61,8 +61,6 @@ impl From<std::io::Error> for WireError {
 #[derive(Debug)]
 pub struct WireDelivery {
     pub delivery_tag: u64,
-    pub redelivered: bool,
-    pub exchange: String,
     pub routing_key: String,
     pub properties: BasicProperties,
     pub body: Vec<u8>,
@@ -88,7 +86,8 @@ pub(super) struct Shared {
     pub(super) open: AtomicBool,
     /// `connection.blocked` (a resource alarm) until `connection.unblocked`.
     pub(super) blocked: Arc<AtomicBool>,
-    /// When the last bytes came in (ms since `epoch`): missed heartbeats.
+    /// When the last bytes came in (ms since `epoch`, so 0 at the start):
+    /// missed heartbeats.
     pub(super) last_read_ms: AtomicU64,
     epoch: Instant,
     /// The most body bytes a frame may carry.
@@ -195,9 +194,6 @@ impl Link {
         blocked: Arc<AtomicBool>,
     ) -> Self {
         let shared = Shared::new(blocked, o.frame_max);
-        shared
-            .last_read_ms
-            .store(shared.now_ms(), Ordering::Relaxed);
         let heartbeat = Duration::from_secs(u64::from(o.heartbeat));
         let reader = tokio::spawn(read_loop(o.rd, o.inbuf, shared.clone(), deliveries));
         let writer = tokio::spawn(write_loop(o.wr, shared.clone(), heartbeat));
