@@ -218,7 +218,12 @@ pub(super) async fn write_loop(mut wr: Writer, shared: Arc<Shared>, heartbeat: D
     let mut out = Vec::new();
     loop {
         tokio::select! {
-            _ = shared.ready.notified() => {}
+            _ = shared.ready.notified() => {
+                // Let the tasks already woken (the results and acks of one
+                // batch) queue their frames too: one send for all of them, not
+                // one each. No timer: an idle connection writes at once.
+                tokio::task::yield_now().await;
+            }
             _ = tick.tick() => {
                 let silent_ms = shared.now_ms().saturating_sub(shared.last_read_ms.load(Ordering::Relaxed));
                 if !heartbeat.is_zero() && silent_ms > 2 * heartbeat.as_millis() as u64 {
