@@ -7,7 +7,7 @@
 mod parse;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
@@ -162,34 +162,62 @@ impl CallEvent {
 
     /// The VoIP payload the device receives (CONTRACT §4).
     pub fn device_payload(&self, sent_at_ms: i64, expires_at_ms: i64) -> Value {
-        let mut p = Map::new();
-        p.insert("type".into(), Value::from(self.event_type.as_str()));
-        p.insert("callId".into(), self.call_id_raw.clone());
-        for (name, v) in [
-            ("fromUserId", &self.from_user_id),
-            ("fromDisplayName", &self.from_display_name),
-            ("room", &self.room),
-        ] {
-            if let Some(v) = v {
-                p.insert(name.into(), v.clone());
-            }
+        serde_json::to_value(self.payload(sent_at_ms, expires_at_ms)).expect("a payload serialises")
+    }
+
+    /// The same payload as it goes on the wire, serialised from the event's own
+    /// fields (no map of owned keys built first, once per ring).
+    pub fn device_payload_bytes(&self, sent_at_ms: i64, expires_at_ms: i64) -> bytes::Bytes {
+        serde_json::to_vec(&self.payload(sent_at_ms, expires_at_ms))
+            .expect("a payload serialises")
+            .into()
+    }
+
+    fn payload(&self, sent_at_ms: i64, expires_at_ms: i64) -> DevicePayload<'_> {
+        let cancel = self.event_type == EventType::Cancel;
+        DevicePayload {
+            answered_device_id: self.answered_device_id.as_deref().filter(|_| cancel),
+            aps: EmptyObject {},
+            call_id: &self.call_id_raw,
+            expires_at: expires_at_ms,
+            from_display_name: self.from_display_name.as_ref(),
+            from_user_id: self.from_user_id.as_ref(),
+            has_video: self.has_video,
+            reason: self.reason.as_deref().filter(|_| cancel),
+            room: self.room.as_ref(),
+            sent_at: sent_at_ms,
+            kind: self.event_type.as_str(),
         }
-        p.insert("hasVideo".into(), Value::Bool(self.has_video));
-        if self.event_type == EventType::Cancel {
-            if let Some(r) = &self.reason {
-                p.insert("reason".into(), Value::from(r.as_str()));
-            }
-            if let Some(d) = &self.answered_device_id {
-                p.insert("answeredDeviceId".into(), Value::from(d.as_str()));
-            }
-        }
-        p.insert("sentAt".into(), Value::from(sent_at_ms));
-        p.insert("expiresAt".into(), Value::from(expires_at_ms));
-        // PushKit wants an `aps` dictionary present, even empty.
-        p.insert("aps".into(), Value::Object(Map::new()));
-        Value::Object(p)
     }
 }
+
+/// The device's payload. Its fields are in the order of their names, so it
+/// serialises to the same bytes as the map of the same keys (a test holds it).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DevicePayload<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    answered_device_id: Option<&'a str>,
+    /// PushKit wants an `aps` dictionary present, even empty.
+    aps: EmptyObject,
+    call_id: &'a Value,
+    expires_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from_display_name: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from_user_id: Option<&'a Value>,
+    has_video: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    room: Option<&'a Value>,
+    sent_at: i64,
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+#[derive(Serialize)]
+struct EmptyObject {}
 
 /// What happened to one (event, device) — CONTRACT §5.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -304,6 +332,25 @@ mod tests {
         assert_eq!(p["sentAt"], 1000);
         assert_eq!(p["expiresAt"], 46000);
         assert!(p.get("fromDisplayName").is_none());
+    }
+
+    #[test]
+    fn a_cancel_payload_carries_its_reason_and_a_ring_does_not() {
+        let fields = json!({"callId": 7, "toUserId": "u", "reason": "answered",
+                            "answeredDeviceId": "d1", "fromDisplayName": "A"});
+        for (kind, carried) in [("call.cancel", true), ("call.incoming", false)] {
+            let mut v = fields.clone();
+            v["type"] = json!(kind);
+            let e = parse(v).unwrap();
+            let p = e.device_payload(1000, 46000);
+            assert_eq!(p["type"], kind);
+            assert_eq!(p["callId"], 7);
+            assert_eq!(p["aps"], json!({}));
+            assert_eq!(p.get("reason").is_some(), carried, "{kind}");
+            assert_eq!(p.get("answeredDeviceId").is_some(), carried, "{kind}");
+            let sent = e.device_payload_bytes(1000, 46000);
+            assert_eq!(std::str::from_utf8(&sent).unwrap(), p.to_string());
+        }
     }
 
     #[test]

@@ -101,9 +101,7 @@ impl<'a> Call<'a> {
             kind: event.event_type,
             event_id,
             key,
-            payload: bytes::Bytes::from(
-                event.device_payload(sent_at_ms, expires_at_ms).to_string(),
-            ),
+            payload: event.device_payload_bytes(sent_at_ms, expires_at_ms),
             push_type: crate::apns::PushType::Voip,
             deadline: Instant::now() + Duration::from_millis(remaining_ms),
             expires_at_ms,

@@ -331,6 +331,10 @@ mod properties {
         let (sent_at, expires_at) = e.ring_window(timestamp, 45, now);
         assert!(expires_at >= sent_at);
         let payload = e.device_payload(sent_at, expires_at).to_string();
+        // What a ring sends is serialised from the event's fields directly: the
+        // same bytes as the payload's map (keys in order, nothing left out).
+        let sent = e.device_payload_bytes(sent_at, expires_at);
+        assert_eq!(std::str::from_utf8(&sent).unwrap(), payload);
         assert!(
             payload.len() <= crate::pipeline::MAX_VOIP_PAYLOAD,
             "payload {} bytes",
@@ -346,7 +350,7 @@ mod properties {
             expiration: (expires_at / 1000).max(0) as u64,
             priority: 10,
             collapse_id: e.call_id.clone(),
-            payload: payload.into(),
+            payload: sent,
         };
         if let Err(err) = build_request("https://127.0.0.1:2197", &req) {
             panic!("request for {:?} does not build: {err}", e.call_id);
