@@ -237,10 +237,7 @@ async fn a_finish_waits_for_its_call_before_it_locks_any_claim() {
     assert_eq!(*claim, Claim::Push, "token {device}");
 
     let connect = || async {
-        let (client, conn) = tokio_postgres::connect(&env.db.url, tokio_postgres::NoTls)
-            .await
-            .expect("postgres");
-        tokio::spawn(conn);
+        let client = env.db.client().await;
         client
     };
     let (admission, prober) = (connect().await, connect().await);

@@ -98,10 +98,7 @@ async fn migrate_register_and_usage_errors() {
         "only the suffix is shown: {stdout}"
     );
 
-    let (client, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = db.client().await;
     let row = client
         .query_one("SELECT voip_token, environment, user_id FROM devices", &[])
         .await

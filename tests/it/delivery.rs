@@ -118,10 +118,7 @@ async fn device_token_not_for_topic_is_invalidated_and_success_is_recorded() {
     assert!(statuses.contains(&(alert_token[56..].to_string(), Status::TokenInvalidated)));
     assert!(statuses.contains(&(good[56..].to_string(), Status::Delivered)));
 
-    let (client, conn) = tokio_postgres::connect(&env.db.url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = env.db.client().await;
     let rows = client
         .query(
             "SELECT voip_token, last_success_at IS NOT NULL, invalid_reason FROM devices WHERE user_id = '80'",

@@ -22,10 +22,7 @@ pub fn pushes_of<'a>(requests: &'a [RecordedRequest], call: &str) -> Vec<&'a Rec
 /// recorded: after the rings in flight are answered, so a ring's `cancelled`
 /// result may come first.
 async fn cancelled_at_ms(env: &TestEnv, call: &str) -> i64 {
-    let (client, conn) = tokio_postgres::connect(&env.db.url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = env.db.client().await;
     let client = &client;
     eventually("the cancel to be recorded", Duration::from_secs(10), || async move {
         client

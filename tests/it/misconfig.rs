@@ -17,10 +17,7 @@ const THEIR_BUNDLE: &str = "com.example.chat.enterprise";
 
 /// Devices whose `invalidated_at` is set, with their reason.
 async fn invalidated(env: &TestEnv) -> Vec<(String, String)> {
-    let (client, conn) = tokio_postgres::connect(&env.db.url, tokio_postgres::NoTls)
-        .await
-        .expect("postgres");
-    tokio::spawn(conn);
+    let client = env.db.client().await;
     client
         .query(
             "SELECT voip_token, invalid_reason FROM devices WHERE invalidated_at IS NOT NULL",

@@ -16,10 +16,7 @@ async fn a_ring_rewrites_a_devices_success_only_when_it_says_something_new() {
     env.device("90", production, Environment::Production).await;
     env.device("91", production, Environment::Production).await;
     env.device("92", None, Environment::Production).await;
-    let (client, conn) = tokio_postgres::connect(&env.db.url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = env.db.client().await;
     client
         .batch_execute(
             "UPDATE devices SET last_success_at = now() - interval '10 minutes'

@@ -115,6 +115,16 @@ impl TestDb {
         }
     }
 
+    /// A plain connection to the test's database, for what a test writes or
+    /// reads behind the worker's back.
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .expect("postgres");
+        tokio::spawn(conn);
+        client
+    }
+
     pub async fn drop_db(&self) {
         if let Ok((client, conn)) = tokio_postgres::connect(ADMIN_PG, tokio_postgres::NoTls).await {
             tokio::spawn(conn);
