@@ -10,7 +10,7 @@
 use std::sync::LazyLock;
 
 use super::calls::CallState;
-use super::claims::{claim_taken, Claim, TAKE_OVER};
+use super::claims::{claim_taken, Claim, STORED_RESULT, TAKE_OVER};
 use super::{Device, Store, StoreError};
 use crate::event::Environment;
 
@@ -100,7 +100,7 @@ fn tail() -> String {
             SET owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until,
                 worker_id = EXCLUDED.worker_id
             WHERE {TAKE_OVER}
-        RETURNING event_key, device_id, owner, result
+        RETURNING event_key, device_id, owner, {STORED_RESULT} AS result
     )
     SELECT dev.i, dev.state, dev.id, dev.voip_token, dev.environment, dev.updated_ms, dev.proven,
            c.event_key IS NOT NULL, c.result,

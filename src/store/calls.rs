@@ -208,10 +208,10 @@ impl Store {
         let rows = client
             .query(
                 "SELECT DISTINCT ON (c.device_id) c.device_id, d.voip_token,
-                        c.result->>'environment', d.alert_token
+                        COALESCE(c.result_json, c.result::json)->>'environment', d.alert_token
                  FROM delivery_claims c JOIN devices d ON d.id = c.device_id
                  WHERE c.call_id = $1 AND c.event_type = 'call.incoming'
-                   AND c.result->>'status' = 'delivered'
+                   AND COALESCE(c.result_json, c.result::json)->>'status' = 'delivered'
                  ORDER BY c.device_id, c.created_at DESC",
                 &[&call_id],
             )

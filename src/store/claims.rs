@@ -47,6 +47,15 @@ macro_rules! owner_gone {
     };
 }
 
+/// A claim's stored result: `json` since migration 12 (`result_json`), `jsonb`
+/// in the claims of earlier versions (`result`).
+macro_rules! stored_result {
+    () => {
+        "COALESCE(result_json, result::json)"
+    };
+}
+pub(super) const STORED_RESULT: &str = stored_result!();
+
 /// When a claim not yet published may be taken: by its own owner (the same
 /// message, tried again), or when its owner is dead. A live owner keeps its
 /// claims for as long as it works on them, however long its retries take.
@@ -75,7 +84,8 @@ const CLAIM: &str = concat!(
          WHERE ",
     take_over!(),
     "
-     RETURNING result"
+     RETURNING ",
+    stored_result!()
 );
 
 const CLAIM_PUBLISHED: &str =
@@ -135,8 +145,8 @@ impl Store {
         let stmt = client
             .prepare_cached(concat!(
                 "SELECT count(*) FROM delivery_claims
-                 WHERE call_id = $1 AND event_type = 'call.incoming' AND result IS NULL
-                   AND published_at IS NULL AND NOT ",
+                 WHERE call_id = $1 AND event_type = 'call.incoming'
+                   AND result IS NULL AND result_json IS NULL AND published_at IS NULL AND NOT ",
                 owner_gone!("worker_id")
             ))
             .await?;

@@ -74,7 +74,8 @@ impl Store {
         };
         let claims = client
             .query(
-                "SELECT device_id, result, attempts FROM delivery_claims
+                "SELECT device_id, COALESCE(result_json, result::json),
+                        COALESCE(attempts_json, attempts::json) FROM delivery_claims
                  WHERE call_id = $1 ORDER BY created_at, device_id",
                 &[&call_id],
             )

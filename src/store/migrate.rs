@@ -20,6 +20,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (9, "time_indexes_brin", include_str!("../../migrations/0009_time_indexes_brin.sql")),
     (10, "claim_attempts", include_str!("../../migrations/0010_claim_attempts.sql")),
     (11, "alert_tokens", include_str!("../../migrations/0011_alert_tokens.sql")),
+    (12, "claims_json_documents", include_str!("../../migrations/0012_claims_json_documents.sql")),
 ];
 
 /// Arbitrary but fixed: the key of the advisory lock migrations hold.

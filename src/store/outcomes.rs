@@ -178,9 +178,9 @@ fn finish_statement(with_successes: bool) -> String {
         RETURNING 1
     )
     UPDATE delivery_claims c
-    SET result = COALESCE(k.r, c.result), attempts = COALESCE(k.a, c.attempts),
+    SET result_json = COALESCE(k.r, c.result_json), attempts_json = COALESCE(k.a, c.attempts_json),
         published_at = now()
-    FROM unnest($1::text[], $2::bigint[], $3::jsonb[], $4::jsonb[]) AS k(e, d, r, a)
+    FROM unnest($1::text[], $2::bigint[], $3::json[], $4::json[]) AS k(e, d, r, a)
     WHERE (SELECT count(*) FROM settled) >= 0
       AND c.event_key = ANY($1) AND c.event_key = k.e AND c.device_id = k.d
       AND c.published_at IS NULL"

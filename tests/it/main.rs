@@ -30,4 +30,5 @@ mod successes;
 mod tls;
 mod tls_fixtures;
 mod trace;
+mod upgrade;
 mod wire;
