@@ -45,6 +45,10 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Apns(#[from] apns::SetupError),
+    /// The database lacks migrations this binary's statements need: every
+    /// event would fail on them (and be dead-lettered), so nothing is consumed.
+    #[error("the database is not migrated for this version: migrations {0:?} pending (run `voip-push-worker migrate` first)")]
+    Unmigrated(Vec<i32>),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -146,6 +150,19 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
     let worker_id = store::liveness::Liveness::start(&cfg.postgres, alive.clone())
         .await?
         .worker_id;
+    // Postgres answers by now (the liveness session waits for it). A worker
+    // started before `migrate` ran would dead-letter every event on a missing
+    // column: it stops instead, with the fix in its error, having consumed
+    // nothing (the API and registration tasks started above stop with it).
+    match store.pending_migrations().await {
+        Ok(pending) if !pending.is_empty() => {
+            alive.cancel();
+            shutdown.cancel();
+            return Err(StartError::Unmigrated(pending));
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "could not check the database's migrations"),
+    }
     tokio::spawn(upkeep(
         store,
         Duration::from_secs(cfg.worker.claim_retention_hours * 3600),

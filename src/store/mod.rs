@@ -265,6 +265,12 @@ impl Store {
         migrate::migrate(&mut client).await
     }
 
+    /// The migrations this binary knows that the database has not applied.
+    pub async fn pending_migrations(&self) -> Result<Vec<i32>, StoreError> {
+        let client = self.pool.get().await?;
+        migrate::pending(&client).await
+    }
+
     /// How the batched statements prepared on the batch pool's connections were
     /// planned: (statement, generic plans, custom plans) each (see
     /// [`batch_session`]). For tests and diagnosis.

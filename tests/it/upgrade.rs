@@ -1,10 +1,61 @@
-//! What a rolling upgrade meets: rows written by the previous version.
+//! What a rolling upgrade meets: a database one migration behind the binary,
+//! and rows written by the previous version.
 
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 use voip_push_worker::event::{Environment, Status};
 use voip_push_worker::store::claims::Claim;
+use voip_push_worker::StartError;
 
 use crate::common::TestEnv;
+
+/// A worker started before `migrate` ran would fail every event on a missing
+/// column and dead-letter it: it refuses to start instead, and the event waits
+/// in its queue for a worker on a migrated database.
+#[tokio::test]
+async fn a_worker_refuses_a_database_behind_its_migrations_and_consumes_nothing() {
+    let mut env = TestEnv::without_worker(|_| {}).await;
+    crate::doctor::declare(&env.cfg.amqp).await;
+    env.device(
+        "u-up",
+        Some(Environment::Production),
+        Environment::Production,
+    )
+    .await;
+    let client = env.db.client().await;
+    // The database as the previous version left it.
+    client
+        .batch_execute(
+            "ALTER TABLE delivery_claims DROP COLUMN result_json, DROP COLUMN attempts_json;
+             DELETE FROM schema_migrations WHERE version = 12",
+        )
+        .await
+        .unwrap();
+    env.publish(json!({"callId":"up-1","toUserId":"u-up"}))
+        .await;
+
+    let refused = voip_push_worker::start(env.cfg.clone(), CancellationToken::new()).await;
+    let err = refused
+        .err()
+        .expect("a worker on an unmigrated database must not start");
+    assert!(
+        matches!(&err, StartError::Unmigrated(p) if p == &[12]),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("voip-push-worker migrate"),
+        "{err}"
+    );
+    assert!(env.dead_letters().await.is_empty());
+
+    assert_eq!(env.store.migrate().await.unwrap(), vec![12]);
+    env.start_worker().await;
+    assert_eq!(
+        env.results_for("up-1", 1).await[0].status,
+        Status::Delivered
+    );
+    env.cleanup().await;
+}
 
 /// Outcomes are stored as `json` since migration 12; claims recorded before
 /// it (`jsonb` columns, what a worker of the previous version still writes
