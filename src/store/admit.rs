@@ -135,16 +135,15 @@ static WITH_GIVEN_DEVICES: LazyLock<String> = LazyLock::new(|| statement(true));
 /// Admits a batch of rings in one statement.
 pub(super) async fn admit_rings(
     pool: deadpool_postgres::Pool,
-    mut reqs: Vec<Ring>,
+    reqs: super::batch::Requests<Ring>,
 ) -> Result<Vec<Admitted>, StoreError> {
     // Two copies of one event in a batch: only the first claims (a statement
     // cannot claim a row twice); the second finds the claim taken.
     let mut seen = std::collections::HashSet::new();
-    for r in reqs.iter_mut() {
-        if !seen.insert(r.key.clone()) {
-            r.claim = false;
-        }
-    }
+    let claim: Vec<bool> = reqs
+        .iter()
+        .map(|r| seen.insert(r.key.as_str()) && r.claim)
+        .collect();
     let given = reqs.iter().any(|r| r.devices.is_some());
     let col = |f: fn(&Ring) -> &str| reqs.iter().map(f).collect::<Vec<&str>>();
     let (keys, calls, bundles, users, owners) = (
@@ -155,7 +154,6 @@ pub(super) async fn admit_rings(
         col(|r| &r.owner),
     );
     let deadlines: Vec<i64> = reqs.iter().map(|r| r.ring_deadline_ms).collect();
-    let claim: Vec<bool> = reqs.iter().map(|r| r.claim).collect();
     let (mut at, mut ids) = (Vec::new(), Vec::new());
     for (i, r) in reqs.iter().enumerate() {
         for d in r.devices.iter().flatten() {

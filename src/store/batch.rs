@@ -20,6 +20,11 @@ use super::StoreError;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
+/// A batch's requests, shared with the statement that runs them: a batch that
+/// fails runs again request by request from the same requests, with no copy
+/// of every batch made in case it fails.
+pub type Requests<R> = Arc<[R]>;
+
 /// A batch slower than this is logged: every event in it waited that long.
 const SLOW_BATCH: Duration = Duration::from_secs(1);
 
@@ -30,7 +35,7 @@ pub struct Batcher<R, T> {
 
 impl<R, T> Batcher<R, T>
 where
-    R: Clone + Send + 'static,
+    R: Clone + Send + Sync + 'static,
     T: Send + 'static,
 {
     /// Starts the task: at most `max` requests a batch, each batch run while it
@@ -39,7 +44,7 @@ where
     /// ends when the batcher is dropped. `name` is for the logs.
     pub fn spawn<F, Fut>(name: &'static str, max: usize, turns: Arc<Semaphore>, run: F) -> Self
     where
-        F: Fn(Vec<R>) -> Fut + Send + Sync + 'static,
+        F: Fn(Requests<R>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<T>, StoreError>> + Send + 'static,
     {
         let (jobs, mut rx) = mpsc::unbounded_channel::<(R, Reply<T>)>();
@@ -91,10 +96,11 @@ where
 async fn execute<R, T, F, Fut>(run: &F, batch: Vec<(R, Reply<T>)>)
 where
     R: Clone,
-    F: Fn(Vec<R>) -> Fut,
+    F: Fn(Requests<R>) -> Fut,
     Fut: Future<Output = Result<Vec<T>, StoreError>>,
 {
     let (reqs, replies): (Vec<R>, Vec<Reply<T>>) = batch.into_iter().unzip();
+    let reqs: Requests<R> = reqs.into();
     let alone = (reqs.len() > 1).then(|| reqs.clone());
     match (run(reqs).await, alone) {
         (Ok(outs), _) => {
@@ -105,8 +111,8 @@ where
         }
         // One bad request must not fail the others: each runs on its own.
         (Err(e), Some(reqs)) if e.is_statement_error() => {
-            for (req, reply) in reqs.into_iter().zip(replies) {
-                let out = run(vec![req]).await.and_then(|mut v| {
+            for (req, reply) in reqs.iter().zip(replies) {
+                let out = run(Arc::from([req.clone()])).await.and_then(|mut v| {
                     v.pop()
                         .ok_or_else(|| StoreError::Batch("no result for the request".into()))
                 });
@@ -139,7 +145,7 @@ mod tests {
             "test",
             8,
             Arc::new(Semaphore::new(1)),
-            move |reqs: Vec<u32>| {
+            move |reqs: Requests<u32>| {
                 seen.lock().unwrap().push(reqs.len());
                 async move {
                     tokio::task::yield_now().await;
@@ -163,11 +169,11 @@ mod tests {
             "test",
             8,
             Arc::new(Semaphore::new(1)),
-            |reqs: Vec<i32>| async move {
+            |reqs: Requests<i32>| async move {
                 if reqs.contains(&-1) {
                     return Err(StoreError::BadToken("refused"));
                 }
-                Ok(reqs)
+                Ok(reqs.to_vec())
             },
         );
         let answers = futures_util::future::join_all([1, -1, 2].map(|i| batcher.call(i))).await;
@@ -195,7 +201,7 @@ mod tests {
                 gated.clone(),
                 sizes.clone(),
             );
-            Batcher::spawn("test", 64, turns.clone(), move |reqs: Vec<u32>| {
+            Batcher::spawn("test", 64, turns.clone(), move |reqs: Requests<u32>| {
                 let (running, most, gate, gated) =
                     (running.clone(), most.clone(), gate.clone(), gated.clone());
                 if !gate_it {
@@ -211,7 +217,7 @@ mod tests {
                         tokio::task::yield_now().await;
                     }
                     running.fetch_sub(1, SeqCst);
-                    Ok(reqs)
+                    Ok(reqs.to_vec())
                 }
             })
         };

@@ -84,12 +84,13 @@ const RING_WAIT_CAP: Duration = Duration::from_secs(15);
 /// Which of these calls are cancelled, in one statement.
 async fn cancelled_calls(
     pool: deadpool_postgres::Pool,
-    ids: Vec<String>,
+    ids: super::batch::Requests<String>,
 ) -> Result<Vec<bool>, StoreError> {
     let client = pool.get().await?;
     let stmt = client
         .prepare_cached("SELECT call_id FROM calls WHERE call_id = ANY($1) AND state = 'cancelled'")
         .await?;
+    let ids: &[String] = &ids;
     let rows = client.query(&stmt, &[&ids]).await?;
     let cancelled: std::collections::HashSet<&str> = rows.iter().map(|r| r.get(0)).collect();
     Ok(ids

@@ -225,7 +225,7 @@ static LIVE_DEVICES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 /// The live devices of many (user, bundle) pairs in one statement.
 async fn live_devices_of(
     pool: Pool,
-    keys: Vec<(String, String)>,
+    keys: super::batch::Requests<(String, String)>,
 ) -> Result<Vec<Vec<Device>>, StoreError> {
     let mut users: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
     let mut bundles: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();

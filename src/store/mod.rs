@@ -168,10 +168,10 @@ fn batcher<'a, R, T, Fut>(
     slot: &'a OnceLock<batch::Batcher<R, T>>,
     turns: Turns,
     batches: &Batches,
-    run: fn(Pool, Vec<R>) -> Fut,
+    run: fn(Pool, batch::Requests<R>) -> Fut,
 ) -> &'a batch::Batcher<R, T>
 where
-    R: Clone + Send + 'static,
+    R: Clone + Send + Sync + 'static,
     T: Send + 'static,
     Fut: std::future::Future<Output = Result<Vec<T>, StoreError>> + Send + 'static,
 {

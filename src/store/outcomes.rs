@@ -87,11 +87,11 @@ pub struct Finished {
 /// pipeline does not even send a success its admission found recent.)
 async fn finish_events(
     pool: deadpool_postgres::Pool,
-    reqs: Vec<Finished>,
+    reqs: super::batch::Requests<Finished>,
 ) -> Result<Vec<()>, StoreError> {
     let mut claims = ClaimColumns::default();
     let mut successes: Vec<(i64, &str)> = Vec::new();
-    for r in &reqs {
+    for r in reqs.iter() {
         for o in &r.outcomes {
             claims.push(
                 &r.event_key,
