@@ -253,14 +253,14 @@ impl Conn {
             }
         };
         let status = response.status().as_u16();
-        let header = |name: &str| {
+        let header = |name: hyper::header::HeaderName| {
             response
                 .headers()
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         };
-        let (apns_id, date) = (header("apns-id"), header("date"));
+        let (apns_id, date) = (header(super::request::APNS_ID), header(hyper::header::DATE));
         let mut body = response.into_body();
         let mut collected = Vec::new();
         while let Some(chunk) = body.data().await {

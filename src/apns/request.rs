@@ -168,28 +168,53 @@ pub(super) fn parse_base_url(url: &str) -> Result<(String, String, u16), String>
     Ok((format!("https://{authority}"), host, port))
 }
 
+/// Header names, made once: a name given as text is parsed again per request.
+mod names {
+    use hyper::header::HeaderName;
+
+    pub const PUSH_TYPE: HeaderName = HeaderName::from_static("apns-push-type");
+    pub const TOPIC: HeaderName = HeaderName::from_static("apns-topic");
+    pub const PRIORITY: HeaderName = HeaderName::from_static("apns-priority");
+    pub const EXPIRATION: HeaderName = HeaderName::from_static("apns-expiration");
+    pub const COLLAPSE_ID: HeaderName = HeaderName::from_static("apns-collapse-id");
+    pub const ID: HeaderName = HeaderName::from_static("apns-id");
+}
+pub(super) use names::ID as APNS_ID;
+
 /// The HTTP/2 request head of one push (the payload goes as its body). Refuses,
 /// rather than panics on, a part that is not a valid header value (event parsing
 /// keeps such ids out; this is the last line).
 pub fn build_request(base: &str, req: &PushRequest) -> Result<Request<()>, SendError> {
-    let mut builder = Request::post(format!("{base}/3/device/{}", req.token));
+    use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+    let invalid = |e: &dyn std::fmt::Display| SendError::Request {
+        detail: e.to_string(),
+    };
+    let text = |v: &str| HeaderValue::from_str(v).map_err(|e| invalid(&e));
+    let mut request = Request::post(format!("{base}/3/device/{}", req.token))
+        .body(())
+        .map_err(|e| invalid(&e))?;
+    let headers = request.headers_mut();
+    headers.reserve(9);
     // Empty for a certificate app: the TLS handshake authenticated it.
     if !req.provider_token.is_empty() {
-        builder = builder.header("authorization", format!("bearer {}", req.provider_token));
+        let bearer = Bytes::from(format!("bearer {}", req.provider_token));
+        let value = HeaderValue::from_maybe_shared(bearer).map_err(|e| invalid(&e))?;
+        headers.insert(AUTHORIZATION, value);
     }
-    builder
-        .header("apns-push-type", req.push_type.as_str())
-        .header("apns-topic", &req.topic)
-        .header("apns-priority", req.priority.to_string())
-        .header("apns-expiration", req.expiration.to_string())
-        .header("apns-collapse-id", &req.collapse_id)
-        .header("apns-id", req.apns_id.hyphenated().to_string())
-        .header("content-type", "application/json")
-        .header("content-length", req.payload.len().to_string())
-        .body(())
-        .map_err(|e| SendError::Request {
-            detail: e.to_string(),
-        })
+    let push_type = HeaderValue::from_static(req.push_type.as_str());
+    headers.insert(names::PUSH_TYPE, push_type);
+    headers.insert(names::TOPIC, text(&req.topic)?);
+    headers.insert(names::PRIORITY, HeaderValue::from(u16::from(req.priority)));
+    headers.insert(names::EXPIRATION, HeaderValue::from(req.expiration));
+    headers.insert(names::COLLAPSE_ID, text(&req.collapse_id)?);
+    let mut id = uuid::Uuid::encode_buffer();
+    headers.insert(
+        names::ID,
+        text(req.apns_id.hyphenated().encode_lower(&mut id))?,
+    );
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(req.payload.len()));
+    Ok(request)
 }
 
 /// Apple's error body: `{"reason": "...", "timestamp": 1234}`. Anything unparseable
@@ -228,6 +253,61 @@ mod tests {
         assert_eq!(parse_base_url("https://[::1]:2197").unwrap().1, "::1");
         assert!(parse_base_url("http://api.push.apple.com").is_err());
         assert!(parse_base_url("https://host/3/device").is_err());
+    }
+
+    /// The head APNs expects (the simulator checks it too, in the integration
+    /// tests): every header, with the values of the push.
+    #[test]
+    fn a_request_carries_every_apns_header() {
+        let req = PushRequest {
+            push_type: PushType::Voip,
+            token: "ab".repeat(32),
+            topic: "com.example.app.voip".into(),
+            provider_token: "eyJ.x.y".into(),
+            apns_id: uuid::Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef),
+            expiration: 1_700_000_045,
+            priority: 10,
+            collapse_id: "call-1".into(),
+            payload: Bytes::from_static(b"{}"),
+        };
+        let r = build_request("https://127.0.0.1:2197", &req).unwrap();
+        assert_eq!(
+            r.uri().to_string(),
+            format!("https://127.0.0.1:2197/3/device/{}", req.token)
+        );
+        let got: Vec<(&str, &str)> = r
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("authorization", "bearer eyJ.x.y"),
+                ("apns-push-type", "voip"),
+                ("apns-topic", "com.example.app.voip"),
+                ("apns-priority", "10"),
+                ("apns-expiration", "1700000045"),
+                ("apns-collapse-id", "call-1"),
+                ("apns-id", "01234567-89ab-cdef-0123-456789abcdef"),
+                ("content-type", "application/json"),
+                ("content-length", "2"),
+            ]
+        );
+        let cert_app = PushRequest {
+            provider_token: "".into(),
+            ..req.clone()
+        };
+        let head = build_request("https://h", &cert_app).unwrap();
+        assert!(head.headers().get("authorization").is_none());
+        let broken = PushRequest {
+            collapse_id: "bad\nid".into(),
+            ..req
+        };
+        assert!(matches!(
+            build_request("https://h", &broken),
+            Err(SendError::Request { .. })
+        ));
     }
 
     #[test]
