@@ -65,6 +65,22 @@ struct Pushed {
     success: Option<Environment>,
 }
 
+/// The result of a device claimed after the ring deadline: never pushed.
+fn expired_unpushed(call: &Call<'_>, device: &Device) -> Pushed {
+    Pushed {
+        result: PushResult {
+            device_id: Some(device.id),
+            token_suffix: Some(token_suffix(&device.token)),
+            status: Status::Expired,
+            reason: Some("ring deadline passed before the event was handled".into()),
+            completed_at: now_rfc3339(),
+            ..call.base.clone()
+        },
+        attempts: Vec::new(),
+        success: None,
+    }
+}
+
 impl Pipeline {
     /// Pushes to one device at most once per event, across redeliveries,
     /// duplicates and replicas, from what its claim found (see `store::claims`).
@@ -78,7 +94,11 @@ impl Pipeline {
         match claim {
             Claim::Push => {
                 let timer = self.metrics.stage("deliver");
-                let pushed = self.push_device(call, device).await;
+                let pushed = if call.late {
+                    expired_unpushed(call, device)
+                } else {
+                    self.push_device(call, device).await
+                };
                 drop(timer);
                 let out = Outgoing::new(pushed.result);
                 let outcome = Outcome {

@@ -80,6 +80,9 @@ struct Call<'a> {
     base: &'a PushResult,
     /// Who claims the deliveries (this worker and this message).
     owner: &'a str,
+    /// Admitted after its ring deadline: the devices this copy claims get an
+    /// `expired` result, unpushed.
+    late: bool,
 }
 
 impl<'a> Call<'a> {
@@ -108,6 +111,7 @@ impl<'a> Call<'a> {
             sent_at_ms,
             base,
             owner,
+            late: false,
         }
     }
 }
@@ -152,7 +156,10 @@ impl Pipeline {
         let (sent_at_ms, expires_at_ms) = self.ring_window(msg, event);
         let timer = self.metrics.stage("resolve");
         // One statement (shared with concurrent rings) opens the call, finds the
-        // devices and claims them, unless the ring is already too late.
+        // devices and claims them. A late ring claims too, though it pushes
+        // nothing: a device that a live owner holds must be told from one whose
+        // owner is dead or that nobody claimed, and only the owner's copy
+        // publishes its result.
         let admitted = self
             .store
             .admit_ring(Ring {
@@ -162,7 +169,7 @@ impl Pipeline {
                 user_id: event.to_user_id.clone(),
                 ring_deadline_ms: expires_at_ms,
                 owner: msg.claim_owner.clone(),
-                claim: expires_at_ms > now_ms(),
+                claim: true,
                 devices: None,
             })
             .await;
@@ -201,28 +208,20 @@ impl Pipeline {
         } else if admitted.state == Some(CallState::Cancelled) {
             info!("call was cancelled before its ring went out; not pushed");
             Some(per_device(Status::Cancelled, "call cancelled"))
-        } else if remaining_ms <= 0
-            && !admitted
-                .devices
-                .iter()
-                .any(|(_, c)| matches!(c, Claim::Push | Claim::Republish(_)))
-        {
+        } else {
+            None
+        };
+        if not_pushed.is_none() && remaining_ms <= 0 {
             warn!(
                 late_ms = -remaining_ms,
                 "call event arrived after its ring deadline; not pushed"
             );
-            Some(per_device(
-                Status::Expired,
-                "ring deadline passed before the event was handled",
-            ))
-        } else {
-            None
-        };
+        }
 
         let results = if let Some(not_pushed) = not_pushed.filter(|r| !r.is_empty()) {
             // No claim of this copy's holds these results (a cancelled call's
-            // ring claims nothing, a late one looks only): settle the call and
-            // leave every claim to its owner, whose own outcome it records.
+            // ring claims nothing): settle the call and leave every claim to
+            // its owner, whose own outcome it records.
             let finished = Finished {
                 event_key: key.clone(),
                 settle: Some((event.call_id.clone(), call_state(&not_pushed))),
@@ -234,15 +233,20 @@ impl Pipeline {
             }
             out.into_iter().map(|o| o.result).collect()
         } else {
-            // (Also a late or cancelled copy whose every result is published:
-            // its claims are all `Done`, nothing is pushed or published.)
+            // (Also a cancelled copy whose every result is published: its
+            // claims are all `Done`, nothing is pushed or published.) A late
+            // copy pushes nothing either: see `claimed_push`.
             let window = (sent_at_ms, expires_at_ms);
-            let call = Call::new(app, event, (&event_id, &key), &base, msg, window);
+            let mut call = Call::new(app, event, (&event_id, &key), &base, msg, window);
+            call.late = remaining_ms <= 0;
             let (results, busy) = match self.push_all(&call, admitted.devices).await {
                 Ok(r) => r,
                 Err(reason) => return Disposition::Retry(reason),
             };
-            if busy {
+            // Past the deadline there is nothing to wait for: the live owner
+            // publishes the devices it holds, and if it dies, its own message
+            // comes back to a worker that takes them over.
+            if busy && !call.late {
                 return Disposition::Wait {
                     until: call.deadline,
                 };

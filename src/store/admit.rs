@@ -25,7 +25,8 @@ pub struct Ring {
     pub ring_deadline_ms: i64,
     /// Who claims the deliveries (this worker and this message).
     pub owner: String,
-    /// `false`: look only (the ring deadline has passed); claim nothing.
+    /// `false`: look only, claim nothing (a second copy of the event in the
+    /// same batch).
     pub claim: bool,
     /// Devices already resolved (tokens in a team's own table); `None`: ours.
     pub devices: Option<Vec<Device>>,

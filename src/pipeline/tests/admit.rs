@@ -88,11 +88,37 @@ async fn an_event_past_its_ring_deadline_is_expired_unpushed() {
 
     assert_eq!(rig.result_for(d).status, Status::Expired);
     assert!(rig.apns.sent().is_empty());
-    assert!(
-        rig.store.state().claims.is_empty(),
-        "a late ring only looks"
+    // Its claim records the outcome, so `trace` tells why it never rang.
+    let state = rig.store.state();
+    let claims: Vec<&FakeClaim> = state.claims.values().collect();
+    assert_eq!(claims.len(), 1);
+    assert!(claims[0].published && claims[0].attempts.is_empty());
+    assert_eq!(claims[0].result.as_ref().unwrap()["status"], "expired");
+    assert_eq!(state.calls["c1"].state, CallState::Expired);
+}
+
+/// A late copy of an event that a live worker is still ringing (a duplicate
+/// message, its retries outlasting the deadline) publishes nothing for the
+/// device that worker holds: the owner publishes its one result, `delivered`
+/// perhaps, and no `expired` contradicts it.
+#[tokio::test]
+async fn a_late_copy_leaves_a_live_owners_device_to_it() {
+    let rig = Rig::new();
+    let (held, free) = (rig.device(&token(1)), rig.device(&token(2)));
+    let key = hold(&rig, held, "w2/7", None);
+
+    rig.acked(late_ring()).await;
+
+    let published = rig.results.published();
+    assert_eq!(published.len(), 1, "{published:?}");
+    assert_eq!(
+        (published[0].device_id, published[0].status),
+        (Some(free), Status::Expired)
     );
-    assert_eq!(rig.store.state().calls["c1"].state, CallState::Expired);
+    assert!(rig.apns.sent().is_empty());
+    let state = rig.store.state();
+    let claim = &state.claims[&(key, held)];
+    assert_eq!((claim.owner.as_str(), claim.published), ("w2/7", false));
 }
 
 #[tokio::test]
