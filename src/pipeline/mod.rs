@@ -169,7 +169,6 @@ impl Pipeline {
                 user_id: event.to_user_id.clone(),
                 ring_deadline_ms: expires_at_ms,
                 owner: msg.claim_owner.clone(),
-                claim: true,
                 devices: None,
             })
             .await;

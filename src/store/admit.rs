@@ -25,9 +25,6 @@ pub struct Ring {
     pub ring_deadline_ms: i64,
     /// Who claims the deliveries (this worker and this message).
     pub owner: String,
-    /// `false`: look only, claim nothing (a second copy of the event in the
-    /// same batch).
-    pub claim: bool,
     /// Devices already resolved (tokens in a team's own table); `None`: ours.
     pub devices: Option<Vec<Device>>,
 }
@@ -139,12 +136,10 @@ pub(super) async fn admit_rings(
     reqs: super::batch::Requests<Ring>,
 ) -> Result<Vec<Admitted>, StoreError> {
     // Two copies of one event in a batch: only the first claims (a statement
-    // cannot claim a row twice); the second finds the claim taken.
+    // cannot claim a row twice); the second only looks, and finds the claim
+    // taken.
     let mut seen = std::collections::HashSet::new();
-    let claim: Vec<bool> = reqs
-        .iter()
-        .map(|r| seen.insert(r.key.as_str()) && r.claim)
-        .collect();
+    let claim: Vec<bool> = reqs.iter().map(|r| seen.insert(r.key.as_str())).collect();
     let given = reqs.iter().any(|r| r.devices.is_some());
     let col = |f: fn(&Ring) -> &str| reqs.iter().map(f).collect::<Vec<&str>>();
     let (keys, calls, bundles, users, owners) = (

@@ -23,7 +23,6 @@ pub fn ring(key: &str, call: &str, user: &str, owner: &str) -> Ring {
         user_id: user.to_string(),
         ring_deadline_ms: 4_000_000_000_000,
         owner: owner.to_string(),
-        claim: true,
         devices: None,
     }
 }

@@ -212,7 +212,7 @@ impl DeliveryStore for FakeStore {
                 return Admitted::default();
             }
             let claims = devices.into_iter().map(|d| {
-                let claim = if ring.claim && state != CallState::Cancelled {
+                let claim = if state != CallState::Cancelled {
                     s.take(&ring.key, d.id, &ring.owner, &ring.call_id, "call.incoming")
                 } else {
                     untaken(s.claims.get(&(ring.key.clone(), d.id)))
