@@ -108,6 +108,20 @@ pub enum Cancelled {
     OtherUser,
 }
 
+/// The devices that accepted a ring of call `$1`, from its claims' results.
+static RUNG_DEVICES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT DISTINCT ON (c.device_id) c.device_id, d.voip_token,
+                c.result->>'environment', d.alert_token
+         FROM (SELECT device_id, created_at, {} AS result FROM delivery_claims
+               WHERE call_id = $1 AND event_type = 'call.incoming') c
+         JOIN devices d ON d.id = c.device_id
+         WHERE c.result->>'status' = 'delivered'
+         ORDER BY c.device_id, c.created_at DESC",
+        super::claims::STORED_RESULT
+    )
+});
+
 impl Store {
     /// Records a cancel (creating the call if its initiate has not arrived):
     /// marks the call cancelled, so no further ring is admitted or attempted,
@@ -206,17 +220,7 @@ impl Store {
     /// Devices that accepted a ring of this call.
     pub async fn rung_devices(&self, call_id: &str) -> Result<Vec<RungDevice>, StoreError> {
         let client = self.pool.get().await?;
-        let rows = client
-            .query(
-                "SELECT DISTINCT ON (c.device_id) c.device_id, d.voip_token,
-                        COALESCE(c.result_json, c.result::json)->>'environment', d.alert_token
-                 FROM delivery_claims c JOIN devices d ON d.id = c.device_id
-                 WHERE c.call_id = $1 AND c.event_type = 'call.incoming'
-                   AND COALESCE(c.result_json, c.result::json)->>'status' = 'delivered'
-                 ORDER BY c.device_id, c.created_at DESC",
-                &[&call_id],
-            )
-            .await?;
+        let rows = client.query(&*RUNG_DEVICES, &[&call_id]).await?;
         Ok(rows
             .iter()
             .map(|r| RungDevice {

@@ -72,14 +72,12 @@ impl Store {
         let Some(call) = client.query_opt(&sql, &[&call_id]).await? else {
             return Ok(None);
         };
-        let claims = client
-            .query(
-                "SELECT device_id, COALESCE(result_json, result::json),
-                        COALESCE(attempts_json, attempts::json) FROM delivery_claims
-                 WHERE call_id = $1 ORDER BY created_at, device_id",
-                &[&call_id],
-            )
-            .await?;
+        let sql = format!(
+            "SELECT device_id, {}, COALESCE(attempts_json, attempts::json) FROM delivery_claims
+             WHERE call_id = $1 ORDER BY created_at, device_id",
+            super::claims::STORED_RESULT
+        );
+        let claims = client.query(&sql, &[&call_id]).await?;
         // Attempts recorded by earlier versions, which kept them in a table.
         let sql = format!(
             "SELECT device_id, event_type, {}, environment, apns_status, reason, apns_id, latency_ms
