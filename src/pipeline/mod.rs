@@ -25,7 +25,6 @@ pub use publish::ResultPublisher;
 // What the pipeline takes and returns are the driver's.
 pub use crate::worker::{Disposition, Incoming};
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -269,10 +268,9 @@ impl Pipeline {
     /// as soon as it is known; a device another copy of the event owns yields no
     /// result here. Publishing per device matters: two copies of one event that
     /// split its devices each leave the other's devices to it, and each device's
-    /// result goes out as soon as it is known. The last device to finish settles
-    /// a ring's call, in the same statement as its own outcome, from the results
-    /// this copy published (a copy that published nothing leaves the call to the
-    /// copy that did). Also says whether a live worker holds some of the claims.
+    /// result goes out as soon as it is known. The call is settled by the
+    /// outcomes in its claims, when it is read (`store::calls::SETTLED_BY_CLAIMS`),
+    /// not written here. Also says whether a live worker holds some of the claims.
     /// `Err`: a result could not be published.
     async fn push_all(
         &self,
@@ -280,11 +278,9 @@ impl Pipeline {
         claims: Vec<(Device, Claim)>,
     ) -> Result<(Vec<PushResult>, bool), String> {
         let busy = claims.iter().any(|(_, c)| *c == Claim::Busy);
-        let unfinished = AtomicUsize::new(claims.len());
         let published = Mutex::new(Vec::with_capacity(claims.len()));
-        let settles = call.kind == EventType::Incoming;
         let device = |(d, claim): (Device, Claim)| {
-            let (unfinished, published) = (&unfinished, &published);
+            let published = &published;
             // Boxed: the push's future is large, and `join_all` would move it.
             Box::pin(async move {
                 let pushed = self.claimed_push(call, &d, claim).await;
@@ -299,17 +295,9 @@ impl Pipeline {
                     }
                     p.out
                 });
-                if let Some(out) = &out {
-                    self.publish_counted(std::slice::from_ref(out)).await?;
-                    lock(published).push(out.result.clone());
-                }
-                if unfinished.fetch_sub(1, Ordering::AcqRel) == 1 && settles {
-                    let results = lock(published);
-                    if !results.is_empty() {
-                        finished.settle = Some((call.event.call_id.clone(), call_state(&results)));
-                    }
-                }
-                if out.is_some() || finished.settle.is_some() {
+                if let Some(out) = out {
+                    self.publish_counted(std::slice::from_ref(&out)).await?;
+                    lock(published).push(out.result);
                     self.finish(finished).await;
                 }
                 Ok::<_, String>(())

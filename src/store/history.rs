@@ -62,12 +62,14 @@ impl Store {
     pub async fn trace_call(&self, call_id: &str) -> Result<Option<CallTrace>, StoreError> {
         let client = self.pool.get().await?;
         let sql = format!(
-            "SELECT to_user_id, bundle_id, state, {}, {}, {}, {}, cancel_reason, answered_device_id
-             FROM calls WHERE call_id = $1",
-            ts("created_at"),
+            "SELECT to_user_id, bundle_id, {}, {}, {}, {}, {}, cancel_reason, answered_device_id
+             FROM calls c {} WHERE c.call_id = $1",
+            super::calls::STATE,
+            ts("c.created_at"),
             ts("ring_deadline"),
-            ts("settled_at"),
-            ts("cancelled_at")
+            ts(&format!("({})", super::calls::SETTLED_AT)),
+            ts("cancelled_at"),
+            *super::calls::SETTLED_BY_CLAIMS
         );
         let Some(call) = client.query_opt(&sql, &[&call_id]).await? else {
             return Ok(None);

@@ -26,6 +26,7 @@ mod misconfig;
 mod ops;
 mod pipeline;
 mod routing;
+mod settling;
 mod successes;
 mod tls;
 mod tls_fixtures;

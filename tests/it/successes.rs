@@ -37,12 +37,13 @@ async fn a_ring_rewrites_a_devices_success_only_when_it_says_something_new() {
         assert_eq!(r.status, Status::Delivered, "{user}");
     }
 
-    // Successes are written with the call's settling, after the results.
+    // Successes are written with the outcomes, after the results.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let settled: i64 = client
             .query_one(
-                "SELECT count(*) FROM calls WHERE call_id LIKE 'success-%' AND settled_at IS NOT NULL",
+                "SELECT count(*) FROM delivery_claims
+                 WHERE call_id LIKE 'success-%' AND published_at IS NOT NULL",
                 &[],
             )
             .await
@@ -53,7 +54,7 @@ async fn a_ring_rewrites_a_devices_success_only_when_it_says_something_new() {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "{settled} of 3 calls settled"
+            "{settled} of 3 outcomes recorded"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }

@@ -3,6 +3,7 @@
 //! results publisher that records what it confirms ([`FakePublisher`]). The
 //! real edges are tested against the real services in `tests/it/`.
 
+mod settle;
 pub mod store;
 
 pub use store::FakeStore;

@@ -250,7 +250,14 @@ impl DeliveryStore for FakeStore {
                     c.published = true;
                 }
             }
-            if let Some((call_id, to)) = &finished.settle {
+            // A call settled by a finish's claims (as the store reads it, see
+            // `store::calls::SETTLED_BY_CLAIMS`), or named by the finish.
+            let mut settle = finished.settle.clone();
+            let call = (s.claims.iter()).find(|((k, _), _)| k == key);
+            if let Some(call_id) = call.map(|(_, c)| c.call_id.clone()) {
+                settle = settle.or(s.settled_by_claims(&call_id).map(|st| (call_id, st)));
+            }
+            if let Some((call_id, to)) = &settle {
                 if let Some(call) = s.calls.get_mut(call_id) {
                     let ended_badly = matches!(call.state, CallState::Failed | CallState::Expired);
                     if call.state == CallState::Ringing
