@@ -125,24 +125,27 @@ async fn finish_events(
         &claims.results,
         &claims.attempts,
     ];
-    let sql: &str = if success_ids.is_empty() {
-        &FINISH
-    } else {
+    if !success_ids.is_empty() {
         params.extend([&success_ids as Param, &success_envs]);
-        &FINISH_WITH_SUCCESSES
-    };
-    params.extend([&calls as Param, &states]);
+    }
+    if !calls.is_empty() {
+        params.extend([&calls as Param, &states]);
+    }
+    let sql = &FORMS[usize::from(!success_ids.is_empty()) | usize::from(!calls.is_empty()) << 1];
     let finish = client.prepare_cached(sql).await?;
     client.execute(&finish, &params).await?;
     Ok(vec![(); reqs.len()])
 }
 
-/// The finishing statement, in two forms: with the devices' successes to
-/// record, or without (most batches: a success within the hour is not sent,
-/// see `Device::success_is_recent`, and a statement without the update spares
-/// Postgres its start-up and its index probes). `= ANY` keeps the plans on the
-/// primary keys whatever the batch size; the attempts stay in the claim (no
-/// row of their own, no index entries).
+/// The finishing statement, in four forms: with the devices' successes to
+/// record or without (most batches: a success within the hour is not sent,
+/// see `Device::success_is_recent`), with calls to settle or without (nearly
+/// all: a ring's call is settled by its claims, see
+/// `calls::SETTLED_BY_CLAIMS`; only events settled without claims, as a ring
+/// to a user with no device, name their call). A statement without an update
+/// spares Postgres its start-up, its locks and its index probes. `= ANY` keeps
+/// the plans on the primary keys whatever the batch size; the attempts stay in
+/// the claim (no row of their own, no index entries).
 ///
 /// Lock order: an admitting statement locks a call's row, then its claims, so
 /// a finish that held claims while it waited for a call's row could deadlock
@@ -150,8 +153,8 @@ async fn finish_events(
 /// one-time look at `settled` (an initial plan, run before the update reads a
 /// row): the calls are locked first. The devices' update takes no lock an
 /// admission needs. (`batching::a_finish_waits_for_its_call…` holds this.)
-fn finish_statement(with_successes: bool) -> String {
-    let (success, calls, states) = if with_successes {
+fn finish_statement(with_successes: bool, with_settles: bool) -> String {
+    let (success, next) = if with_successes {
         let refresh = super::devices::SUCCESS_REFRESH;
         let success = format!(
             "
@@ -163,32 +166,46 @@ fn finish_statement(with_successes: bool) -> String {
                OR d.last_success_at < now() - {refresh})
     ),"
         );
-        (success, "$7", "$8")
+        (success, 7)
     } else {
-        (String::new(), "$5", "$6")
+        (String::new(), 5)
     };
-    format!(
-        "
-    WITH {success}
+    let (settled, gate) = if with_settles {
+        let (calls, states) = (format!("${next}"), format!("${}", next + 1));
+        let settled = format!(
+            "
     settled AS (
         UPDATE calls c SET state = k.s, settled_at = clock_timestamp()
         FROM unnest({calls}::text[], {states}::text[]) AS k(id, s)
         WHERE c.call_id = ANY({calls}) AND c.call_id = k.id
           AND (c.state = 'ringing' OR (k.s = 'delivered' AND c.state IN ('failed', 'expired')))
         RETURNING 1
-    )
+    ),"
+        );
+        (settled, "(SELECT count(*) FROM settled) >= 0 AND")
+    } else {
+        (String::new(), "")
+    };
+    let ctes = format!("{success}{settled}");
+    let with = match ctes.strip_suffix(',') {
+        Some(ctes) => format!("WITH {ctes}"),
+        None => String::new(),
+    };
+    format!(
+        "
+    {with}
     UPDATE delivery_claims c
     SET result_json = COALESCE(k.r, c.result_json), attempts_json = COALESCE(k.a, c.attempts_json),
         published_at = now()
     FROM unnest($1::text[], $2::bigint[], $3::json[], $4::json[]) AS k(e, d, r, a)
-    WHERE (SELECT count(*) FROM settled) >= 0
-      AND c.event_key = ANY($1) AND c.event_key = k.e AND c.device_id = k.d
+    WHERE {gate} c.event_key = ANY($1) AND c.event_key = k.e AND c.device_id = k.d
       AND c.published_at IS NULL"
     )
 }
 
-static FINISH_WITH_SUCCESSES: LazyLock<String> = LazyLock::new(|| finish_statement(true));
-static FINISH: LazyLock<String> = LazyLock::new(|| finish_statement(false));
+/// Every form (bit 0: successes, bit 1: settles), put together once.
+static FORMS: LazyLock<[String; 4]> =
+    LazyLock::new(|| std::array::from_fn(|i| finish_statement(i & 1 == 1, i & 2 == 2)));
 
 /// A delivery's attempts as its claim keeps them (what `trace` shows).
 fn attempts_json(o: &Outcome) -> JsonText {
@@ -245,5 +262,26 @@ impl Store {
         )
         .call(finished)
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each form numbers exactly the parameters `finish_events` passes it
+    /// (claims, then successes, then settles), and only a form that settles
+    /// locks calls, before the claims.
+    #[test]
+    fn each_form_takes_the_parameters_it_is_given() {
+        for (i, sql) in FORMS.iter().enumerate() {
+            let (successes, settles) = (i & 1 == 1, i & 2 == 2);
+            let want = 4 + 2 * usize::from(successes) + 2 * usize::from(settles);
+            let highest = (1..=10).filter(|n| sql.contains(&format!("${n}"))).max();
+            assert_eq!(highest, Some(want), "form {i}: {sql}");
+            assert_eq!(sql.contains("UPDATE devices"), successes, "form {i}");
+            assert_eq!(sql.contains("UPDATE calls"), settles, "form {i}");
+            assert_eq!(sql.contains("FROM settled) >= 0"), settles, "form {i}");
+        }
     }
 }
