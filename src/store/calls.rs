@@ -157,11 +157,19 @@ pub(super) const STATE: &str = "CASE WHEN c.state = 'ringing' THEN COALESCE(r.st
           WHEN c.state IN ('failed', 'expired') AND r.state = 'delivered' THEN 'delivered'
           ELSE c.state END";
 
-/// When it was settled (after [`SETTLED_BY_CLAIMS`]).
-pub(super) const SETTLED_AT: &str =
-    "CASE WHEN c.state = 'ringing' AND r.state IS NOT NULL THEN r.at
-          WHEN c.state IN ('failed', 'expired') AND r.state = 'delivered' THEN r.at
-          ELSE c.settled_at END";
+/// When it was settled (after [`SETTLED_BY_CLAIMS`]): when the claims
+/// changed the row's state, the last outcome's time.
+pub(super) static SETTLED_AT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!("CASE WHEN ({STATE}) IS DISTINCT FROM c.state THEN r.at ELSE c.settled_at END")
+});
+
+/// [`Store::call_state`]'s statement, put together once.
+static CALL_STATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {STATE} FROM calls c {} WHERE c.call_id = $1",
+        *SETTLED_BY_CLAIMS
+    )
+});
 
 impl Store {
     /// Records a cancel (creating the call if its initiate has not arrived):
@@ -288,11 +296,7 @@ impl Store {
     /// The call's state, or `None` for a call never seen.
     pub async fn call_state(&self, call_id: &str) -> Result<Option<CallState>, StoreError> {
         let client = self.pool.get().await?;
-        let sql = format!(
-            "SELECT {STATE} FROM calls c {} WHERE c.call_id = $1",
-            *SETTLED_BY_CLAIMS
-        );
-        let row = client.query_opt(&sql, &[&call_id]).await?;
+        let row = client.query_opt(CALL_STATE.as_str(), &[&call_id]).await?;
         Ok(row.map(|r| CallState::parse(r.get(0))))
     }
 

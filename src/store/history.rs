@@ -67,7 +67,7 @@ impl Store {
             super::calls::STATE,
             ts("c.created_at"),
             ts("ring_deadline"),
-            ts(&format!("({})", super::calls::SETTLED_AT)),
+            ts(&format!("({})", *super::calls::SETTLED_AT)),
             ts("cancelled_at"),
             *super::calls::SETTLED_BY_CLAIMS
         );
