@@ -7,10 +7,10 @@ use crate::apns::App;
 use crate::event::{check_text, CallEvent, PushResult, Status};
 use crate::store::calls::CallState;
 
-/// A call's state from its deliveries' results.
-pub(super) fn call_state(results: &[PushResult]) -> CallState {
-    let all = |s: Status| !results.is_empty() && results.iter().all(|r| r.status == s);
-    if results.iter().any(|r| r.status == Status::Delivered) {
+/// A call's state from its deliveries' statuses.
+pub(super) fn call_state(statuses: &[Status]) -> CallState {
+    let all = |s: Status| !statuses.is_empty() && statuses.iter().all(|r| *r == s);
+    if statuses.contains(&Status::Delivered) {
         CallState::Delivered
     } else if all(Status::Cancelled) {
         CallState::Cancelled

@@ -222,7 +222,10 @@ impl Pipeline {
             // its owner, whose own outcome it records.
             let finished = Finished {
                 event_key: key.clone(),
-                settle: Some((event.call_id.clone(), call_state(&not_pushed))),
+                settle: Some((
+                    event.call_id.clone(),
+                    call_state(&not_pushed.iter().map(|r| r.status).collect::<Vec<_>>()),
+                )),
                 ..Finished::default()
             };
             let out: Vec<Outgoing> = not_pushed.into_iter().map(Outgoing::new).collect();
