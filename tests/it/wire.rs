@@ -51,6 +51,10 @@ async fn exchange_and_queue(cfg: &AmqpConfig) -> (String, String) {
     (exchange, queue)
 }
 
+async fn cleanup(cfg: &AmqpConfig, queue: &str, exchange: &str) {
+    delete_objects(cfg, "wire test cleanup", [queue], [exchange]).await;
+}
+
 /// The publishes of one case: (routed to the queue?, body size).
 fn publishes() -> impl Strategy<Value = Vec<(bool, usize)>> {
     prop::collection::vec(
@@ -130,13 +134,7 @@ async fn each_confirm_and_return_reaches_its_own_publish_and_deliveries_come_who
         want.sort_unstable();
         assert!(got == want, "bodies differ for case {case:?}");
         consumer.close("done").await;
-        delete_objects(
-            &cfg,
-            "wire test cleanup",
-            [queue.as_str()],
-            [exchange.as_str()],
-        )
-        .await;
+        cleanup(&cfg, &queue, &exchange).await;
     }
 }
 
@@ -175,11 +173,125 @@ async fn a_silent_broker_ends_the_connection_within_two_heartbeats() {
         started.elapsed()
     );
     relay.stop.cancel();
-    delete_objects(
-        &direct,
-        "wire test cleanup",
-        [queue.as_str()],
-        [exchange.as_str()],
-    )
-    .await;
+    cleanup(&direct, &queue, &exchange).await;
+}
+
+/// How a delivery is settled in [`acks_in_runs_settle_each_delivery_as_asked`].
+#[derive(Clone, Copy, Debug)]
+enum Settle {
+    Ack,
+    Requeue,
+    Reject,
+}
+
+/// Acks go out in runs (`multiple`) beside nacks and rejects, in whatever
+/// order a consumer settles its deliveries: the broker accepts every frame (a
+/// wrong `multiple` would close the channel: "unknown delivery tag"), each
+/// message ends as its settle asked (a requeued one comes again, an acked or
+/// rejected one never), and none is left unacked once all are settled.
+#[tokio::test]
+async fn acks_in_runs_settle_each_delivery_as_asked() {
+    let cfg = AmqpConfig::default();
+    let settle = prop_oneof![
+        8 => Just(Settle::Ack),
+        1 => Just(Settle::Requeue),
+        1 => Just(Settle::Reject),
+    ];
+    // A message's settles (all but the last are requeues), then the order
+    // the deliveries in hand are settled in.
+    let case = (
+        prop::collection::vec(settle, 150..250),
+        prop::collection::vec(any::<prop::sample::Index>(), 400),
+        1..40usize,
+    );
+    let mut runner = proptest::test_runner::TestRunner::default();
+    for _ in 0..3 {
+        let (first, picks, batch) = case.new_tree(&mut runner).unwrap().current();
+        let (exchange, queue) = exchange_and_queue(&cfg).await;
+        let publisher = WirePublisher::open(&cfg, "wire acks publisher", Arc::default())
+            .await
+            .unwrap();
+        for i in 0..first.len() {
+            let answer = publisher
+                .publish(
+                    &exchange,
+                    "bound.k",
+                    true,
+                    BasicProperties::default(),
+                    &body(i, 8),
+                )
+                .await
+                .unwrap();
+            assert_eq!(answer, Confirm::Ack { returned: false });
+        }
+        let mut consumer = WireConsumer::open(&cfg, "wire acks consumer", &queue, 64)
+            .await
+            .unwrap();
+        let settler = consumer.settler();
+        // Per message: how often it came, and how it ended.
+        let mut came = vec![0usize; first.len()];
+        let mut ended: Vec<Option<Settle>> = vec![None; first.len()];
+        let mut hand = Vec::new();
+        let mut picks = picks.iter().cycle();
+        while ended.iter().any(Option::is_none) {
+            while hand.len() < batch {
+                let next = tokio::time::timeout(Duration::from_millis(200), consumer.next());
+                let Ok(d) = next.await else { break };
+                let d = d.expect("the connection stays open: every frame was accepted");
+                let text = String::from_utf8(d.body).unwrap();
+                let i: usize = text.split(':').next().unwrap().parse().unwrap();
+                came[i] += 1;
+                hand.push((d.delivery_tag, i));
+            }
+            assert!(
+                !hand.is_empty(),
+                "messages unsettled but none delivered: {ended:?}"
+            );
+            // Settle some of the hand, in the order the case picks.
+            for _ in 0..hand.len().div_ceil(2) {
+                let (tag, i) = hand.remove(picks.next().unwrap().index(hand.len()));
+                // A message is requeued once at most: its second coming is acked.
+                let how = match (first[i], came[i]) {
+                    (Settle::Requeue, 2..) => Settle::Ack,
+                    (how, _) => how,
+                };
+                match how {
+                    Settle::Ack => settler.ack(tag).unwrap(),
+                    Settle::Requeue => settler.nack(tag, true).unwrap(),
+                    Settle::Reject => settler.reject(tag, false).unwrap(),
+                }
+                if !matches!(how, Settle::Requeue) {
+                    assert!(ended[i].is_none(), "message {i} came after it was settled");
+                    ended[i] = Some(how);
+                }
+            }
+        }
+        for (i, (first, came)) in first.iter().zip(&came).enumerate() {
+            let want = if matches!(first, Settle::Requeue) {
+                2
+            } else {
+                1
+            };
+            assert_eq!(*came, want, "message {i} ({first:?})");
+        }
+        // Nothing left unacked: closing would hand it back to the queue.
+        consumer.close("done").await;
+        let conn = connect(&cfg, "wire acks check").await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let q = ch
+            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            q.message_count(),
+            0,
+            "messages back in the queue after close"
+        );
+        let _ = conn.close(200, "checked".into()).await;
+        cleanup(&cfg, &queue, &exchange).await;
+    }
 }

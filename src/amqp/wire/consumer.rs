@@ -108,29 +108,30 @@ impl WireConsumer {
 pub struct Settler(Arc<Shared>);
 
 impl Settler {
-    fn basic(&self, m: basic::AMQPMethod) -> Result<(), WireError> {
-        self.0.send(&[method(CHANNEL, AMQPClass::Basic(m))])
+    fn alone(&self, delivery_tag: u64, m: basic::AMQPMethod) -> Result<(), WireError> {
+        (self.0).settle_alone(delivery_tag, method(CHANNEL, AMQPClass::Basic(m)))
     }
 
+    /// Acks at the connection's next write, in a run with the acks beside it
+    /// (`wire::acks`).
     pub fn ack(&self, delivery_tag: u64) -> Result<(), WireError> {
-        self.basic(basic::AMQPMethod::Ack(basic::Ack {
-            delivery_tag,
-            multiple: false,
-        }))
+        self.0.ack(delivery_tag)
     }
 
     pub fn nack(&self, delivery_tag: u64, requeue: bool) -> Result<(), WireError> {
-        self.basic(basic::AMQPMethod::Nack(basic::Nack {
+        let nack = basic::Nack {
             delivery_tag,
             multiple: false,
             requeue,
-        }))
+        };
+        self.alone(delivery_tag, basic::AMQPMethod::Nack(nack))
     }
 
     pub fn reject(&self, delivery_tag: u64, requeue: bool) -> Result<(), WireError> {
-        self.basic(basic::AMQPMethod::Reject(basic::Reject {
+        let reject = basic::Reject {
             delivery_tag,
             requeue,
-        }))
+        };
+        self.alone(delivery_tag, basic::AMQPMethod::Reject(reject))
     }
 }

@@ -155,6 +155,8 @@ fn whole(
     match p.method {
         Content::Deliver(d) => {
             if let Some(tx) = deliveries {
+                let tag = d.delivery_tag;
+                shared.state.lock().expect("wire lock").acks.delivered(tag);
                 let _ = tx.send(WireDelivery {
                     delivery_tag: d.delivery_tag,
                     routing_key: d.routing_key.to_string(),
@@ -233,7 +235,11 @@ pub(super) async fn write_loop(mut wr: Writer, shared: Arc<Shared>, heartbeat: D
                 shared.state.lock().expect("wire lock").out.extend_from_slice(&beat);
             }
         }
-        std::mem::swap(&mut out, &mut shared.state.lock().expect("wire lock").out);
+        {
+            let mut st = shared.state.lock().expect("wire lock");
+            st.drain_acks();
+            std::mem::swap(&mut out, &mut st.out);
+        }
         if !out.is_empty() {
             if let Err(e) = wr.write_all(&out).await {
                 shared.end(e.into());

@@ -9,6 +9,7 @@
 //! One channel per connection (number 1): a consumer, or a publisher in
 //! confirm mode.
 
+mod acks;
 mod consumer;
 mod frames;
 mod handshake;
@@ -23,11 +24,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use amq_protocol::frame::AMQPFrame;
-use amq_protocol::protocol::{channel, connection, AMQPClass};
+use amq_protocol::protocol::{basic, channel, connection, AMQPClass};
 use amq_protocol::types::ShortString;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
+use acks::AckRuns;
 pub use amq_protocol::protocol::BasicProperties;
 pub use consumer::{Settler, WireConsumer};
 use frames::{encode, method};
@@ -102,6 +104,27 @@ pub(super) struct State {
     /// Confirm mode: the next publish's tag and the unconfirmed ones, in order.
     pub(super) next_tag: u64,
     pub(super) unconfirmed: VecDeque<Unconfirmed>,
+    /// A consumer's deliveries in hand and the acks held for the next write.
+    acks: AckRuns,
+}
+
+impl State {
+    /// Queues the acks held for this write (before any frame queued after
+    /// them, so a nack or a close never overtakes an earlier ack).
+    pub(super) fn drain_acks(&mut self) {
+        let State { out, acks, .. } = self;
+        acks.drain(|delivery_tag, multiple| encode(out, &[ack_frame(delivery_tag, multiple)]));
+    }
+}
+
+pub(super) fn ack_frame(delivery_tag: u64, multiple: bool) -> AMQPFrame {
+    method(
+        CHANNEL,
+        AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+            delivery_tag,
+            multiple,
+        })),
+    )
 }
 
 /// A publish awaiting its confirm.
@@ -165,7 +188,38 @@ impl Shared {
     /// Queues `frames` for the writer.
     pub(super) fn send(&self, frames: &[AMQPFrame]) -> Result<(), WireError> {
         self.check_open()?;
-        encode(&mut self.state.lock().expect("wire lock").out, frames);
+        let mut st = self.state.lock().expect("wire lock");
+        st.drain_acks();
+        encode(&mut st.out, frames);
+        drop(st);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Acks a delivery at the next write, in a run with others when it can.
+    pub(super) fn ack(&self, delivery_tag: u64) -> Result<(), WireError> {
+        self.check_open()?;
+        let mut st = self.state.lock().expect("wire lock");
+        if !st.acks.ack(delivery_tag) {
+            encode(&mut st.out, &[ack_frame(delivery_tag, false)]);
+        }
+        drop(st);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Settles a delivery with a frame of its own (a nack, a reject).
+    pub(super) fn settle_alone(
+        &self,
+        delivery_tag: u64,
+        frame: AMQPFrame,
+    ) -> Result<(), WireError> {
+        self.check_open()?;
+        let mut st = self.state.lock().expect("wire lock");
+        st.drain_acks();
+        encode(&mut st.out, &[frame]);
+        st.acks.forget(delivery_tag);
+        drop(st);
         self.ready.notify_one();
         Ok(())
     }
