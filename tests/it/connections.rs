@@ -34,7 +34,10 @@ async fn a_replica_opens_at_most_eight_postgres_connections_under_load() {
     const EVENTS: usize = 600;
     let mut env = TestEnv::without_worker(|c| {
         c.http.service_token = Some("conn-token".into());
-        assert_eq!(c.worker.concurrency, 64, "the default users get");
+        let default = voip_push_worker::config::Config::default()
+            .worker
+            .concurrency;
+        assert_eq!(c.worker.concurrency, default, "the default users get");
     })
     .await;
     for i in 0..EVENTS {
@@ -45,7 +48,7 @@ async fn a_replica_opens_at_most_eight_postgres_connections_under_load() {
                 Environment::Production,
             )
             .await;
-        // Answered after 500 ms: all 64 slots have a push in flight.
+        // Answered after 500 ms: every slot has a push in flight.
         env.sim.script(&token, [delayed(500)]);
     }
     // The test's own connections, before the worker starts.
@@ -104,7 +107,7 @@ async fn a_replica_opens_at_most_eight_postgres_connections_under_load() {
     sampler.await.unwrap();
     let most = most.load(Ordering::Relaxed);
     println!(
-        "postgres connections of one worker at concurrency 64, {EVENTS} events: at most {most}"
+        "postgres connections of one worker at the default concurrency, {EVENTS} events: at most {most}"
     );
     assert!(
         most >= 3,

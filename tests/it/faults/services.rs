@@ -85,7 +85,7 @@ async fn postgres_restart_mid_load_loses_nothing() {
     env.cleanup().await;
 }
 
-/// A load at the default concurrency (64) and APNs settings; the relay
+/// A load at the default concurrency and APNs settings; the relay
 /// black-holes every APNs connection a third of the way through. Pushes left
 /// unanswered get their connection PINGed after `apns.probe_after_ms`; the PING
 /// goes unanswered too, the connection is retired and its pushes resent on a

@@ -20,15 +20,17 @@ fn longest_pause_after(env: &TestEnv, from_ms: i64) -> i64 {
 
 #[tokio::test]
 async fn worker_killed_mid_load_loses_nothing_resumes_at_once_and_sigterm_drains() {
-    // At the defaults users get: two replicas at concurrency 64, thousands of
-    // events, APNs answering in 25 ms so 64 pushes are in flight at the kill.
+    // At the defaults users get: two replicas at the default concurrency,
+    // thousands of events, APNs answering in 25 ms so every slot's push is in
+    // flight at the kill.
+    let concurrency = Config::default().worker.concurrency;
     let env = TestEnv::without_worker(|_| {}).await;
     let mut results = DurableResults::declare(&env.cfg).await;
     let calls = load(&env, "kill", 2_000, 25).await;
     // A backlog, so the workers are busy when the kill comes.
     publish_all(&env, &calls).await;
-    let mut first = worker_process(&env, 64);
-    let mut second = worker_process(&env, 64);
+    let mut first = worker_process(&env, concurrency);
+    let mut second = worker_process(&env, concurrency);
     // Mid-load: kill once 400 pushes have reached APNs (results lag behind).
     eventually("400 pushes", Duration::from_secs(60), || {
         let n = env.sim.requests().len();
@@ -48,7 +50,7 @@ async fn worker_killed_mid_load_loses_nothing_resumes_at_once_and_sigterm_drains
     let pause_ms = longest_pause_after(&env, killed_ms);
     let duplicates = duplicate_pushes(&env);
     println!(
-        "fault-report: kill -9 mid-load (2 workers, concurrency 64): events {}, results {} (done at kill {done_at_kill}), longest pause in ringing after the kill {pause_ms} ms, duplicate pushes {duplicates}, duplicate results {}, all results {:.1?} after the kill",
+        "fault-report: kill -9 mid-load (2 workers, concurrency {concurrency}): events {}, results {} (done at kill {done_at_kill}), longest pause in ringing after the kill {pause_ms} ms, duplicate pushes {duplicates}, duplicate results {}, all results {:.1?} after the kill",
         calls.len(),
         results.seen.len(),
         results.duplicate_results(),
@@ -63,7 +65,10 @@ async fn worker_killed_mid_load_loses_nothing_resumes_at_once_and_sigterm_drains
     );
     // The only window for a second ring: a push in flight at the kill, whose
     // outcome was not yet recorded — at most one per concurrent slot.
-    assert!(duplicates <= 64, "{duplicates} phones rung twice");
+    assert!(
+        duplicates <= usize::from(concurrency),
+        "{duplicates} phones rung twice"
+    );
 
     // SIGTERM: drains and exits 0.
     let status = Command::new("kill")
