@@ -105,6 +105,9 @@ impl Pipeline {
         let answered = (event.reason.as_deref() == Some("answered_elsewhere"))
             .then_some(event.answered_device_id.as_deref())
             .flatten();
+        // Counted when the cancel is done: a try that fails and runs again
+        // skips the same devices again.
+        let mut no_alert_token = 0;
         let devices: Vec<Device> = rung
             .into_iter()
             .filter(|d| answered != Some(d.device_id.to_string().as_str()))
@@ -115,7 +118,7 @@ impl Pipeline {
                     CancelPush::Alert => match d.alert_token {
                         Some(t) => (t, false),
                         None => {
-                            self.skipped("no_alert_token");
+                            no_alert_token += 1;
                             return None;
                         }
                     },
@@ -177,6 +180,11 @@ impl Pipeline {
                 }
                 Ok(_) => {}
             }
+        }
+        if no_alert_token > 0 {
+            (self.metrics.cancel_pushes_skipped)
+                .with_label_values(&["no_alert_token"])
+                .inc_by(no_alert_token);
         }
         self.metrics.events.with_label_values(&["cancel"]).inc();
         Disposition::Ack

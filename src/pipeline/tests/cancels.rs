@@ -145,3 +145,20 @@ async fn a_refused_alert_token_is_kept_before_the_app_is_proven() {
     assert_eq!(rig.store.called("clear_alert_token"), 0);
     assert_eq!(rig.result_for(a).status, Status::Failed);
 }
+
+/// A cancel that has to run again (the database failed it after the skip was
+/// seen) counts each device it skips once, not once a try.
+#[tokio::test]
+async fn a_retried_cancel_counts_its_skipped_devices_once() {
+    let (rig, _, _) = rung(CancelPush::Alert).await;
+    rig.store.state().failing.insert("claim");
+
+    let first = rig.handle(cancel("c1", "caller_hangup")).await;
+    assert!(matches!(first, Disposition::Retry(_)), "{first:?}");
+    rig.store.state().failing.clear();
+    rig.acked(cancel("c1", "caller_hangup")).await;
+
+    assert_eq!(rig.apns.sent().len(), 3, "the alert went once");
+    let skipped = &rig.pipeline.metrics.cancel_pushes_skipped;
+    assert_eq!(skipped.with_label_values(&["no_alert_token"]).get(), 1);
+}
