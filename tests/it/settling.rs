@@ -2,6 +2,8 @@
 //! a ring's outcome is written to its claims only, and `trace` and the call
 //! status API read the call's state from them, against real Postgres.
 
+use std::time::Duration;
+
 use proptest::prelude::*;
 use serde_json::json;
 use voip_push_worker::config::PostgresConfig;
@@ -9,7 +11,7 @@ use voip_push_worker::event::{Environment, Status};
 use voip_push_worker::store::calls::CallState;
 use voip_push_worker::store::Store;
 
-use crate::common::{TestDb, TestEnv};
+use crate::common::{eventually, TestDb, TestEnv};
 
 /// A ring through the real worker: the result is delivered, the call reads as
 /// delivered and settled, and its row was not written after the admission.
@@ -24,13 +26,17 @@ async fn a_rings_outcome_settles_its_call_without_writing_the_calls_row() {
         env.results_for("st-1", 1).await[0].status,
         Status::Delivered
     );
+    // The outcome is recorded after the broker's confirm, so a little after
+    // the result arrives.
+    let store = &env.store;
+    eventually("the call settled", Duration::from_secs(10), || async {
+        let state = store.call_state("st-1").await.unwrap();
+        (state == Some(CallState::Delivered)).then_some(())
+    })
+    .await;
     let trace = env.recorded_trace("st-1").await;
     assert_eq!(trace.state, CallState::Delivered);
     assert!(trace.settled_at.is_some(), "{trace:?}");
-    assert_eq!(
-        env.store.call_state("st-1").await.unwrap(),
-        Some(CallState::Delivered)
-    );
     let client = env.db.client().await;
     let row = client
         .query_one(
