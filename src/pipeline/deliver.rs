@@ -143,6 +143,8 @@ impl Pipeline {
                 );
                 None
             }
+            // Only a cancelled call's ring finds these, and it pushes none.
+            Claim::Unclaimed => None,
         }
     }
 

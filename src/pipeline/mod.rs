@@ -177,13 +177,14 @@ impl Pipeline {
             Err(e) => return self.retry("admit the ring", e),
         };
         let base = base_result(&event_id, event, app);
-        // A device whose result a copy of the event already published gets no
-        // second one.
+        // Only a device nobody pushes: one whose result a copy of the event
+        // already published gets no second, and one a live owner is pushing
+        // gets that owner's.
         let per_device = |status: Status, reason: &str| -> Vec<PushResult> {
             admitted
                 .devices
                 .iter()
-                .filter(|(_, c)| *c != Claim::Done)
+                .filter(|(_, c)| *c == Claim::Unclaimed)
                 .map(|(d, _)| PushResult {
                     device_id: Some(d.id),
                     token_suffix: Some(token_suffix(&d.token)),

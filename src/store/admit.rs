@@ -10,7 +10,7 @@
 use std::sync::LazyLock;
 
 use super::calls::CallState;
-use super::claims::{claim_taken, Claim, STORED_RESULT, TAKE_OVER};
+use super::claims::{claim_taken, Claim, HELD_BY_THE_LIVING, STORED_RESULT, TAKE_OVER};
 use super::{Device, Store, StoreError};
 use crate::event::Environment;
 
@@ -83,7 +83,9 @@ const GIVEN_DEVICES: &str = "
 /// claim found (matched by owner too: two copies of an event in one batch are
 /// two owners, and only the first claims). A claim not taken is looked up as
 /// it was before the statement — only then: `AND` does not evaluate the
-/// `EXISTS` for a claim taken, the common case.
+/// `EXISTS` for a claim taken, the common case. A cancelled call's ring claims
+/// nothing, so for it the last column says whether no live worker holds the
+/// device's claim (nobody pushes it; see [`Claim::Unclaimed`]).
 fn tail() -> String {
     format!(
         "
@@ -106,7 +108,10 @@ fn tail() -> String {
                SELECT 1 FROM delivery_claims p
                WHERE p.event_key = dev.key AND p.device_id = dev.id
                  AND p.published_at IS NOT NULL),
-           dev.recent
+           dev.recent,
+           c.event_key IS NULL AND dev.state = 'cancelled' AND NOT EXISTS (
+               SELECT 1 FROM delivery_claims p
+               WHERE p.event_key = dev.key AND p.device_id = dev.id AND {HELD_BY_THE_LIVING})
     FROM dev
     LEFT JOIN claimed c ON c.event_key = dev.key AND c.device_id = dev.id AND c.owner = dev.owner
     ORDER BY dev.i, dev.id"
@@ -195,10 +200,11 @@ pub(super) async fn admit_rings(
                 success_is_recent: row.get(10),
             },
         };
-        let claim = match (row.get::<_, bool>(7), row.get::<_, bool>(9)) {
-            (true, _) => claim_taken(row.get(8)),
-            (false, true) => Claim::Done,
-            (false, false) => Claim::Busy,
+        let claim = match (row.get::<_, bool>(7), row.get::<_, bool>(9), row.get(11)) {
+            (true, _, _) => claim_taken(row.get(8)),
+            (false, true, _) => Claim::Done,
+            (false, false, true) => Claim::Unclaimed,
+            (false, false, false) => Claim::Busy,
         };
         out[i].state = Some(state);
         out[i].devices.push((device, claim));

@@ -33,6 +33,10 @@ pub enum Claim {
     Done,
     /// A live worker holds it and publishes its result; nothing to do here.
     Busy,
+    /// Nobody live holds it and this ring did not claim it: the ring of a
+    /// cancelled call claims nothing, and it publishes `cancelled` for such a
+    /// device (never for one a live owner is pushing: that one is [`Self::Busy`]).
+    Unclaimed,
 }
 
 /// True when the worker named by the column `$worker_id` is dead: its liveness
@@ -70,6 +74,12 @@ macro_rules! take_over {
     };
 }
 pub(super) const TAKE_OVER: &str = take_over!();
+
+/// The claim `p`, not yet published, is held by a live worker.
+pub(super) const HELD_BY_THE_LIVING: &str = concat!(
+    "p.published_at IS NULL AND NOT ",
+    owner_gone!("p.worker_id")
+);
 
 /// Takes (or takes over) the claim of (event, device) for a cancel push;
 /// returns the stored result when an earlier owner recorded one, no row when a

@@ -104,7 +104,12 @@ async fn concurrent_events_each_get_their_own_call_devices_claims_and_settlement
             let pushes = claims.iter().filter(|c| ***c == Claim::Push).count();
             let busy = claims.iter().filter(|c| ***c == Claim::Busy).count();
             if u == 5 {
-                assert_eq!(busy, 2, "a cancelled call claims nothing");
+                let unclaimed = claims.iter().filter(|c| ***c == Claim::Unclaimed).count();
+                assert_eq!(
+                    (unclaimed, claims.len()),
+                    (2, 2),
+                    "a cancelled call claims nothing, and nobody holds its devices"
+                );
                 continue;
             }
             assert_eq!(

@@ -11,6 +11,7 @@ mod bounds;
 mod call_status;
 mod cancel_modes;
 mod cancel_user;
+mod cancelled_copies;
 mod certs;
 mod cli;
 mod common;

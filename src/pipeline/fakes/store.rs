@@ -112,6 +112,15 @@ impl State {
         }
     }
 
+    /// What a cancelled call's ring, which claims nothing, finds.
+    fn unclaimed(&self, key: &str, device_id: i64) -> Claim {
+        match self.claims.get(&(key.to_string(), device_id)) {
+            Some(c) if c.published => Claim::Done,
+            Some(c) if !self.dead_workers.contains(worker_of(&c.owner)) => Claim::Busy,
+            _ => Claim::Unclaimed,
+        }
+    }
+
     fn live_devices(&self, user_id: &str, bundle_id: &str) -> Vec<Device> {
         let live = |d: &&FakeDevice| {
             d.user_id == user_id && d.bundle_id == bundle_id && d.invalidated.is_none()
@@ -215,7 +224,7 @@ impl DeliveryStore for FakeStore {
                 let claim = if state != CallState::Cancelled {
                     s.take(&ring.key, d.id, &ring.owner, &ring.call_id, "call.incoming")
                 } else {
-                    untaken(s.claims.get(&(ring.key.clone(), d.id)))
+                    s.unclaimed(&ring.key, d.id)
                 };
                 (d, claim)
             });

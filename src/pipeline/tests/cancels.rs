@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use super::{cancel, token, Rig};
+use super::{cancel, ring, token, Rig};
 use crate::apns::PushType;
 use crate::config::CancelPush;
 use crate::event::Environment::Production;
@@ -161,4 +161,44 @@ async fn a_retried_cancel_counts_its_skipped_devices_once() {
     assert_eq!(rig.apns.sent().len(), 3, "the alert went once");
     let skipped = &rig.pipeline.metrics.cancel_pushes_skipped;
     assert_eq!(skipped.with_label_values(&["no_alert_token"]).get(), 1);
+}
+
+/// A copy of a ring that comes after its call was cancelled publishes
+/// `cancelled` only for the devices nobody is pushing: one whose claim a live
+/// worker holds gets that worker's result, not a second, contradicting one,
+/// until the worker is dead.
+#[tokio::test]
+async fn a_late_copy_of_a_cancelled_ring_leaves_a_live_owners_device_to_it() {
+    let (rig, a, b) = rung(CancelPush::Off).await;
+    let later = rig.device(&token(3));
+    {
+        // `a`'s push is still under way on another, live worker; `b`'s is done.
+        let mut s = rig.store.state();
+        let claim = (s.claims.iter_mut())
+            .find(|((_, device), _)| *device == a)
+            .map(|(_, c)| c)
+            .expect("a's claim");
+        claim.owner = "w-live/7".into();
+        claim.published = false;
+        s.calls.get_mut("c1").unwrap().state = CallState::Cancelled;
+    }
+    let before = rig.results.published().len();
+
+    let copy = rig.handle(ring("c1")).await;
+
+    assert_eq!(copy, Disposition::Ack, "the live owner publishes its own");
+    let new: Vec<_> = rig.results.published().split_off(before);
+    let devices: Vec<_> = new.iter().map(|r| (r.device_id, r.status)).collect();
+    assert_eq!(
+        devices,
+        vec![(Some(later), Status::Cancelled)],
+        "b's was published"
+    );
+
+    // Once that worker is dead, nobody will publish `a`'s: the next copy does.
+    rig.store.state().dead_workers.insert("w-live".into());
+    rig.acked(ring("c1")).await;
+    let last = rig.results_for(a).pop().unwrap();
+    assert_eq!(last.status, Status::Cancelled);
+    assert_eq!(rig.results_for(b).len(), 1, "b's ring result only");
 }
