@@ -11,6 +11,7 @@ mod phases;
 mod procs;
 mod report;
 mod setup;
+mod slow;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

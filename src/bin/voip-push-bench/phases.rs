@@ -9,7 +9,7 @@ use voip_push_worker::event::now_ms;
 
 use crate::load::{Collector, Message, Producer};
 use crate::procs::{round3, CpuSnapshot, WorkerProc};
-use crate::report::{percentile, Latency, Throughput};
+use crate::report::{percentile, Latency, Slow, Throughput};
 use crate::setup::{user_id, Bench};
 
 /// A stride coprime with the user count spreads consecutive events over users
@@ -184,17 +184,19 @@ pub async fn latency(
         })?;
     let pids: Vec<u32> = workers.iter().map(WorkerProc::pid).collect();
     let cpu = CpuSnapshot::take(&pids).since(&cpu_before);
-    let mut ms: Vec<i64> = bench
+    let samples: Vec<(i64, i64)> = bench
         .sim
         .requests()
         .iter()
         .filter(|r| r.status == 200)
         .filter_map(|r| {
             let sent = sent.get(r.headers.get("apns-collapse-id")?)?;
-            Some(r.at_ms - sent)
+            Some((*sent, r.at_ms - sent))
         })
         .collect();
     bench.reset_simulator();
+    let slow = Slow::of(&samples);
+    let mut ms: Vec<i64> = samples.iter().map(|(_, ms)| *ms).collect();
     ms.sort_unstable();
     Ok(Latency {
         load: label,
@@ -206,6 +208,7 @@ pub async fn latency(
         p95_ms: percentile(&ms, 0.95),
         p99_ms: percentile(&ms, 0.99),
         max_ms: ms.last().copied().unwrap_or(0) as f64,
+        slow,
         cpu,
     })
 }

@@ -6,6 +6,8 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
+pub use crate::slow::Slow;
+
 use crate::load::Reference;
 use crate::procs::{round3, CpuUse, WorkerSample};
 
@@ -61,6 +63,8 @@ pub struct Latency {
     pub p95_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// Where the samples slower than [`Slow::MS`] sit in the phase.
+    pub slow: Slow,
     pub cpu: CpuUse,
 }
 
@@ -292,6 +296,26 @@ impl Report {
                 "  {:<22} {:>9.0} {:>8} {:>7} {:>7} {:>7} {:>7}",
                 l.load, l.achieved_per_sec, l.samples, l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms
             );
+        }
+        // A queue that grows (saturation) is slow throughout: only stalls are told.
+        for l in self
+            .latency
+            .iter()
+            .filter(|l| l.slow.samples * 2 < l.samples)
+        {
+            if let Some(from) = &l.slow.from {
+                let seconds: Vec<String> = (l.slow.by_second.iter())
+                    .map(|(s, n)| format!("{s} ({n})"))
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "  {}: {} samples over {} ms, by second of the phase: {}; from {from}",
+                    l.load,
+                    l.slow.samples,
+                    Slow::MS,
+                    seconds.join(", ")
+                );
+            }
         }
         let _ = writeln!(s, "\nWorker processes");
         let _ = writeln!(
