@@ -23,12 +23,28 @@ fn command(db: &TestDb, id: &str) -> Command {
     c
 }
 
+/// Deletes the AMQP objects [`command`] named for `id`, whichever the command
+/// declared.
+async fn delete_amqp(id: &str) {
+    let queues = ["work", "cancels", "devices-q", "dead"].map(|q| format!("cli.{id}.{q}"));
+    let exchanges = ["calls", "devices", "dlx", "results"].map(|x| format!("cli.{id}.{x}"));
+    voip_push_worker::amqp::delete_objects(
+        &voip_push_worker::config::AmqpConfig::default(),
+        "cli test cleanup",
+        queues.iter().map(String::as_str),
+        exchanges.iter().map(String::as_str),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn demo_prints_a_delivered_result_and_metrics() {
     let db = TestDb::create().await;
     let id = unique("");
+    let demo = command(&db, &id);
     let out = tokio::task::spawn_blocking(move || {
-        command(&db, &id).arg("demo").output().map(|o| (o, db))
+        let mut demo = demo;
+        demo.arg("demo").output().map(|o| (o, db))
     })
     .await
     .unwrap()
@@ -51,6 +67,7 @@ async fn demo_prints_a_delivered_result_and_metrics() {
         stdout.contains("voip_push_events_total{outcome=\"delivered\"} 1"),
         "{stdout}"
     );
+    delete_amqp(&id).await;
     db.drop_db().await;
 }
 
@@ -200,13 +217,7 @@ async fn publish_call_queues_a_persistent_event() {
     assert_eq!(e["fromDisplayName"], "User 11");
     assert_eq!(e["hasVideo"], true);
     assert!(e["sentAt"].is_string());
-    for q in [
-        format!("cli.{id}.work"),
-        format!("cli.{id}.cancels"),
-        format!("cli.{id}.dead"),
-    ] {
-        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-    }
     let _ = conn.close(200, "done".into()).await;
+    delete_amqp(&id).await;
     db.drop_db().await;
 }
