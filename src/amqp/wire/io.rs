@@ -155,10 +155,15 @@ fn whole(
     match p.method {
         Content::Deliver(d) => {
             if let Some(tx) = deliveries {
-                let tag = d.delivery_tag;
-                shared.state.lock().expect("wire lock").acks.delivered(tag);
+                let delivery_tag = d.delivery_tag;
+                shared
+                    .state
+                    .lock()
+                    .expect("wire lock")
+                    .acks
+                    .delivered(delivery_tag);
                 let _ = tx.send(WireDelivery {
-                    delivery_tag: d.delivery_tag,
+                    delivery_tag,
                     routing_key: d.routing_key.to_string(),
                     properties: p.properties,
                     body: p.body,

@@ -187,10 +187,17 @@ impl Shared {
 
     /// Queues `frames` for the writer.
     pub(super) fn send(&self, frames: &[AMQPFrame]) -> Result<(), WireError> {
+        self.queue(frames, |_| {})
+    }
+
+    /// Queues `frames` after the acks held so far, then `also` under the same
+    /// lock, and wakes the writer.
+    fn queue(&self, frames: &[AMQPFrame], also: impl FnOnce(&mut State)) -> Result<(), WireError> {
         self.check_open()?;
         let mut st = self.state.lock().expect("wire lock");
         st.drain_acks();
         encode(&mut st.out, frames);
+        also(&mut st);
         drop(st);
         self.ready.notify_one();
         Ok(())
@@ -214,14 +221,7 @@ impl Shared {
         delivery_tag: u64,
         frame: AMQPFrame,
     ) -> Result<(), WireError> {
-        self.check_open()?;
-        let mut st = self.state.lock().expect("wire lock");
-        st.drain_acks();
-        encode(&mut st.out, &[frame]);
-        st.acks.forget(delivery_tag);
-        drop(st);
-        self.ready.notify_one();
-        Ok(())
+        self.queue(&[frame], |st| st.acks.forget(delivery_tag))
     }
 
     /// Ends the connection for every handle: pending confirms fail, the
