@@ -9,8 +9,9 @@ use voip_push_worker::event::now_ms;
 
 use crate::load::{Collector, Message, Producer};
 use crate::procs::{round3, CpuSnapshot, WorkerProc};
-use crate::report::{percentile, Latency, Slow, Throughput};
+use crate::report::{percentile, Latency, Throughput};
 use crate::setup::{user_id, Bench};
+use crate::slow::Slow;
 
 /// A stride coprime with the user count spreads consecutive events over users
 /// the way unrelated calls would, and gives every user the same share.

@@ -6,10 +6,9 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-pub use crate::slow::Slow;
-
 use crate::load::Reference;
 use crate::procs::{round3, CpuUse, WorkerSample};
+use crate::slow::Slow;
 
 #[derive(Debug, Serialize)]
 pub struct Report {

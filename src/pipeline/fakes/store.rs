@@ -85,6 +85,11 @@ fn worker_of(owner: &str) -> &str {
     owner.split('/').next().unwrap_or_default()
 }
 
+/// The claim's owner is dead, as `claims::owner_gone!` asks Postgres.
+fn owner_gone(dead_workers: &HashSet<String>, c: &FakeClaim) -> bool {
+    dead_workers.contains(worker_of(&c.owner))
+}
+
 impl State {
     /// The claim statement: insert, or take over when the owner is this one
     /// or dead and the result is not published.
@@ -101,7 +106,7 @@ impl State {
             );
             return Claim::Push;
         };
-        let free = c.owner == owner || self.dead_workers.contains(worker_of(&c.owner));
+        let free = c.owner == owner || owner_gone(&self.dead_workers, c);
         if c.published || !free {
             return untaken(Some(c));
         }
@@ -116,7 +121,7 @@ impl State {
     fn unclaimed(&self, key: &str, device_id: i64) -> Claim {
         match self.claims.get(&(key.to_string(), device_id)) {
             Some(c) if c.published => Claim::Done,
-            Some(c) if !self.dead_workers.contains(worker_of(&c.owner)) => Claim::Busy,
+            Some(c) if !owner_gone(&self.dead_workers, c) => Claim::Busy,
             _ => Claim::Unclaimed,
         }
     }
