@@ -163,7 +163,9 @@ pub async fn latency(
     let before = collector.count();
     let mut expected = 0;
     let mut sent: HashMap<String, i64> = HashMap::new();
-    let cpu_before = CpuSnapshot::take(&[]);
+    // The workers run from an earlier phase: their CPU counts from here.
+    let pids: Vec<u32> = workers.iter().map(WorkerProc::pid).collect();
+    let cpu_before = CpuSnapshot::take(&pids);
     let paced = producer
         .paced(&a.call_exchange, "call.initiate", rate, duration, |i| {
             let user = user_of(bench, phase, i);
@@ -183,7 +185,6 @@ pub async fn latency(
                 got - before
             )
         })?;
-    let pids: Vec<u32> = workers.iter().map(WorkerProc::pid).collect();
     let cpu = CpuSnapshot::take(&pids).since(&cpu_before);
     let samples: Vec<(i64, i64)> = bench
         .sim
