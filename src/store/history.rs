@@ -75,8 +75,8 @@ impl Store {
             return Ok(None);
         };
         let sql = format!(
-            "SELECT device_id, {}, COALESCE(attempts_json, attempts::json) FROM delivery_claims
-             WHERE call_id = $1 ORDER BY created_at, device_id",
+            "SELECT device_id, {}, COALESCE(attempts_json, attempts::json), event_type
+             FROM delivery_claims WHERE call_id = $1 ORDER BY created_at, device_id",
             super::claims::STORED_RESULT
         );
         let claims = client.query(&sql, &[&call_id]).await?;
@@ -97,7 +97,11 @@ impl Store {
             let text = |k: &str| r.get(k).and_then(|v| v.as_str()).map(str::to_string);
             deliveries.push(DeliveryTrace {
                 device_id,
-                event_type: text("eventType").unwrap_or_else(|| "call.incoming".into()),
+                // A claim whose outcome is not recorded yet is of its own kind
+                // too: a cancel push in flight is no ring.
+                event_type: text("eventType")
+                    .or_else(|| c.get(3))
+                    .unwrap_or_else(|| "call.incoming".into()),
                 token_suffix: text("tokenSuffix"),
                 status: text("status").unwrap_or_else(|| "ringing".into()),
                 environment: text("environment"),

@@ -110,6 +110,8 @@ async fn sandbox_token_registered_as_production_falls_back_and_is_learned() {
         first,
         vec![(Environment::Production, 400), (Environment::Sandbox, 200)]
     );
+    // The environment is learned with the outcome, recorded after the result.
+    env.recorded_trace("fb-1").await;
     let learned = env.store.live_devices("20", BUNDLE).await.unwrap();
     assert_eq!(learned[0].environment, Some(Environment::Sandbox));
 

@@ -200,7 +200,7 @@ async fn cancel_after_delivery_sends_a_cancel_push_to_each_rung_device() {
         assert_eq!(p.environment, env_of_ring);
     }
 
-    let trace = env.store.trace_call("done-1").await.unwrap().unwrap();
+    let trace = env.recorded_trace("done-1").await;
     assert_eq!(trace.state.as_str(), "cancelled");
     let kinds: HashMap<_, usize> = trace.deliveries.iter().fold(HashMap::new(), |mut m, d| {
         *m.entry(d.event_type.clone()).or_default() += 1;

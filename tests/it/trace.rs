@@ -4,7 +4,7 @@
 use serde_json::json;
 use voip_push_worker::event::{Environment, Status};
 
-use crate::common::{binary_for, TestEnv};
+use crate::common::{binary_for, TestEnv, BUNDLE};
 
 #[tokio::test]
 async fn trace_lists_every_attempt_and_the_call_state() {
@@ -74,5 +74,43 @@ async fn trace_lists_every_attempt_and_the_call_state() {
     let nobody = env.store.trace_call("tr-2").await.unwrap().unwrap();
     assert_eq!(nobody.state.as_str(), "failed");
     assert!(nobody.deliveries.is_empty());
+    env.cleanup().await;
+}
+
+/// A delivery whose outcome is not recorded yet reads as `ringing` of its own
+/// kind: a cancel push in flight is no second ring.
+#[tokio::test]
+async fn a_delivery_in_flight_is_traced_as_its_own_kind() {
+    let mut env = TestEnv::new().await;
+    env.device("u8", Some(Environment::Production), Environment::Production)
+        .await;
+    env.publish(json!({"callId":"tr-3","toUserId":"u8"})).await;
+    assert_eq!(
+        env.results_for("tr-3", 1).await[0].status,
+        Status::Delivered
+    );
+    env.recorded_trace("tr-3").await;
+    let device = env.store.live_devices("u8", BUNDLE).await.unwrap()[0].id;
+    // A cancel's claim, taken and not finished (its push on its way).
+    env.store
+        .claim(
+            "c-1/call.cancel/tr-3",
+            device,
+            "w-gone/1",
+            "tr-3",
+            "call.cancel",
+        )
+        .await
+        .unwrap();
+    let trace = env.store.trace_call("tr-3").await.unwrap().unwrap();
+    let kinds: Vec<(&str, &str)> = trace
+        .deliveries
+        .iter()
+        .map(|d| (d.event_type.as_str(), d.status.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![("call.incoming", "delivered"), ("call.cancel", "ringing")]
+    );
     env.cleanup().await;
 }

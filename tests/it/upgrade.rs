@@ -77,6 +77,7 @@ async fn outcomes_stored_by_the_previous_version_are_still_read() {
         env.results_for("js-new", 1).await[0].status,
         Status::Delivered
     );
+    env.recorded_trace("js-new").await;
     let client = env.db.client().await;
     // This version's outcome: in the `json` columns only.
     let row = client
