@@ -227,6 +227,7 @@ impl Store {
             "admit_ring",
             &self.batches.admit_ring,
             super::Turns::Ring,
+            super::PROMPT,
             &self.batches,
             admit_rings,
         )

@@ -6,6 +6,11 @@
 //! events instead of one each — Postgres spent more CPU per ring than the
 //! worker did, most of it on small statements.
 //!
+//! A statement off the ring's critical path (recording outcomes) may linger:
+//! a small batch waits a few milliseconds for more before it runs. At a paced
+//! load, where events come one by one, that turns one statement (and one
+//! commit, and one ack) per event into one per handful of events.
+//!
 //! A batch that fails with a statement error (not a lost connection) runs again
 //! request by request, so one bad request fails alone.
 
@@ -33,16 +38,26 @@ pub struct Batcher<R, T> {
     jobs: mpsc::UnboundedSender<(R, Reply<T>)>,
 }
 
+/// How a batcher forms its batches.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    /// Most requests a batch.
+    pub max: usize,
+    /// How long a batch of fewer than `max / 2` requests waits, from its first
+    /// request's arrival, for more before it takes its turn; zero: not at all.
+    pub linger: Duration,
+}
+
 impl<R, T> Batcher<R, T>
 where
     R: Clone + Send + Sync + 'static,
     T: Send + 'static,
 {
-    /// Starts the task: at most `max` requests a batch, each batch run while it
-    /// holds a permit of `turns` (batchers sharing one semaphore take turns).
-    /// `run` answers a batch with one result per request, in order. The task
-    /// ends when the batcher is dropped. `name` is for the logs.
-    pub fn spawn<F, Fut>(name: &'static str, max: usize, turns: Arc<Semaphore>, run: F) -> Self
+    /// Starts the task: batches shaped by `shape`, each run while it holds a
+    /// permit of `turns` (batchers sharing one semaphore take turns). `run`
+    /// answers a batch with one result per request, in order. The task ends
+    /// when the batcher is dropped. `name` is for the logs.
+    pub fn spawn<F, Fut>(name: &'static str, shape: Shape, turns: Arc<Semaphore>, run: F) -> Self
     where
         F: Fn(Requests<R>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<T>, StoreError>> + Send + 'static,
@@ -54,9 +69,12 @@ where
                 // The turn is taken once there is work (an idle batcher holds
                 // none), and the batch is everything that arrived until then.
                 let Some(first) = rx.recv().await else { break };
-                let slot = turns.clone().acquire_owned().await.expect("never closed");
                 let mut batch = vec![first];
-                while batch.len() < max {
+                if !shape.linger.is_zero() {
+                    linger(&mut rx, &mut batch, shape).await;
+                }
+                let slot = turns.clone().acquire_owned().await.expect("never closed");
+                while batch.len() < shape.max {
                     match rx.try_recv() {
                         Ok(job) => batch.push(job),
                         Err(_) => break,
@@ -90,6 +108,21 @@ where
         answer
             .await
             .map_err(|_| StoreError::Batch("the batch was abandoned".into()))?
+    }
+}
+
+/// Adds to `batch` what arrives within `shape.linger` of now, until it holds
+/// half of `shape.max`. (A channel that closes meanwhile ends it too.)
+async fn linger<J>(rx: &mut mpsc::UnboundedReceiver<J>, batch: &mut Vec<J>, shape: Shape) {
+    let until = tokio::time::Instant::now() + shape.linger;
+    while batch.len() < shape.max / 2 {
+        tokio::select! {
+            job = rx.recv() => match job {
+                Some(job) => batch.push(job),
+                None => return,
+            },
+            _ = tokio::time::sleep_until(until) => return,
+        }
     }
 }
 
@@ -137,13 +170,75 @@ where
 mod tests {
     use super::*;
 
+    const UNHURRIED: Shape = Shape {
+        max: 64,
+        linger: Duration::ZERO,
+    };
+
+    /// Requests `gap` apart, each answered; the sizes of the batches they went in.
+    async fn one_by_one(shape: Shape, n: u32, gap: Duration) -> Vec<usize> {
+        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = sizes.clone();
+        let batcher = Arc::new(Batcher::spawn(
+            "test",
+            shape,
+            Arc::new(Semaphore::new(1)),
+            move |reqs: Requests<u32>| {
+                seen.lock().unwrap().push(reqs.len());
+                async move { Ok(reqs.to_vec()) }
+            },
+        ));
+        let mut calls = Vec::new();
+        for i in 0..n {
+            let b = batcher.clone();
+            calls.push(tokio::spawn(async move { b.call(i).await }));
+            tokio::time::sleep(gap).await;
+        }
+        for (i, call) in calls.into_iter().enumerate() {
+            assert_eq!(call.await.unwrap().unwrap(), i as u32);
+        }
+        let sizes = sizes.lock().unwrap().clone();
+        assert_eq!(sizes.iter().sum::<usize>(), n as usize);
+        sizes
+    }
+
+    /// Requests that come one by one: without lingering each runs alone; a
+    /// lingering batcher gathers those within its linger of the first, and
+    /// stops gathering at half of its most.
+    #[tokio::test(start_paused = true)]
+    async fn a_lingering_batcher_gathers_requests_that_come_one_by_one() {
+        let ms = Duration::from_millis;
+        assert_eq!(one_by_one(UNHURRIED, 6, ms(1)).await, vec![1; 6]);
+        let lingering = Shape {
+            max: 64,
+            linger: ms(10),
+        };
+        // 1 ms apart: the first batch holds those sent within 10 ms of the first.
+        let sizes = one_by_one(lingering, 25, ms(1)).await;
+        assert!(sizes.len() <= 4 && sizes[0] >= 9, "{sizes:?}");
+        // Farther apart than the linger: each alone, none held back for ever.
+        assert_eq!(one_by_one(lingering, 4, ms(15)).await, vec![1; 4]);
+        // Half of the most ends the wait: a long linger never delays a full batch.
+        let long = Shape {
+            max: 8,
+            linger: Duration::from_secs(3600),
+        };
+        let started = tokio::time::Instant::now();
+        let sizes = one_by_one(long, 4, Duration::ZERO).await;
+        assert_eq!(sizes, vec![4]);
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
     #[tokio::test]
     async fn concurrent_requests_share_batches_and_keep_their_order() {
         let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = sizes.clone();
         let batcher = Batcher::spawn(
             "test",
-            8,
+            Shape {
+                max: 8,
+                linger: Duration::ZERO,
+            },
             Arc::new(Semaphore::new(1)),
             move |reqs: Requests<u32>| {
                 seen.lock().unwrap().push(reqs.len());
@@ -167,7 +262,10 @@ mod tests {
         // A statement error (a value Postgres refuses) in one request of a batch.
         let batcher = Batcher::spawn(
             "test",
-            8,
+            Shape {
+                max: 8,
+                linger: Duration::ZERO,
+            },
             Arc::new(Semaphore::new(1)),
             |reqs: Requests<i32>| async move {
                 if reqs.contains(&-1) {
@@ -201,25 +299,30 @@ mod tests {
                 gated.clone(),
                 sizes.clone(),
             );
-            Batcher::spawn("test", 64, turns.clone(), move |reqs: Requests<u32>| {
-                let (running, most, gate, gated) =
-                    (running.clone(), most.clone(), gate.clone(), gated.clone());
-                if !gate_it {
-                    sizes.lock().unwrap().push(reqs.len());
-                }
-                async move {
-                    most.fetch_max(running.fetch_add(1, SeqCst) + 1, SeqCst);
-                    if gate_it && reqs.contains(&0) {
-                        gated.store(true, SeqCst);
-                        gate.notified().await;
+            Batcher::spawn(
+                "test",
+                UNHURRIED,
+                turns.clone(),
+                move |reqs: Requests<u32>| {
+                    let (running, most, gate, gated) =
+                        (running.clone(), most.clone(), gate.clone(), gated.clone());
+                    if !gate_it {
+                        sizes.lock().unwrap().push(reqs.len());
                     }
-                    for _ in 0..3 {
-                        tokio::task::yield_now().await;
+                    async move {
+                        most.fetch_max(running.fetch_add(1, SeqCst) + 1, SeqCst);
+                        if gate_it && reqs.contains(&0) {
+                            gated.store(true, SeqCst);
+                            gate.notified().await;
+                        }
+                        for _ in 0..3 {
+                            tokio::task::yield_now().await;
+                        }
+                        running.fetch_sub(1, SeqCst);
+                        Ok(reqs.to_vec())
                     }
-                    running.fetch_sub(1, SeqCst);
-                    Ok(reqs.to_vec())
-                }
-            })
+                },
+            )
         };
         let (a, b) = (Arc::new(spawn(true)), Arc::new(spawn(false)));
         // A is idle: B gets its turn.

@@ -259,6 +259,7 @@ impl Store {
             "is_cancelled",
             &self.batches.is_cancelled,
             super::Turns::Own,
+            super::PROMPT,
             &self.batches,
             cancelled_calls,
         )

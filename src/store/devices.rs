@@ -3,7 +3,7 @@
 
 use deadpool_postgres::Pool;
 
-use super::{batcher, Store, StoreError, Turns};
+use super::{batcher, Store, StoreError, Turns, PROMPT};
 use crate::event::Environment;
 
 /// Tokens are hex of opaque bytes; Apple's are 32 bytes today, but the length is
@@ -158,6 +158,7 @@ impl Store {
             "live_devices",
             &self.batches.live_devices,
             Turns::Own,
+            PROMPT,
             &self.batches,
             live_devices_of,
         )

@@ -154,8 +154,18 @@ enum Turns {
     Own,
 }
 
-/// Most requests in one batched statement.
-const BATCH_MAX: usize = 64;
+/// The batches of a statement on an event's way to its ring: at once.
+const PROMPT: batch::Shape = batch::Shape {
+    max: 64,
+    linger: Duration::ZERO,
+};
+/// The batches of a statement after the ring (recording outcomes): under a
+/// paced load they would hold one event each, so a small one waits a little
+/// for more (the README's design notes: *Outcomes recorded in handfuls*).
+const LINGERING: batch::Shape = batch::Shape {
+    max: 64,
+    linger: Duration::from_millis(10),
+};
 /// Connections of the batches' pool: the ring's statements (which take turns,
 /// see [`Batches::ring_turns`]), the rarer kinds (a retry's look at its call,
 /// device lookups), one to spare for a statement whose connection is being
@@ -167,6 +177,7 @@ fn batcher<'a, R, T, Fut>(
     name: &'static str,
     slot: &'a OnceLock<batch::Batcher<R, T>>,
     turns: Turns,
+    shape: batch::Shape,
     batches: &Batches,
     run: fn(Pool, batch::Requests<R>) -> Fut,
 ) -> &'a batch::Batcher<R, T>
@@ -181,7 +192,7 @@ where
             Turns::Ring => batches.ring_turns.clone(),
             Turns::Own => Arc::new(tokio::sync::Semaphore::new(1)),
         };
-        batch::Batcher::spawn(name, BATCH_MAX, turns, move |reqs| run(pool.clone(), reqs))
+        batch::Batcher::spawn(name, shape, turns, move |reqs| run(pool.clone(), reqs))
     })
 }
 

@@ -257,6 +257,7 @@ impl Store {
             "finish_event",
             &self.batches.finish_event,
             super::Turns::Ring,
+            super::LINGERING,
             &self.batches,
             finish_events,
         )
