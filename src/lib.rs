@@ -90,7 +90,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Worker
     config.validate_for_push()?;
     let cfg = Arc::new(config);
     let metrics = Metrics::new();
-    let store = Store::connect(&cfg.postgres)?.with_token_queries(&cfg.store);
+    let store = Store::connect(&cfg.postgres)?
+        .with_token_queries(&cfg.store)
+        .with_batch_metrics(&metrics.batch_requests);
     let apns = Arc::new(Apns::from_config(&cfg, metrics.clone())?);
     for app in apns.apps() {
         info!(bundle_id = %app.config.bundle_id, topic = %app.topic, team_id = %app.config.team_id,

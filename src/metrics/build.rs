@@ -111,6 +111,20 @@ impl Metrics {
              publish (results confirmed by the broker), settle (claims and call marked).",
             &["stage"],
         );
+        let batch_requests = HistogramVec::new(
+            HistogramOpts::new(
+                "voip_push_batch_requests",
+                "Requests per shared Postgres statement, by statement (admit_ring, \
+                 finish_event, is_cancelled, live_devices): how many events each \
+                 statement's fixed cost was shared by.",
+            )
+            .buckets(BATCH_BUCKETS.to_vec()),
+            &["statement"],
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(batch_requests.clone()))
+            .expect("register");
         let in_flight = IntGauge::new("voip_push_in_flight", "Call events being worked on now.")
             .expect("metric");
         registry
@@ -229,6 +243,7 @@ impl Metrics {
                 .map(|s| stage_duration.with_label_values(&[s]))
                 .collect(),
             stage_duration,
+            batch_requests,
             environment_fallbacks,
             tokens_invalidated,
             retries,
@@ -296,6 +311,9 @@ impl Metrics {
         }
         for stage in STAGES {
             self.stage_duration.with_label_values(&[stage]);
+        }
+        for statement in BATCHED_STATEMENTS {
+            self.batch_requests.with_label_values(&[statement]);
         }
         for route in API_ROUTES {
             self.api_request_duration.with_label_values(&[route]);

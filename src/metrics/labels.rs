@@ -87,3 +87,8 @@ pub const API_ROUTES: &[&str] = &[
 /// (`record` also settles the call: one statement since the outcome is recorded
 /// after its publish.)
 pub const STAGES: &[&str] = &["resolve", "claim", "deliver", "record", "publish"];
+/// The statements concurrent events share (`store::batch`).
+pub const BATCHED_STATEMENTS: &[&str] =
+    &["admit_ring", "finish_event", "is_cancelled", "live_devices"];
+/// Requests per shared statement: up to its most (64).
+pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];

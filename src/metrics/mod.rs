@@ -26,6 +26,9 @@ pub struct Metrics {
     /// `stage_duration`'s series, in the order of [`STAGES`]: looked up once, not
     /// per event.
     stage_timers: std::sync::Arc<[Histogram]>,
+    /// Requests per shared statement (`store::batch`), by statement
+    /// ([`BATCHED_STATEMENTS`]).
+    pub batch_requests: HistogramVec,
     pub environment_fallbacks: IntCounterVec,
     pub tokens_invalidated: IntCounterVec,
     pub retries: IntCounterVec,

@@ -18,6 +18,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prometheus::Histogram;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::warn;
 
@@ -54,10 +55,17 @@ where
     T: Send + 'static,
 {
     /// Starts the task: batches shaped by `shape`, each run while it holds a
-    /// permit of `turns` (batchers sharing one semaphore take turns). `run`
-    /// answers a batch with one result per request, in order. The task ends
-    /// when the batcher is dropped. `name` is for the logs.
-    pub fn spawn<F, Fut>(name: &'static str, shape: Shape, turns: Arc<Semaphore>, run: F) -> Self
+    /// permit of `turns` (batchers sharing one semaphore take turns), its size
+    /// observed in `sizes`. `run` answers a batch with one result per request,
+    /// in order. The task ends when the batcher is dropped. `name` is for the
+    /// logs.
+    pub fn spawn<F, Fut>(
+        name: &'static str,
+        shape: Shape,
+        turns: Arc<Semaphore>,
+        sizes: Option<Histogram>,
+        run: F,
+    ) -> Self
     where
         F: Fn(Requests<R>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<T>, StoreError>> + Send + 'static,
@@ -79,6 +87,9 @@ where
                         Ok(job) => batch.push(job),
                         Err(_) => break,
                     }
+                }
+                if let Some(sizes) = &sizes {
+                    sizes.observe(batch.len() as f64);
                 }
                 let run = run.clone();
                 tokio::spawn(async move {
@@ -183,6 +194,7 @@ mod tests {
             "test",
             shape,
             Arc::new(Semaphore::new(1)),
+            None,
             move |reqs: Requests<u32>| {
                 seen.lock().unwrap().push(reqs.len());
                 async move { Ok(reqs.to_vec()) }
@@ -240,6 +252,7 @@ mod tests {
                 linger: Duration::ZERO,
             },
             Arc::new(Semaphore::new(1)),
+            None,
             move |reqs: Requests<u32>| {
                 seen.lock().unwrap().push(reqs.len());
                 async move {
@@ -267,6 +280,7 @@ mod tests {
                 linger: Duration::ZERO,
             },
             Arc::new(Semaphore::new(1)),
+            None,
             |reqs: Requests<i32>| async move {
                 if reqs.contains(&-1) {
                     return Err(StoreError::BadToken("refused"));
@@ -303,6 +317,7 @@ mod tests {
                 "test",
                 UNHURRIED,
                 turns.clone(),
+                None,
                 move |reqs: Requests<u32>| {
                     let (running, most, gate, gated) =
                         (running.clone(), most.clone(), gate.clone(), gated.clone());

@@ -138,6 +138,9 @@ struct Batches {
     live_devices: OnceLock<batch::Batcher<(String, String), Vec<Device>>>,
     finish_event: OnceLock<batch::Batcher<outcomes::Finished, ()>>,
     is_cancelled: OnceLock<batch::Batcher<String, bool>>,
+    /// `voip_push_batch_requests`, once the worker's metrics are given
+    /// ([`Store::with_batch_metrics`]); a batcher started before counts nothing.
+    sizes: OnceLock<prometheus::HistogramVec>,
     /// A ring's two statements (admit, finish) take turns: one of them runs
     /// at a time, so each batch gathers the requests that arrived while the
     /// other ran. Each statement has a fixed cost larger than that of several
@@ -192,7 +195,10 @@ where
             Turns::Ring => batches.ring_turns.clone(),
             Turns::Own => Arc::new(tokio::sync::Semaphore::new(1)),
         };
-        batch::Batcher::spawn(name, shape, turns, move |reqs| run(pool.clone(), reqs))
+        let sizes = batches.sizes.get().map(|h| h.with_label_values(&[name]));
+        batch::Batcher::spawn(name, shape, turns, sizes, move |reqs| {
+            run(pool.clone(), reqs)
+        })
     })
 }
 
@@ -259,6 +265,7 @@ impl Store {
                 live_devices: OnceLock::new(),
                 finish_event: OnceLock::new(),
                 is_cancelled: OnceLock::new(),
+                sizes: OnceLock::new(),
                 ring_turns: Arc::new(tokio::sync::Semaphore::new(1)),
             }),
         })
@@ -268,6 +275,12 @@ impl Store {
     /// table; see [`external`].
     pub fn with_token_queries(mut self, cfg: &crate::config::StoreConfig) -> Self {
         self.external = external::ExternalTokens::from_config(cfg).map(Arc::new);
+        self
+    }
+
+    /// Counts each shared statement's requests in `sizes` (by statement name).
+    pub fn with_batch_metrics(self, sizes: &prometheus::HistogramVec) -> Self {
+        let _ = self.batches.sizes.set(sizes.clone());
         self
     }
 

@@ -6,6 +6,7 @@ mod api;
 mod apns;
 mod apns_connections;
 mod apns_sim_rules;
+mod batch_metrics;
 mod batching;
 mod bounds;
 mod call_status;
