@@ -105,6 +105,7 @@ impl WorkerProc {
             ),
             apns_requests: metric_sum(&metrics, "voip_push_apns_requests_total"),
             stage_mean_ms: stage_means(&metrics),
+            batch_mean_requests: batch_means(&metrics),
         })
     }
 
@@ -134,49 +135,9 @@ pub struct WorkerSample {
     /// Mean milliseconds an event spent in each step, over the process's life
     /// (`voip_push_stage_duration_seconds`).
     pub stage_mean_ms: Vec<StageMean>,
-}
-
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct StageMean {
-    pub stage: &'static str,
-    pub mean_ms: f64,
-}
-
-/// Mean of each `stage` of `voip_push_stage_duration_seconds`, in ms.
-fn stage_means(text: &str) -> Vec<StageMean> {
-    voip_push_worker::metrics::STAGES
-        .iter()
-        .map(|stage| {
-            let series = |suffix: &str| {
-                let prefix =
-                    format!("voip_push_stage_duration_seconds_{suffix}{{stage=\"{stage}\"}} ");
-                text.lines()
-                    .find_map(|l| l.strip_prefix(prefix.as_str())?.parse::<f64>().ok())
-                    .unwrap_or(0.0)
-            };
-            let (sum, count) = (series("sum"), series("count"));
-            let mean = if count > 0.0 {
-                sum / count * 1000.0
-            } else {
-                0.0
-            };
-            StageMean {
-                stage,
-                mean_ms: round3(mean),
-            }
-        })
-        .collect()
-}
-
-/// Sum of every series of `name` in Prometheus text.
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    /// Mean requests each shared statement served, over the process's life
+    /// (`voip_push_batch_requests`).
+    pub batch_mean_requests: Vec<BatchMean>,
 }
 
 /// A minimal HTTP/1.1 GET on loopback: (status, body).
@@ -381,5 +342,9 @@ pub fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
+mod scrape;
 #[cfg(test)]
 mod tests;
+
+use scrape::{batch_means, metric_sum, stage_means};
+pub use scrape::{BatchMean, StageMean};

@@ -346,6 +346,19 @@ impl Report {
                 w.role,
                 stages.join(", ")
             );
+            let batches: Vec<String> = w
+                .sample
+                .batch_mean_requests
+                .iter()
+                .filter(|b| b.mean_requests > 0.0)
+                .map(|b| format!("{} {:.1}", b.statement, b.mean_requests))
+                .collect();
+            let _ = writeln!(
+                s,
+                "  {:<22} mean requests per shared statement: {}",
+                "",
+                batches.join(", ")
+            );
         }
         let _ = writeln!(s, "\nTargets");
         for t in &self.targets {
