@@ -78,8 +78,10 @@ where
                 // none), and the batch is everything that arrived until then.
                 let Some(first) = rx.recv().await else { break };
                 let mut batch = vec![first];
-                if !shape.linger.is_zero() {
-                    linger(&mut rx, &mut batch, shape).await;
+                // Lingering pays only while the other statement is idle: a
+                // batch that must wait for its turn gathers during the wait.
+                if !shape.linger.is_zero() && turns.available_permits() > 0 {
+                    linger(&mut rx, &mut batch, shape, &turns).await;
                 }
                 let slot = turns.clone().acquire_owned().await.expect("never closed");
                 while batch.len() < shape.max {
@@ -123,8 +125,14 @@ where
 }
 
 /// Adds to `batch` what arrives within `shape.linger` of now, until it holds
-/// half of `shape.max`. (A channel that closes meanwhile ends it too.)
-async fn linger<J>(rx: &mut mpsc::UnboundedReceiver<J>, batch: &mut Vec<J>, shape: Shape) {
+/// half of `shape.max`, or until a request finds the turn taken (the batch then
+/// gathers while it waits for it). A channel that closes meanwhile ends it too.
+async fn linger<J>(
+    rx: &mut mpsc::UnboundedReceiver<J>,
+    batch: &mut Vec<J>,
+    shape: Shape,
+    turns: &Semaphore,
+) {
     let until = tokio::time::Instant::now() + shape.linger;
     while batch.len() < shape.max / 2 {
         tokio::select! {
@@ -133,6 +141,9 @@ async fn linger<J>(rx: &mut mpsc::UnboundedReceiver<J>, batch: &mut Vec<J>, shap
                 None => return,
             },
             _ = tokio::time::sleep_until(until) => return,
+        }
+        if turns.available_permits() == 0 {
+            return;
         }
     }
 }
@@ -239,6 +250,32 @@ mod tests {
         let sizes = one_by_one(long, 4, Duration::ZERO).await;
         assert_eq!(sizes, vec![4]);
         assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    /// A batch that finds the other statement running does not linger: it
+    /// waits for its turn, gathering meanwhile, and runs once it has it.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_that_must_wait_for_its_turn_does_not_linger() {
+        let turns = Arc::new(Semaphore::new(1));
+        let batcher = Batcher::spawn(
+            "test",
+            Shape {
+                max: 64,
+                linger: Duration::from_secs(3600),
+            },
+            turns.clone(),
+            None,
+            |reqs: Requests<u32>| async move { Ok(reqs.to_vec()) },
+        );
+        let other = turns.clone().acquire_owned().await.unwrap();
+        let started = tokio::time::Instant::now();
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            drop(other);
+        });
+        assert_eq!(batcher.call(7).await.unwrap(), 7);
+        release.await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(1), "it lingered");
     }
 
     #[tokio::test]
