@@ -118,6 +118,8 @@ async fn device_token_not_for_topic_is_invalidated_and_success_is_recorded() {
     assert!(statuses.contains(&(alert_token[56..].to_string(), Status::TokenInvalidated)));
     assert!(statuses.contains(&(good[56..].to_string(), Status::Delivered)));
 
+    // The success is written with the outcome, recorded after the result.
+    env.recorded_trace("topic-1").await;
     let client = env.db.client().await;
     let rows = client
         .query(
