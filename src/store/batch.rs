@@ -7,9 +7,11 @@
 //! worker did, most of it on small statements.
 //!
 //! A statement off the ring's critical path (recording outcomes) may linger:
-//! a small batch waits a few milliseconds for more before it runs. At a paced
-//! load, where events come one by one, that turns one statement (and one
-//! commit, and one ack) per event into one per handful of events.
+//! while the statement it takes turns with is idle, a small batch waits a few
+//! milliseconds for more before it runs. At a paced load, where events come
+//! one by one, that turns one statement (and one commit, and one ack) per event
+//! into one per handful of events; under a heavy one the batch waits for its
+//! turn instead, gathering meanwhile, as it always did.
 //!
 //! A batch that fails with a statement error (not a lost connection) runs again
 //! request by request, so one bad request fails alone.
@@ -45,7 +47,8 @@ pub struct Shape {
     /// Most requests a batch.
     pub max: usize,
     /// How long a batch of fewer than `max / 2` requests waits, from its first
-    /// request's arrival, for more before it takes its turn; zero: not at all.
+    /// request's arrival, for more before it takes its turn, while the turn
+    /// stays free (see `linger`); zero: not at all.
     pub linger: Duration,
 }
 

@@ -164,7 +164,8 @@ const PROMPT: batch::Shape = batch::Shape {
 };
 /// The batches of a statement after the ring (recording outcomes): under a
 /// paced load they would hold one event each, so a small one waits a little
-/// for more (the README's design notes: *Outcomes recorded in handfuls*).
+/// for more while the admitting statement is idle (the README's design notes:
+/// *Outcomes recorded in handfuls*).
 const LINGERING: batch::Shape = batch::Shape {
     max: 64,
     linger: Duration::from_millis(10),
@@ -195,6 +196,10 @@ where
             Turns::Ring => batches.ring_turns.clone(),
             Turns::Own => Arc::new(tokio::sync::Semaphore::new(1)),
         };
+        debug_assert!(
+            crate::metrics::BATCHED_STATEMENTS.contains(&name),
+            "{name} is not among the exported statements"
+        );
         let sizes = batches.sizes.get().map(|h| h.with_label_values(&[name]));
         batch::Batcher::spawn(name, shape, turns, sizes, move |reqs| {
             run(pool.clone(), reqs)
