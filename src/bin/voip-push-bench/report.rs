@@ -353,12 +353,14 @@ impl Report {
                 .filter(|b| b.mean_requests > 0.0)
                 .map(|b| format!("{} {:.1}", b.statement, b.mean_requests))
                 .collect();
-            let _ = writeln!(
-                s,
-                "  {:<22} mean requests per shared statement: {}",
-                "",
-                batches.join(", ")
-            );
+            if !batches.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "  {:<22} mean requests per shared statement: {}",
+                    "",
+                    batches.join(", ")
+                );
+            }
         }
         let _ = writeln!(s, "\nTargets");
         for t in &self.targets {
